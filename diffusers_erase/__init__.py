@@ -1,0 +1,39 @@
+"""diffusers-erase: concept erasure for Hugging Face diffusers pipelines.
+
+    import diffusers_erase as de
+    de.enable_erasure(pipe)
+    pipe.erase_concept("Van Gogh", method="uce", anchor="art", preserve=["Monet"])
+    pipe.save_erasure_adapter("erase-van-gogh/")
+    pipe.unload_erasure()
+    pipe.load_erasure_adapter("erase-van-gogh/")
+
+Every pipeline method is also a plain function taking the pipeline first.
+"""
+
+__version__ = "0.1.0"
+
+from .config import ErasureConfig
+from .core import erase_concept, get_erasures, load_erasure_adapter, save_erasure_adapter, unload_erasure
+from .encode import TOKEN_POLICIES
+from .erasure import Erasure
+from .methods.rece import RECEConfig
+from .methods.uce import UCEConfig
+from .mixin import ErasureMixin, enable_erasure
+from .registry import available_methods, register_method
+
+__all__ = [
+    "Erasure",
+    "ErasureConfig",
+    "ErasureMixin",
+    "RECEConfig",
+    "TOKEN_POLICIES",
+    "UCEConfig",
+    "available_methods",
+    "enable_erasure",
+    "erase_concept",
+    "get_erasures",
+    "load_erasure_adapter",
+    "register_method",
+    "save_erasure_adapter",
+    "unload_erasure",
+]

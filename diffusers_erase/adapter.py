@@ -1,0 +1,176 @@
+"""The adapter file: one safetensors file holding every erasure on a pipeline, with a self-describing header.
+
+Tensors use diffusers' LoRA key names, `<component>.<module path>.lora_A.weight` (down, rank × in) and
+`.lora_B.weight` (up, out × rank). Stacked erasures that touch the same module are concatenated along the rank
+(ΔW₁ + ΔW₂ = [B₁ B₂][A₁; A₂]); the header says how to split them back. The header (`__metadata__`) holds
+`format: pt` and, under the key `diffusers_erase`, a JSON object: format version, library version, model family,
+config fingerprints of the base components, and one record per erasure (method, concepts, anchors, preserve list
+or its hash, token policy, options, rank, modules, seconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .erasure import Erasure, get_module
+from .targets import config_fingerprint, model_family
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "diffusers_erase"
+DEFAULT_WEIGHT_NAME = "erasure_adapter.safetensors"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+_LONG_PRESERVE = 64  # longer preserve lists are recorded as a hash and a count
+
+
+def fingerprints(pipe) -> dict[str, str]:
+    return {
+        name: config_fingerprint(getattr(pipe, name))
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(pipe, name, None) is not None
+    }
+
+
+def _record(erasure: Erasure) -> dict:
+    preserve = {"preserve": erasure.preserve}
+    if len(erasure.preserve) > _LONG_PRESERVE:
+        digest = hashlib.sha256(json.dumps(erasure.preserve).encode()).hexdigest()
+        preserve = {"preserve_sha256": digest, "preserve_count": len(erasure.preserve)}
+    ranks = {down.shape[0] for _, down in erasure.factors.values()}
+    if len(ranks) > 1:
+        raise ValueError(f"The {erasure.method} erasure has modules of different ranks {sorted(ranks)}.")
+    return {
+        "method": erasure.method,
+        "name": erasure.name,
+        "concepts": erasure.concepts,
+        "anchors": erasure.anchors,
+        **preserve,
+        "token_policy": erasure.options.get("token_policy"),
+        "options": erasure.options,
+        "rank": erasure.rank,
+        "modules": erasure.modules,
+        "seconds": round(erasure.seconds, 4),
+    }
+
+
+def to_state_dict(pipe, erasures: list[Erasure]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of an adapter file holding `erasures` (in the order they were applied)."""
+    from . import __version__
+
+    ups: dict[str, list[torch.Tensor]] = {}
+    downs: dict[str, list[torch.Tensor]] = {}
+    for erasure in erasures:
+        for name, (up, down) in erasure.factors.items():
+            ups.setdefault(name, []).append(up.detach().float().cpu())
+            downs.setdefault(name, []).append(down.detach().float().cpu())
+    tensors = {}
+    for name in ups:
+        tensors[f"{name}.lora_A.weight"] = torch.cat(downs[name], dim=0).contiguous()
+        tensors[f"{name}.lora_B.weight"] = torch.cat(ups[name], dim=1).contiguous()
+    header = {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "family": model_family(pipe),
+        "fingerprints": fingerprints(pipe),
+        "erasures": [_record(e) for e in erasures],
+    }
+    metadata = {
+        "format": "pt",
+        METADATA_KEY: json.dumps(header),
+        "methods": ",".join(dict.fromkeys(e.method for e in erasures)),
+        "concepts": json.dumps([c for e in erasures for c in e.concepts]),
+    }
+    return tensors, metadata
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} looks like a pickle ({path.suffix}); diffusers-erase never loads pickles because they can run "
+            "code. Use a .safetensors adapter (re-save the weights with safetensors.torch.save_file)."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); adapters are .safetensors files.") from None
+    return tensors, metadata
+
+
+def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
+    """Validate an adapter against `pipe` and rebuild its `Erasure` records; `pipe` is not modified."""
+    if METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{source} is not a diffusers-erase adapter: its safetensors header has no {METADATA_KEY!r} entry. "
+            "Save adapters with `save_erasure_adapter`."
+        )
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} has a corrupt {METADATA_KEY!r} header ({error}).") from None
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} uses adapter format {header['format_version']}, newer than this diffusers-erase reads "
+            f"({FORMAT_VERSION}); upgrade with `pip install -U diffusers-erase`."
+        )
+    family = model_family(pipe)
+    if header.get("family") != family:
+        raise ValueError(
+            f"{source} was made for a {header.get('family')!r} pipeline, but this is a {family!r} pipeline "
+            f"({type(pipe).__name__}); load an adapter made for the same model family."
+        )
+    for component, expected in header.get("fingerprints", {}).items():
+        module = getattr(pipe, component, None)
+        if module is not None and config_fingerprint(module) != expected:
+            logger.warning("%s was made for a %s with another config; loading it anyway (same family).", source, component)
+
+    offsets: dict[str, int] = {}
+    erasures = []
+    for record in header.get("erasures", []):
+        rank = record["rank"]
+        factors = {}
+        for name in record["modules"]:
+            try:
+                module = get_module(pipe, name)
+            except (KeyError, AttributeError):
+                raise ValueError(f"{source} edits {name}, which this {family!r} pipeline does not have.") from None
+            down_all = tensors.get(f"{name}.lora_A.weight")
+            up_all = tensors.get(f"{name}.lora_B.weight")
+            if down_all is None or up_all is None:
+                raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
+            start = offsets.get(name, 0)
+            down, up = down_all[start : start + rank], up_all[:, start : start + rank]
+            expected = tuple(module.weight.shape)
+            found = (up.shape[0], down.shape[1])
+            if found != expected or down.shape[0] != rank or up.shape[1] != rank:
+                raise ValueError(
+                    f"{source} does not fit this pipeline: {name} is {expected[0]}×{expected[1]} here but the adapter "
+                    f"edits a {found[0]}×{found[1]} weight (family {header.get('family')!r})."
+                )
+            offsets[name] = start + rank
+            device = module.weight.device
+            factors[name] = (up.to(device, torch.float32), down.to(device, torch.float32))
+        erasures.append(
+            Erasure(
+                method=record["method"],
+                concepts=list(record["concepts"]),
+                anchors=list(record.get("anchors", [])),
+                preserve=list(record.get("preserve", [])),
+                options=dict(record.get("options", {})),
+                seconds=float(record.get("seconds", 0.0)),
+                factors=factors,
+                name=record.get("name"),
+            )
+        )
+    if not erasures:
+        raise ValueError(f"{source} holds no erasure.")
+    return erasures

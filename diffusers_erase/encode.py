@@ -1,0 +1,171 @@
+"""Text embeddings of concepts, anchors and preserved prompts, built exactly as the pipelines build them.
+
+The UNet reads `encode_prompt`'s output: the last hidden state of CLIP for SD 1.x/2.x, the penultimate hidden
+states of both text encoders concatenated for SDXL. Closed-form edits use a few token columns of it, chosen by a
+token policy:
+
+- "last_subject": the last word token (index len-2), as current UCE;
+- "eot": the first end-of-text token (index len-1), as TRCE stage 1;
+- "tail": from the last word token to the end of the padded sequence, as legacy UCE;
+- "all": all positions of the padded sequence, as RECE.
+
+CLIP's text tower is causal, so the columns up to the end-of-text token do not depend on padding: for the first
+two policies only the real tokens are encoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .targets import text_components, weights_fingerprint
+
+TOKEN_POLICIES = ("last_subject", "eot", "tail", "all")
+_BATCH = 64
+
+
+def check_token_policy(policy: str) -> None:
+    if policy not in TOKEN_POLICIES:
+        raise ValueError(f"Unknown token_policy {policy!r}; choose one of {', '.join(TOKEN_POLICIES)}.")
+
+
+def token_lengths(pipe, prompts: list[str], what: str = "prompt") -> list[int]:
+    """Real token counts (with start and end tokens); raises for a prompt that would be truncated."""
+    tokenizer = text_components(pipe)[0][0]
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    for prompt, n in zip(prompts, lengths):
+        if n > limit:
+            raise ValueError(
+                f"The {what} {prompt!r} is {n - 2} tokens long; the text encoder reads at most {limit - 2}. "
+                "Shorten it (the pipeline would silently truncate it)."
+            )
+    return lengths
+
+
+def _uses_padding(policy: str) -> bool:
+    return policy in ("tail", "all")
+
+
+@torch.no_grad()
+def encode(pipe, prompts: list[str], *, full_length: bool) -> torch.Tensor:
+    """(batch, tokens, dim) float32 embeddings as `encode_prompt` makes them; truncated after the longest prompt's
+    end token unless `full_length`."""
+    pairs = text_components(pipe)
+    penultimate = len(pairs) > 1 or getattr(pipe, "text_encoder_2", None) is not None  # SDXL convention
+    device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
+    longest = max(token_lengths(pipe, prompts))
+    outputs = []
+    for tokenizer, encoder in pairs:
+        batch = tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        ids, mask = batch.input_ids, batch.attention_mask
+        if not full_length:
+            ids, mask = ids[:, :longest], mask[:, :longest]
+        chunks = []
+        for start in range(0, len(prompts), _BATCH):
+            chunk_ids = ids[start : start + _BATCH].to(device)
+            if penultimate:
+                out = encoder(chunk_ids, output_hidden_states=True).hidden_states[-2]
+            else:
+                use_mask = getattr(encoder.config, "use_attention_mask", False)
+                chunk_mask = mask[start : start + _BATCH].to(device) if use_mask else None
+                out = encoder(chunk_ids, attention_mask=chunk_mask)[0]
+            chunks.append(out.float())
+        outputs.append(torch.cat(chunks))
+    return torch.cat(outputs, dim=-1)
+
+
+def _columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None) -> torch.Tensor:
+    """Token columns of one prompt's (tokens, dim) embedding under `policy`, as (n, dim)."""
+    if policy == "last_subject":
+        return embedding[length - 2 : length - 1]
+    if policy == "eot":
+        return embedding[length - 1 : length]
+    if policy == "tail":
+        start = length - 2
+        return embedding[start : start + count] if count else embedding[start:]
+    return embedding
+
+
+def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy: str):
+    """Aligned token columns (n, dim) of the concepts (to erase) and of their anchors (targets).
+
+    Under "tail" a concept and its anchor are cut to the same number of columns, as legacy UCE does.
+    """
+    check_token_policy(policy)
+    lengths_c = token_lengths(pipe, concepts, "concept")
+    lengths_a = token_lengths(pipe, anchors, "anchor")
+    unique = list(dict.fromkeys(concepts + anchors))
+    embeddings = encode(pipe, unique, full_length=_uses_padding(policy))
+    index = {p: i for i, p in enumerate(unique)}
+    total = embeddings.shape[1]
+    erase, target = [], []
+    for concept, anchor, n_c, n_a in zip(concepts, anchors, lengths_c, lengths_a):
+        count = total - max(n_c, n_a) + 2 if policy == "tail" else None
+        erase.append(_columns(embeddings[index[concept]], n_c, policy, count))
+        target.append(_columns(embeddings[index[anchor]], n_a, policy, count))
+    return torch.cat(erase), torch.cat(target)
+
+
+def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt") -> torch.Tensor:
+    """Token columns (n, dim) of each prompt under `policy`, concatenated."""
+    check_token_policy(policy)
+    lengths = token_lengths(pipe, prompts, what)
+    embeddings = encode(pipe, prompts, full_length=_uses_padding(policy))
+    return torch.cat([_columns(e, n, policy) for e, n in zip(embeddings, lengths)])
+
+
+def cache_dir() -> Path | None:
+    """Where preservation statistics are cached: $DIFFUSERS_ERASE_CACHE ('off' disables), else the HF cache."""
+    value = os.environ.get("DIFFUSERS_ERASE_CACHE")
+    if value is not None:
+        return None if value.lower() in ("", "0", "off", "false", "none") else Path(value)
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "diffusers_erase" / "preserve"
+
+
+def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Tensor, int]:
+    """Σ c cᵀ over the token columns of the preserved prompts (dim × dim, float32) and the number of columns.
+
+    This is all a closed-form edit needs from the preserve set, so it is cached on disk, keyed by the text
+    encoders' weights, the token policy and the prompts: a second erase with the same set skips the encoding.
+    """
+    check_token_policy(policy)
+    pairs = text_components(pipe)
+    key = hashlib.sha256(
+        json.dumps([[weights_fingerprint(e) for _, e in pairs], policy, list(prompts)]).encode()
+    ).hexdigest()[:32]
+    folder = cache_dir()
+    path = folder / f"{key}.safetensors" if folder else None
+    if path is not None and path.exists():
+        cached = load_file(str(path))
+        return cached["gram"], int(cached["count"].item())
+
+    token_lengths(pipe, prompts, "preserved prompt")  # fail before any encoding work
+    dim = sum(e.config.hidden_size for _, e in pairs)
+    gram = torch.zeros(dim, dim, dtype=torch.float32)
+    count = 0
+    chunks = range(0, len(prompts), _BATCH)
+    with pipe.progress_bar(total=len(chunks)) if len(chunks) > 1 else contextlib.nullcontext() as bar:
+        for start in chunks:
+            columns = prompt_columns(pipe, prompts[start : start + _BATCH], policy, "preserved prompt").cpu()
+            gram += columns.T @ columns
+            count += columns.shape[0]
+            if bar is not None:
+                bar.update()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"gram": gram, "count": torch.tensor(count)}, str(tmp))
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return gram, count
+

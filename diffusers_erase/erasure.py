@@ -1,0 +1,133 @@
+"""The `Erasure` record and how a pipeline's weights are edited and restored.
+
+Every weight edit is stored as exact low-rank factors, ΔW = up @ down, applied as W ← W + up @ down in float32.
+The original value of each touched weight is kept (once, on the CPU) so that `unload_erasure` restores it
+bit-exactly; nothing else of the model is copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Erasure:
+    """One erasure applied to a pipeline: what was erased, how, and the weight edit itself.
+
+    `factors` maps a module name (`"unet.<module path>"`) to `(up, down)` with shapes `(out, rank)` and
+    `(rank, in)`: the edit of that module's weight is `up @ down`.
+    """
+
+    method: str
+    concepts: list[str]
+    anchors: list[str]
+    preserve: list[str]
+    options: dict
+    seconds: float = 0.0
+    name: str | None = None  # adapter name when loaded from a file
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.factors)
+
+    @property
+    def rank(self) -> int:
+        return max((down.shape[0] for _, down in self.factors.values()), default=0)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "factors"
+        )
+        return f"Erasure({fields}, modules=<{len(self.factors)} modules>, rank={self.rank})"
+
+
+@dataclass
+class ErasureState:
+    """Lives on the pipeline as `_erasure_state` (not a pipeline component, so `save_pretrained` ignores it)."""
+
+    erasures: list[Erasure] = field(default_factory=list)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> weight before any erasure
+
+
+def state(pipe) -> ErasureState:
+    current = pipe.__dict__.get("_erasure_state")
+    if current is None:
+        current = ErasureState()
+        object.__setattr__(pipe, "_erasure_state", current)
+    return current
+
+
+def get_module(pipe, name: str) -> nn.Module:
+    component, _, path = name.partition(".")
+    root = getattr(pipe, component, None)
+    if root is None:
+        raise KeyError(name)
+    return root.get_submodule(path)
+
+
+def edited_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
+    return (weight.float() + delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def apply_erasures(pipe, erasures: list[Erasure]) -> None:
+    """Apply edits in order, all or nothing: on any failure every weight is put back as it was."""
+    record = state(pipe)
+    before: dict[str, torch.Tensor] = {}  # weights this call changed that an earlier erasure had changed already
+    new_originals: list[str] = []
+    try:
+        for erasure in erasures:
+            for name, (up, down) in erasure.factors.items():
+                weight = get_module(pipe, name).weight
+                new = edited_weight(weight, up, down)
+                if not torch.isfinite(new).all():
+                    raise FloatingPointError(
+                        f"The {erasure.method} edit of {name} is not finite (ill-conditioned solve); "
+                        "use a larger `lamb` or fewer/less similar concepts."
+                    )
+                if name not in record.originals:
+                    record.originals[name] = weight.detach().to("cpu", copy=True)
+                    new_originals.append(name)
+                elif name not in before:
+                    before[name] = weight.detach().clone()
+                weight.copy_(new)
+    except BaseException:
+        for name, value in before.items():
+            get_module(pipe, name).weight.copy_(value)
+        for name in new_originals:
+            get_module(pipe, name).weight.copy_(record.originals.pop(name))
+        raise
+    record.erasures.extend(erasures)
+
+
+@torch.no_grad()
+def restore_originals(pipe) -> None:
+    """Undo every erasure: copy back the stored original weights (bit-exact) and forget the records."""
+    record = state(pipe)
+    for name, value in record.originals.items():
+        get_module(pipe, name).weight.copy_(value)
+    record.originals.clear()
+    record.erasures.clear()
+
+
+@contextlib.contextmanager
+def temporarily_edited(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Apply an edit for the duration of a `with` block (e.g. to score it), then put the weights back."""
+    saved = {name: get_module(pipe, name).weight.detach().clone() for name in factors}
+    try:
+        with torch.no_grad():
+            for name, (up, down) in factors.items():
+                weight = get_module(pipe, name).weight
+                weight.copy_(edited_weight(weight, up, down))
+        yield pipe
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                get_module(pipe, name).weight.copy_(value)
