@@ -134,7 +134,10 @@ def cache_dir() -> Path | None:
 
 
 def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Tensor, int]:
-    """Σ c cᵀ over the token columns of the preserved prompts (dim × dim, float32) and the number of columns.
+    """Σ c cᵀ over the token columns of the preserved prompts (dim × dim, float64) and the number of columns.
+
+    float64, because with a small λ the solve needs this sum to stay positive semi-definite beyond float32
+    round-off.
 
     This is all a closed-form edit needs from the preserve set, so it is cached on disk, keyed by the text
     encoders' weights, the token policy and the prompts: a second erase with the same set skips the encoding.
@@ -152,12 +155,12 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
 
     token_lengths(pipe, prompts, "preserved prompt")  # fail before any encoding work
     dim = sum(e.config.hidden_size for _, e in pairs)
-    gram = torch.zeros(dim, dim, dtype=torch.float32)
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)
     with pipe.progress_bar(total=len(chunks)) if len(chunks) > 1 else contextlib.nullcontext() as bar:
         for start in chunks:
-            columns = prompt_columns(pipe, prompts[start : start + _BATCH], policy, "preserved prompt").cpu()
+            columns = prompt_columns(pipe, prompts[start : start + _BATCH], policy, "preserved prompt").cpu().double()
             gram += columns.T @ columns
             count += columns.shape[0]
             if bar is not None:

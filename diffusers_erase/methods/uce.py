@@ -14,7 +14,7 @@ Writing M for the right-hand matrix, this is W' = W (M + s_e (C_a − C_e) C_e�
     Q = s_e C_eᵀ M⁻¹          (E × dim)
 
 so the edit is one linear map of text-embedding space shared by every layer, of rank E (the number of erased
-token columns). We solve M once (float32, `torch.linalg.solve`) and store each layer's edit exactly as the
+token columns). We factor M once (Cholesky, float64; no explicit inverse) and store each layer's edit exactly as the
 low-rank factors (W P, Q); the preserved prompts enter only through Σ c_p c_pᵀ, which is cached.
 """
 
@@ -79,12 +79,16 @@ def closed_form_edit(
     """
     erase, target = erase.float(), target.float()
     dim = erase.shape[1]
-    m = erase_scale * erase.T @ erase
+    # M is symmetric positive definite for λ > 0: factor it once (float64, so near-singular systems are caught
+    # rather than silently returning garbage) and solve; never form an explicit inverse.
+    c = erase.double()
+    m = erase_scale * c.T @ c
     m.diagonal().add_(lamb)
     if keep_gram is not None and preserve_scale:
-        m += preserve_scale * keep_gram.to(m.device, torch.float32)
-    q = erase_scale * torch.linalg.solve(m, erase.T).T  # M is symmetric: (M⁻¹ C_e)ᵀ = C_eᵀ M⁻¹
-    if not torch.isfinite(q).all():
+        m += preserve_scale * keep_gram.to(m.device, torch.float64)
+    chol, info = torch.linalg.cholesky_ex(m)
+    q = (erase_scale * torch.cholesky_solve(c.T, chol).T).float()
+    if info.item() != 0 or not torch.isfinite(q).all():
         raise FloatingPointError(
             f"The closed-form solve is ill-conditioned (λ={lamb}, dim={dim}); use a larger `lamb` "
             "or fewer/less similar concepts."

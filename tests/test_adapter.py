@@ -1,0 +1,147 @@
+"""Adapter files: save → load round trips, Hub loading from the cache, and loads that must fail cleanly."""
+
+import json
+
+import pytest
+import torch
+from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import diffusers_erase as de
+from diffusers_erase.adapter import DEFAULT_WEIGHT_NAME
+from diffusers_erase.targets import cross_attention_projections
+
+
+def _weights(pipe):
+    return {n: m.weight.detach().clone() for n, m in cross_attention_projections(pipe).items()}
+
+
+@pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
+def test_save_load_reproduces_stacked_edits_on_a_fresh_pipeline(factory, tokenizer_dir, tmp_path):
+    pipe = de.enable_erasure(factory(tokenizer_dir))
+    pipe.erase_concept("cat", anchor="animal", preserve=["dog"])
+    pipe.erase_concept("tree", method="rece", epochs=2, token_policy="last_subject")
+    path = pipe.save_erasure_adapter(tmp_path / "adapter")
+    assert path.name == DEFAULT_WEIGHT_NAME
+
+    fresh = de.enable_erasure(factory(tokenizer_dir))
+    loaded = fresh.load_erasure_adapter(tmp_path / "adapter")
+    assert [e.method for e in loaded] == ["uce", "rece"] and [e.concepts for e in loaded] == [["cat"], ["tree"]]
+    edited, reloaded = _weights(pipe), _weights(fresh)
+    for name in edited:
+        assert torch.allclose(edited[name], reloaded[name], atol=1e-6, rtol=0), name
+    fresh.unload_erasure()
+    assert changed(snapshot(factory(tokenizer_dir)), snapshot(fresh)) == []
+
+
+def test_adapter_is_low_rank_and_self_describing(sd_pipe, tmp_path):
+    pipe = de.enable_erasure(sd_pipe)
+    pipe.erase_concept(["cat", "tree"], preserve=["dog"], token_policy="eot")
+    path = pipe.save_erasure_adapter(tmp_path, weight_name="cat.safetensors")
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["diffusers_erase"])
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    layers = cross_attention_projections(pipe)
+    assert len(shapes) == 2 * len(layers)
+    for name, module in layers.items():
+        assert shapes[f"{name}.lora_A.weight"] == (2, module.in_features)  # rank 2: one column per concept
+        assert shapes[f"{name}.lora_B.weight"] == (module.out_features, 2)
+    record = header["erasures"][0]
+    assert header["format_version"] == 1 and header["family"] == "sd1" and header["library_version"] == de.__version__
+    assert set(header["fingerprints"]) == {"unet", "text_encoder"}
+    assert record["method"] == "uce" and record["concepts"] == ["cat", "tree"] and record["anchors"] == ["", ""]
+    assert record["preserve"] == ["dog"] and record["token_policy"] == "eot" and record["rank"] == 2
+    assert record["options"]["lamb"] == 0.5
+
+
+def test_long_preserve_lists_are_recorded_as_a_hash(sd_pipe, tmp_path):
+    pipe = de.enable_erasure(sd_pipe)
+    pipe.erase_concept("cat", preserve=[f"thing {i}" for i in range(100)])
+    with safe_open(str(pipe.save_erasure_adapter(tmp_path)), "pt") as f:
+        record = json.loads(f.metadata()["diffusers_erase"])["erasures"][0]
+    assert "preserve" not in record and record["preserve_count"] == 100 and len(record["preserve_sha256"]) == 64
+
+
+def test_load_from_a_state_dict_and_by_file_name(sd_pipe, tokenizer_dir, tmp_path):
+    pipe = de.enable_erasure(sd_pipe)
+    pipe.erase_concept("cat")
+    path = pipe.save_erasure_adapter(tmp_path, weight_name="x.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    other = make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(other, load_file(str(path)), metadata=metadata, adapter_name="cat")
+    assert de.get_erasures(other)[0].name == "cat"
+    third = make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(third, tmp_path, weight_name="x.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(_weights(other).values(), _weights(third).values()))
+
+
+def test_load_by_hub_repo_id_from_the_offline_cache(sd_pipe, tokenizer_dir, tmp_path, monkeypatch):
+    pipe = de.enable_erasure(sd_pipe)
+    pipe.erase_concept("cat")
+    # Lay the file out as huggingface_hub's cache does after a download, then load with the network off.
+    cache = tmp_path / "hub"
+    snapshot_dir = cache / "models--someone--erase-cat" / "snapshots" / ("a" * 40)
+    pipe.save_erasure_adapter(snapshot_dir)
+    (cache / "models--someone--erase-cat" / "refs").mkdir(parents=True)
+    (cache / "models--someone--erase-cat" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    other = make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(other, "someone/erase-cat", cache_dir=cache, local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(pipe).values(), _weights(other).values()))
+    with pytest.raises(OSError, match="someone/missing"):
+        de.load_erasure_adapter(other, "someone/missing", cache_dir=cache, local_files_only=True)
+
+
+def _assert_load_fails_cleanly(pipe, source, match, **kwargs):
+    before = snapshot(pipe)
+    erasures_before = list(de.get_erasures(pipe))
+    with pytest.raises(ValueError, match=match):
+        de.load_erasure_adapter(pipe, source, **kwargs)
+    assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == erasures_before
+
+
+def test_adapter_of_another_family_is_refused(sdxl_pipe, sd_pipe, tmp_path):
+    de.erase_concept(sdxl_pipe, "cat")
+    de.save_erasure_adapter(sdxl_pipe, tmp_path)
+    _assert_load_fails_cleanly(sd_pipe, tmp_path, "made for a 'sdxl' pipeline, but this is a 'sd1'")
+
+
+def test_adapter_with_wrong_shapes_is_refused_and_changes_nothing(sd_pipe, tokenizer_dir, tmp_path):
+    de.erase_concept(sd_pipe, "cat")
+    path = de.save_erasure_adapter(sd_pipe, tmp_path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
+    tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])  # only the last module is wrong
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    target = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(target, "tree")  # an erasure already on the pipeline must survive the failed load
+    _assert_load_fails_cleanly(target, tmp_path / "bad.safetensors", r"does not fit this pipeline: .* is \d+×\d+ here")
+
+
+def test_pickles_and_non_safetensors_files_are_never_loaded(sd_pipe, tmp_path):
+    pickle = tmp_path / "erase.pt"
+    torch.save({"x": torch.zeros(1)}, pickle)
+    _assert_load_fails_cleanly(sd_pipe, pickle, "never loads pickles")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    _assert_load_fails_cleanly(sd_pipe, garbage, "not a readable safetensors file")
+
+
+def test_a_plain_lora_file_is_not_mistaken_for_an_adapter(sd_pipe, tmp_path):
+    save_file({"unet.x.lora_A.weight": torch.zeros(1, 2)}, str(tmp_path / "lora.safetensors"))
+    _assert_load_fails_cleanly(sd_pipe, tmp_path / "lora.safetensors", "not a diffusers-erase adapter")
+
+
+def test_ambiguous_folder_and_empty_pipeline_errors(sd_pipe, tmp_path):
+    for name in ("a.safetensors", "b.safetensors"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / name))
+    _assert_load_fails_cleanly(sd_pipe, tmp_path, "pass `weight_name`")
+    with pytest.raises(ValueError, match="no erasure to save"):
+        de.save_erasure_adapter(sd_pipe, tmp_path / "out")
+    with pytest.raises(ValueError, match="safetensors"):
+        de.erase_concept(sd_pipe, "cat")
+        de.save_erasure_adapter(sd_pipe, tmp_path / "out", safe_serialization=False)
