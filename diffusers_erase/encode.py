@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .targets import text_components, weights_fingerprint
 
 TOKEN_POLICIES = ("last_subject", "eot", "tail", "all")
-_BATCH = 64
+_BATCH = 32
 
 
 def check_token_policy(policy: str) -> None:

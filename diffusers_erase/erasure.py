@@ -1,6 +1,7 @@
 """The `Erasure` record and how a pipeline's weights are edited and restored.
 
-Every weight edit is stored as exact low-rank factors, ΔW = up @ down, applied as W ← W + up @ down in float32.
+Every weight edit is stored as exact low-rank factors, ΔW = up @ down, applied in place as W ← W + up @ down
+(summed in float32).
 The original value of each touched weight is kept (once, on the CPU) so that `unload_erasure` restores it
 bit-exactly; nothing else of the model is copied.
 """
@@ -71,9 +72,21 @@ def get_module(pipe, name: str) -> nn.Module:
     return root.get_submodule(path)
 
 
-def edited_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    delta = up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)
-    return (weight.float() + delta).to(weight.dtype)
+def add_low_rank_(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, what: str = "edit") -> None:
+    """W ← W + up @ down, summed in float32; raises before touching W if the result would not be finite."""
+    up = up.to(weight.device, torch.float32)
+    down = down.to(weight.device, torch.float32)
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise FloatingPointError(
+            f"The {what} is not finite (ill-conditioned solve); use a larger `lamb` or fewer/less similar concepts."
+        )
+    if weight.dtype == torch.float32:
+        weight.addmm_(up, down)  # one pass over W, no temporary
+        return
+    new = torch.addmm(weight.float(), up, down).to(weight.dtype)
+    if not torch.isfinite(new).all():
+        raise FloatingPointError(f"The {what} overflows {weight.dtype}; use a larger `lamb` or a float32 pipeline.")
+    weight.copy_(new)
 
 
 @torch.no_grad()
@@ -86,18 +99,12 @@ def apply_erasures(pipe, erasures: list[Erasure]) -> None:
         for erasure in erasures:
             for name, (up, down) in erasure.factors.items():
                 weight = get_module(pipe, name).weight
-                new = edited_weight(weight, up, down)
-                if not torch.isfinite(new).all():
-                    raise FloatingPointError(
-                        f"The {erasure.method} edit of {name} is not finite (ill-conditioned solve); "
-                        "use a larger `lamb` or fewer/less similar concepts."
-                    )
                 if name not in record.originals:
                     record.originals[name] = weight.detach().to("cpu", copy=True)
                     new_originals.append(name)
                 elif name not in before:
                     before[name] = weight.detach().clone()
-                weight.copy_(new)
+                add_low_rank_(weight.data, up, down, f"{erasure.method} edit of {name}")
     except BaseException:
         for name, value in before.items():
             get_module(pipe, name).weight.copy_(value)
@@ -124,8 +131,7 @@ def temporarily_edited(pipe, factors: dict[str, tuple[torch.Tensor, torch.Tensor
     try:
         with torch.no_grad():
             for name, (up, down) in factors.items():
-                weight = get_module(pipe, name).weight
-                weight.copy_(edited_weight(weight, up, down))
+                add_low_rank_(get_module(pipe, name).weight.data, up, down)
         yield pipe
     finally:
         with torch.no_grad():

@@ -69,28 +69,34 @@ def test_ill_conditioned_solve_is_detected(sd_pipe):
 def test_a_failure_on_the_last_layer_leaves_every_weight_as_it_was(sd_pipe, monkeypatch):
     de.erase_concept(sd_pipe, "tree")  # a first erasure, so the rollback must restore edited (not original) weights
     before, erasures = snapshot(sd_pipe), de.get_erasures(sd_pipe)
-    original_edit = erasure_module.edited_weight
+    original_edit = erasure_module.add_low_rank_
     calls = []
 
-    def failing_on_last(weight, up, down):
+    def failing_on_last(weight, up, down, what):
         calls.append(1)
         if len(calls) == 8:  # the tiny UNet has 8 cross-attention projections
             raise RuntimeError("injected failure")
-        return original_edit(weight, up, down)
+        original_edit(weight, up, down, what)
 
-    monkeypatch.setattr(erasure_module, "edited_weight", failing_on_last)
+    monkeypatch.setattr(erasure_module, "add_low_rank_", failing_on_last)
     with pytest.raises(RuntimeError, match="injected"):
         de.erase_concept(sd_pipe, "cat")
     assert len(calls) == 8
     assert changed(before, snapshot(sd_pipe)) == [] and de.get_erasures(sd_pipe) == erasures
-    monkeypatch.setattr(erasure_module, "edited_weight", original_edit)
+    monkeypatch.setattr(erasure_module, "add_low_rank_", original_edit)
     de.unload_erasure(sd_pipe)  # the stash of originals is intact too
     de.erase_concept(sd_pipe, "cat")
 
 
-def test_first_erasure_rolled_back_keeps_no_stale_originals(sd_pipe, monkeypatch):
+def test_non_finite_factors_are_refused_and_nothing_stays_stashed(sd_pipe):
+    from diffusers_erase.adapter import to_state_dict
+
+    de.erase_concept(sd_pipe, "cat")
+    tensors, metadata = to_state_dict(sd_pipe, de.get_erasures(sd_pipe))
+    de.unload_erasure(sd_pipe)
     before = snapshot(sd_pipe)
-    monkeypatch.setattr(erasure_module, "edited_weight", lambda w, u, d: w + torch.nan)
+    last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
+    tensors[last] = tensors[last] * torch.inf
     with pytest.raises(FloatingPointError, match="not finite"):
-        de.erase_concept(sd_pipe, "cat")
+        de.load_erasure_adapter(sd_pipe, tensors, metadata=metadata)
     assert changed(before, snapshot(sd_pipe)) == [] and erasure_module.state(sd_pipe).originals == {}
