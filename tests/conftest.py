@@ -6,14 +6,9 @@ import json
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
+
+from diffusers_erase.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -39,101 +34,13 @@ def tokenizer_dir(tmp_path_factory):
     return folder
 
 
-def _text_config(**overrides) -> CLIPTextConfig:
-    config = dict(
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        vocab_size=514,
-        max_position_embeddings=77,
-    )
-    config.update(overrides)
-    return CLIPTextConfig(**config)
+def make_sd_pipeline(tokenizer_dir, seed: int = 0):
+    return tiny_sd_pipeline(CLIPTokenizer.from_pretrained(tokenizer_dir), seed)
 
 
-def _vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=[4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=16,
-    )
-
-
-def make_sd_pipeline(tokenizer_dir, seed: int = 0) -> StableDiffusionPipeline:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-        attention_head_dim=2,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config())
-    pipe = StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def make_sdxl_pipeline(tokenizer_dir, seed: int = 0) -> StableDiffusionXLPipeline:
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 × 8 time ids + 32 pooled
-        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states, concatenated
-        norm_num_groups=2,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config())
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection_dim=32))
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!"),  # OpenCLIP pads with "!"
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(steps_offset=1),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def make_sdxl_pipeline(tokenizer_dir, seed: int = 0):
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")  # OpenCLIP pads with "!"
+    return tiny_sdxl_pipeline(CLIPTokenizer.from_pretrained(tokenizer_dir), tokenizer_2, seed)
 
 
 @pytest.fixture(autouse=True)

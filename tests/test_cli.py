@@ -1,0 +1,36 @@
+"""The command line is a thin caller of the API: it works, and errors are one line with exit code 2."""
+
+import pytest
+from conftest import make_sd_pipeline
+
+import diffusers_erase as de
+from diffusers_erase.cli import main
+
+
+def test_erase_command_writes_an_adapter_that_loads(tokenizer_dir, tmp_path, capsys):
+    make_sd_pipeline(tokenizer_dir).save_pretrained(tmp_path / "model")
+    code = main(["erase", str(tmp_path / "model"), "--concept", "cat", "--concept", "tree", "--anchor", "animal",
+                 "--anchor", "plant", "--preserve", "dog", "--option", "lamb=0.3", "--option", "token_policy=eot",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0 and "erased ['cat', 'tree'] with uce" in capsys.readouterr().out
+    [record] = de.load_erasure_adapter(make_sd_pipeline(tokenizer_dir), tmp_path / "out")
+    assert record.anchors == ["animal", "plant"] and record.options["lamb"] == 0.3
+    assert record.options["token_policy"] == "eot"
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tokenizer_dir, tmp_path, capsys):
+    make_sd_pipeline(tokenizer_dir).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    code = main(["erase", str(tmp_path / "model"), "--concept", " ", "--out", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and errors == ["diffusers-erase erase: error: Concepts must be non-empty text, got ' '."]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["erase", str(tmp_path / "model"), "--concept", "cat", "--method", "nope", "--out", "x"])
+    assert exit_info.value.code == 2
+
+
+def test_help_shows_the_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "diffusers-erase demo" in out and "diffusers-erase erase" in out
