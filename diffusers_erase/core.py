@@ -52,13 +52,15 @@ def offload_disabled(pipe):
     model_offload, sequential_offload = flags[0], flags[1]
     if len(flags) > 2 and flags[2]:
         raise ValueError("Group offloading is enabled; disable it before erasing (erasure edits weights in place).")
+    # Re-enable on the device the user chose (diffusers records it; its LoRA loader falls back to the default).
+    device = {"device": pipe._offload_device} if getattr(pipe, "_offload_device", None) is not None else {}
     try:
         yield
     finally:
         if model_offload:
-            pipe.enable_model_cpu_offload()
+            pipe.enable_model_cpu_offload(**device)
         elif sequential_offload:
-            pipe.enable_sequential_cpu_offload()
+            pipe.enable_sequential_cpu_offload(**device)
 
 
 def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, **options) -> Erasure:

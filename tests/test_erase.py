@@ -166,10 +166,43 @@ def test_half_precision_weights_keep_their_dtype_and_restore(tokenizer_dir):
     assert changed(before, snapshot(pipe)) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator for enable_model_cpu_offload")
-def test_works_with_model_cpu_offload(sd_pipe):
-    pipe = de.enable_erasure(sd_pipe)
-    pipe.enable_model_cpu_offload()
-    pipe.erase_concept("cat")
-    assert pipe.unet._hf_hook is not None
-    pipe("a cat", num_inference_steps=2, height=32, width=32)
+@pytest.mark.parametrize("offload", [
+    "enable_model_cpu_offload",
+    # Plain diffusers cannot generate with sequential offload onto the CPU (accelerate fails), so GPU only.
+    pytest.param("enable_sequential_cpu_offload", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="sequential offload onto the CPU fails in diffusers itself")),
+])
+def test_offload_hooks_are_removed_while_editing_and_put_back(sd_pipe, offload):
+    reference = make_sd_pipeline_like(sd_pipe)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the hooks' logic is the same
+    getattr(sd_pipe, offload)(device=device)
+    record = de.erase_concept(sd_pipe, "cat")
+    assert hasattr(sd_pipe.unet, "_hf_hook") and sd_pipe._offload_device.type == "cpu"
+    de.erase_concept(reference, "cat")
+    run = lambda p: p("a cat", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
+                      generator=torch.Generator().manual_seed(0)).images
+    same = lambda a, b: abs(a - b).max() < (1e-2 if device == "cuda" else 1e-7)  # noqa: E731
+    assert record.rank == 1 and same(run(sd_pipe), run(reference))  # the offloaded weights are the edited ones
+    de.unload_erasure(sd_pipe)
+    de.unload_erasure(reference)
+    assert same(run(sd_pipe), run(reference))
+
+
+def make_sd_pipeline_like(pipe):
+    return make_sd_pipeline(pipe.tokenizer.name_or_path)
+
+
+def test_img2img_and_inpaint_pipelines(sd_pipe):
+    import numpy as np
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    for cls, extra in [(StableDiffusionImg2ImgPipeline, {}), (StableDiffusionInpaintPipeline, {"mask_image": image})]:
+        pipe = de.enable_erasure(cls(**sd_pipe.components))
+        assert type(pipe).__name__ == cls.__name__
+        before = snapshot(pipe)
+        pipe.erase_concept("cat")
+        pipe("a cat", image=image, num_inference_steps=2, strength=0.5, height=32, width=32, **extra)
+        pipe.unload_erasure()
+        assert changed(before, snapshot(pipe)) == []
