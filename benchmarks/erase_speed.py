@@ -241,6 +241,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["uce", "rece"])
     parser.add_argument("--max-preserved", type=int, default=1000, help="skip cases with more preserved prompts")
+    parser.add_argument("--only", nargs="+", help="run only cases whose label contains one of these strings; "
+                        "their rows replace the same rows of the existing results file")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "erase_speed.json"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -248,8 +250,13 @@ def main():
     results["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "python": platform.python_version(), "processor": platform.processor() or platform.machine()}
     for family in args.family:
-        cases = [label for label, _, n in CASES if n <= args.max_preserved]
-        results[family] = run_family(family, args.repeats, args.methods, cases)
+        cases = [label for label, _, n in CASES if n <= args.max_preserved
+                 and (not args.only or any(part in label for part in args.only))]
+        fresh = run_family(family, args.repeats, args.methods, cases)
+        if args.only and family in results:  # keep the other rows, replace the rerun ones
+            rerun = {(r["method"], r["case"]) for r in fresh["rows"]}
+            fresh["rows"] = [r for r in results[family]["rows"] if (r["method"], r["case"]) not in rerun] + fresh["rows"]
+        results[family] = fresh
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

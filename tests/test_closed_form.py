@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_erase.methods.rece import adversarial_embedding
+from diffusers_erase.methods.rece import RECEConfig, adversarial_solve, rece_epochs
 from diffusers_erase.methods.uce import closed_form_edit
 
 
@@ -86,4 +86,31 @@ def test_adversarial_embedding_matches_the_per_layer_sum():
     rhs = sum(we.T @ w for we, w in zip(edited, layers))
     reference = (torch.linalg.inv(lhs) @ rhs @ concept.T).T
     gram = sum(w.T @ w for w in layers)
-    assert torch.allclose(adversarial_embedding(gram, p, q, concept, 0.1), reference, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(adversarial_solve(gram, p, q, 0.1, concept.T).T, reference, rtol=1e-4, atol=1e-4)
+    a = adversarial_solve(gram, p, q, 0.1, torch.eye(dim))
+    assert torch.allclose((a @ concept.T).T, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_more_columns_than_dimensions_gives_the_same_map():
+    weight, erase, target, keep = _problem(seed=6, dim=6, n_erase=9)  # 9 columns in 6 dimensions
+    kwargs = dict(lamb=0.5, erase_scale=1.0, preserve_scale=1.0)
+    p, q = closed_form_edit(erase, target, keep.T @ keep, **kwargs)
+    assert p.shape == (6, 6) and torch.equal(q, torch.eye(6))
+    mat1 = 0.5 * weight + (weight @ target.T) @ erase + (weight @ keep.T) @ keep
+    mat2 = 0.5 * torch.eye(6, dtype=torch.float64) + erase.T @ erase + keep.T @ keep
+    assert torch.allclose(_edited(weight, p, q), mat1 @ torch.inverse(mat2), rtol=1e-4, atol=1e-4)
+
+
+def test_rece_low_rank_and_statistics_forms_agree():
+    g = torch.Generator().manual_seed(7)
+    dim = 8
+    layers = [torch.randn(out, dim, generator=g, dtype=torch.float64) for out in (6, 10, 6, 10)]
+    erase, target = torch.randn(3, dim, generator=g), torch.randn(3, dim, generator=g)
+    keep = torch.randn(4, dim, generator=g, dtype=torch.float64)
+    gram = sum(w.T @ w for w in layers)
+    config = RECEConfig(epochs=3)
+    low_rank = rece_epochs(erase, target, keep.T @ keep, gram, config, gram_form=False)
+    statistics = rece_epochs(erase, target, keep.T @ keep, gram, config, gram_form=True)
+    assert [p.shape[1] for p, _ in low_rank] == [3, 6, 9, 12]  # E more columns per epoch
+    for (p1, q1), (p2, q2) in zip(low_rank, statistics):
+        assert torch.allclose(p1 @ q1, p2 @ q2, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,9 @@ RECE starts from the UCE edit and then, for `epochs` rounds:
 
 Every edit here is a right-multiplication of all layers by one text-space map (see `uce.py`): W'_l = W_l T with
 T = I + P Q. So Σ W'ᵀW' = Tᵀ G T and Σ W'ᵀ W = Tᵀ G with G = Σ_l W_lᵀ W_l computed once, each round is a
-dim × dim solve, and the composed edit stays low rank: (I + P Q)(I + P₂ Q₂) = I + [P, T P₂][Q; Q₂].
+dim × dim solve, and the composed edit stays low rank: (I + P Q)(I + P₂ Q₂) = I + [P, T P₂][Q; Q₂]. With more
+token columns than dimensions (RECE's 77 per concept, many concepts), each round works on dim × dim statistics
+only (`rece_epochs`), so its cost does not grow with the number of columns.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from ..erasure import temporarily_edited
 from ..registry import register_method
 from ..targets import cross_attention_projections
-from .uce import UCEConfig, closed_form_edit, encode_for_edit, layer_factors
+from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, layer_factors
 
 
 @dataclass(frozen=True)
@@ -72,40 +74,55 @@ def projection_gram(pipe) -> torch.Tensor:
     return gram
 
 
-def adversarial_embedding(gram, p, q, concept, reg):
-    """c_adv = (Tᵀ G T + λ_reg I)⁻¹ Tᵀ G c for each row c of `concept`, with T = I + P Q."""
-    t = torch.eye(gram.shape[0], device=gram.device) + p @ q
-    gt = gram @ t
-    lhs = t.T @ gt
+def adversarial_solve(gram, p, q, reg: float, columns):
+    """(Tᵀ G T + λ_reg I)⁻¹ Tᵀ G X with T = I + P Q. With X the concept columns (dim × E) these are the c_adv
+    columns; with X = I it is the map A with c_adv = A c. Products go through the low-rank factors."""
+    gt = gram + (gram @ p) @ q  # G T
+    lhs = gt + q.T @ (p.T @ gt)  # Tᵀ G T
     lhs.diagonal().add_(reg)
-    return torch.linalg.solve(lhs, gt.T @ concept.T).T
+    return torch.linalg.solve(lhs, gt.T @ columns)  # Tᵀ G = (G T)ᵀ, G being symmetric
+
+
+def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: bool | None = None):
+    """Text-space edits (P, Q) after each epoch (index 0: the UCE edit); W_l becomes W_l (I + P Q).
+
+    With more token columns than dimensions (`gram_form`, the default then), each round carries only
+    dim × dim statistics, since c_adv = A c gives Σ c_adv c_advᵀ = A S_ee Aᵀ and Σ c_a c_advᵀ = S_te Aᵀ,
+    and the full map T; otherwise the edit stays low rank. Float64 throughout: each round solves a system
+    built on the previous one, so round-off would compound.
+    """
+    gram = gram.double()
+    erase, target = erase.to(gram.device, torch.float64), target.to(gram.device, torch.float64)
+    eye = torch.eye(gram.shape[0], device=gram.device, dtype=torch.float64)
+    first = dict(lamb=config.lamb, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale)
+    adv = dict(lamb=config.adv_lamb, erase_scale=config.adv_erase_scale, preserve_scale=config.adv_preserve_scale)
+    if gram_form is None:
+        gram_form = erase.shape[0] > erase.shape[1]
+    if gram_form:
+        s_ee, s_te = erase.T @ erase, target.T @ erase
+        p, q = closed_form_map(s_ee, s_te, keep_gram, **first)
+    else:
+        p, q = closed_form_edit(erase, target, keep_gram, **first)
+    epochs = [(p, q)]
+    for _ in range(config.epochs):
+        if gram_form:
+            a = adversarial_solve(gram, p, eye, config.reg, eye)
+            p2, _ = closed_form_map(a @ s_ee @ a.T, s_te @ a.T, keep_gram, **adv)
+            p = p + p2 + p @ p2  # (I + P)(I + P₂) − I
+        else:
+            adv_columns = adversarial_solve(gram, p, q, config.reg, erase.T).T
+            p2, q2 = closed_form_edit(adv_columns, target, keep_gram, **adv)
+            # (I + P Q)(I + P₂ Q₂) = I + [P, T P₂][Q; Q₂]
+            p, q = torch.cat([p, p2 + p @ (q @ p2)], dim=1), torch.cat([q, q2], dim=0)
+        epochs.append((p, q))
+    return [(p.float(), q.float()) for p, q in epochs]
 
 
 @register_method(RECEConfig, paper="https://arxiv.org/abs/2407.12383")
 def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
     erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
-    gram = projection_gram(pipe)
-    device = gram.device
-    erase, target = erase.to(device), target.to(device)
-    p, q = closed_form_edit(
-        erase, target, keep_gram, lamb=config.lamb, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale
-    )
-    epochs = [(p, q)]
-    with pipe.progress_bar(total=config.epochs) as bar:
-        for _ in range(config.epochs):
-            adv = adversarial_embedding(gram, p, q, erase, config.reg)
-            p2, q2 = closed_form_edit(
-                adv,
-                target,
-                keep_gram,
-                lamb=config.adv_lamb,
-                erase_scale=config.adv_erase_scale,
-                preserve_scale=config.adv_preserve_scale,
-            )
-            t = torch.eye(p.shape[0], device=device) + p @ q
-            p, q = torch.cat([p, t @ p2], dim=1), torch.cat([q, q2], dim=0)
-            epochs.append((p, q))
-            bar.update()
+    epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config)
+    p, q = epochs[-1]
     if config.epoch_callback is not None:
         scores = []
         for epoch, (p_e, q_e) in enumerate(epochs):

@@ -61,6 +61,22 @@ class UCEConfig(ErasureConfig):
         check_token_policy(self.token_policy)
 
 
+def _factor_system(s_ee, keep_gram, *, lamb, erase_scale, preserve_scale):
+    """Cholesky factor of M = λI + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ (float64, so that a near-singular system is
+    caught rather than silently solved into garbage; no explicit inverse is ever formed)."""
+    m = erase_scale * s_ee
+    m.diagonal().add_(lamb)
+    if keep_gram is not None and preserve_scale:
+        m += preserve_scale * keep_gram.to(m.device, torch.float64)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if info.item() != 0 or not torch.isfinite(chol).all():
+        raise FloatingPointError(
+            f"The closed-form solve is ill-conditioned (λ={lamb}, dim={m.shape[0]}); use a larger `lamb` "
+            "or fewer/less similar concepts."
+        )
+    return chol
+
+
 def closed_form_edit(
     erase: torch.Tensor,
     target: torch.Tensor,
@@ -76,28 +92,30 @@ def closed_form_edit(
         erase: (E, dim) token columns to erase, row i sent to what W gives row i of `target`.
         target: (E, dim) anchor token columns.
         keep_gram: Σ c_p c_pᵀ (dim × dim) of the preserved columns, or None.
+
+    With more token columns than dimensions (E > dim) the rank-E factors would be larger than the map itself,
+    so P is the full dim × dim map P Q = s_e (Σ c_a c_eᵀ − Σ c_e c_eᵀ) M⁻¹ and Q = I.
     """
-    erase, target = erase.float(), target.float()
-    dim = erase.shape[1]
-    # M is symmetric positive definite for λ > 0: factor it once (float64, so near-singular systems are caught
-    # rather than silently returning garbage) and solve; never form an explicit inverse.
-    c = erase.double()
-    m = erase_scale * c.T @ c
-    m.diagonal().add_(lamb)
-    if keep_gram is not None and preserve_scale:
-        m += preserve_scale * keep_gram.to(m.device, torch.float64)
-    chol, info = torch.linalg.cholesky_ex(m)
-    q = (erase_scale * torch.cholesky_solve(c.T, chol).T).float()
-    if info.item() != 0 or not torch.isfinite(q).all():
-        raise FloatingPointError(
-            f"The closed-form solve is ill-conditioned (λ={lamb}, dim={dim}); use a larger `lamb` "
-            "or fewer/less similar concepts."
-        )
-    return (target - erase).T.contiguous(), q
+    c, t = erase.double(), target.double()
+    if c.shape[0] > c.shape[1]:
+        return closed_form_map(c.T @ c, t.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale,
+                               preserve_scale=preserve_scale)
+    chol = _factor_system(c.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+    q = erase_scale * torch.cholesky_solve(c.T, chol).T  # M is symmetric: (M⁻¹ C_e)ᵀ = C_eᵀ M⁻¹
+    return (t - c).T.contiguous(), q  # float64; `layer_factors` casts
+
+
+def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale):
+    """The UCE map from the statistics S_ee = Σ c_e c_eᵀ and S_te = Σ c_a c_eᵀ alone: (P Q, I), both dim × dim."""
+    s_ee, s_te = s_ee.double(), s_te.double()
+    chol = _factor_system(s_ee.clone(), keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+    pq = erase_scale * torch.cholesky_solve((s_te - s_ee).T, chol).T  # X M⁻¹ = (M⁻¹ Xᵀ)ᵀ
+    return pq, torch.eye(s_ee.shape[0], device=s_ee.device, dtype=torch.float64)
 
 
 def layer_factors(pipe, p: torch.Tensor, q: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer low-rank factors (W P, Q) of the text-space edit W → W (I + P Q)."""
+    """Per-layer low-rank factors (W P, Q) of the text-space edit W → W (I + P Q), in float32."""
+    p, q = p.float(), q.float()
     if p.shape[1] > p.shape[0]:  # rank above the text width: the full map P Q is the smaller exact factorisation
         p, q = p @ q, torch.eye(p.shape[0], device=p.device)
     factors = {}
