@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .erasure import Erasure, get_module
-from .targets import config_fingerprint, model_family
+from .erasure import Erasure
+from .targets import config_fingerprint, cross_attention_projections, model_family
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +133,19 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         if module is not None and config_fingerprint(module) != expected:
             logger.warning("%s was made for a %s with another config; loading it anyway (same family).", source, component)
 
+    targets = cross_attention_projections(pipe)
     offsets: dict[str, int] = {}
     erasures = []
     for record in header.get("erasures", []):
         rank = record["rank"]
         factors = {}
         for name in record["modules"]:
-            try:
-                module = get_module(pipe, name)
-            except (KeyError, AttributeError):
-                raise ValueError(f"{source} edits {name}, which this {family!r} pipeline does not have.") from None
+            if name not in targets:
+                raise ValueError(
+                    f"{source} edits {name}, which is not a cross-attention key/value projection of this "
+                    f"{family!r} pipeline."
+                )
+            module = targets[name]
             down_all = tensors.get(f"{name}.lora_A.weight")
             up_all = tensors.get(f"{name}.lora_B.weight")
             if down_all is None or up_all is None:
@@ -173,4 +176,10 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         )
     if not erasures:
         raise ValueError(f"{source} holds no erasure.")
+    expected = {f"{name}.lora_{ab}.weight" for name in offsets for ab in "AB"}
+    leftover = sorted(set(tensors) - expected)
+    unused = [n for n, used in offsets.items() if tensors[f"{n}.lora_A.weight"].shape[0] != used]
+    if leftover or unused:
+        raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]} or "
+                         f"unused rank rows in {unused[:3]}.")
     return erasures

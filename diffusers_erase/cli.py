@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+    except (ValueError, TypeError, ArithmeticError, OSError) as error:
         print(f"diffusers-erase {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -71,7 +71,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, *
         method: a registered method name ("uce", "rece", ...) or a config object such as `UCEConfig(lamb=0.5)`.
         anchor: what the erased concepts should turn into: one string for all, a list with one per concept, or
             None for the method's default ("" for UCE, as the reference does for objects; use "art" for styles).
-        preserve: prompts whose outputs must not move.
+        preserve: prompts whose outputs must not move (None: the method's default, e.g. RECE keeps "").
         **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`).
 
     Returns:
@@ -100,11 +100,15 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, *
         raise ValueError(f"{clash} are both erased and preserved; remove them from `preserve`.")
     model_family(pipe)  # raises for pipelines without UNet cross-attention
 
+    if not preserve:
+        preserve = list(getattr(config, "default_preserve", ()))
     handler = get_method(config.method).handler
     with offload_disabled(pipe):
         factors = handler(pipe, config, concepts, anchors, preserve)
         erasure = Erasure(config.method, concepts, anchors, preserve, config.to_dict(), factors=factors)
         apply_erasures(pipe, [erasure])
+    # Keep the (small) factors off the accelerator: they are only needed again to save the adapter.
+    erasure.factors = {name: (up.cpu(), down.cpu()) for name, (up, down) in erasure.factors.items()}
     erasure.seconds = time.perf_counter() - start
     return erasure
 

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,11 +36,17 @@ def check_token_policy(policy: str) -> None:
         raise ValueError(f"Unknown token_policy {policy!r}; choose one of {', '.join(TOKEN_POLICIES)}.")
 
 
+def _converted(pipe, prompts: list[str], tokenizer) -> list[str]:
+    # Textual-inversion tokens expand to several vectors, as in encode_prompt.
+    convert = getattr(pipe, "maybe_convert_prompt", None)
+    return [convert(p, tokenizer) for p in prompts] if convert is not None else list(prompts)
+
+
 def token_lengths(pipe, prompts: list[str], what: str = "prompt") -> list[int]:
     """Real token counts (with start and end tokens); raises for a prompt that would be truncated."""
     tokenizer = text_components(pipe)[0][0]
     limit = tokenizer.model_max_length
-    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(_converted(pipe, prompts, tokenizer), truncation=False)["input_ids"]]
     for prompt, n in zip(prompts, lengths):
         if n > limit:
             raise ValueError(
@@ -64,7 +71,11 @@ def encode(pipe, prompts: list[str], *, full_length: bool) -> torch.Tensor:
     outputs = []
     for tokenizer, encoder in pairs:
         batch = tokenizer(
-            list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            _converted(pipe, prompts, tokenizer),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         ids, mask = batch.input_ids, batch.attention_mask
         if not full_length:
@@ -144,14 +155,20 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
     """
     check_token_policy(policy)
     pairs = text_components(pipe)
-    key = hashlib.sha256(
-        json.dumps([[weights_fingerprint(e) for _, e in pairs], policy, list(prompts)]).encode()
-    ).hexdigest()[:32]
+    encoders = [
+        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False)]
+        for tok, e in pairs
+    ]
+    penultimate = len(pairs) > 1 or getattr(pipe, "text_encoder_2", None) is not None
+    key = hashlib.sha256(json.dumps([encoders, penultimate, policy, list(prompts)]).encode()).hexdigest()[:32]
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
     if path is not None and path.exists():
-        cached = load_file(str(path))
-        return cached["gram"], int(cached["count"].item())
+        try:
+            cached = load_file(str(path))
+            return cached["gram"], int(cached["count"].item())
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
 
     token_lengths(pipe, prompts, "preserved prompt")  # fail before any encoding work
     dim = sum(e.config.hidden_size for _, e in pairs)
@@ -167,8 +184,9 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
                 bar.update()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"gram": gram, "count": torch.tensor(count)}, str(tmp))
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        save_file({"gram": gram, "count": torch.tensor(count)}, tmp)
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return gram, count
 

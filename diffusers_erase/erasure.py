@@ -50,17 +50,23 @@ class Erasure:
 
 @dataclass
 class ErasureState:
-    """Lives on the pipeline as `_erasure_state` (not a pipeline component, so `save_pretrained` ignores it)."""
+    """Lives on the edited UNet as `_erasure_state`, next to the weights it describes: pipelines that share the
+    UNet (`from_pipe`, `Cls(**pipe.components)`) share it, and a replaced UNet starts clean."""
 
     erasures: list[Erasure] = field(default_factory=list)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> weight before any erasure
 
 
 def state(pipe) -> ErasureState:
-    current = pipe.__dict__.get("_erasure_state")
+    from .targets import model_family
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        model_family(pipe)  # raises the "supported families" error
+    current = unet.__dict__.get("_erasure_state")
     if current is None:
         current = ErasureState()
-        object.__setattr__(pipe, "_erasure_state", current)
+        object.__setattr__(unet, "_erasure_state", current)
     return current
 
 

@@ -16,7 +16,8 @@ SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline) and SD
 CROSS_ATTENTION_PROJECTIONS = ("attn2.to_k", "attn2.to_v")
 
 # Config keys that say nothing about the architecture (paths, versions, dtypes).
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "torch_dtype", "dtype"}
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "torch_dtype",
+                         "dtype", "architectures", "_use_default_values", "_class_name"}
 
 
 def model_family(pipe) -> str:
@@ -33,15 +34,28 @@ def model_family(pipe) -> str:
 
 
 def cross_attention_projections(pipe) -> dict[str, nn.Linear]:
-    """`{"unet.<module path>": Linear}` for every cross-attention key/value projection, in module order."""
+    """`{"unet.<module path>": Linear}` for every cross-attention key/value projection, in module order.
+
+    Raises when the projections are not what the UNet uses: fused into `to_kv`, or wrapped by a loaded LoRA.
+    """
     unet = getattr(pipe, "unet", None)
     if unet is None:
         return {}
-    return {
-        f"unet.{name}": module
-        for name, module in unet.named_modules()
-        if name.endswith(CROSS_ATTENTION_PROJECTIONS) and isinstance(module, nn.Linear)
-    }
+    found = {}
+    for name, module in unet.named_modules():
+        if name.endswith(".attn2") and getattr(module, "fused_projections", False):
+            raise ValueError(
+                "The UNet's cross-attention projections are fused (to_kv), so to_k/to_v are not used; "
+                "call `pipe.unfuse_qkv_projections()` before erasing."
+            )
+        if name.endswith(CROSS_ATTENTION_PROJECTIONS):
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"unet.{name} is a {type(module).__name__}, not a plain Linear (a LoRA adapter is loaded?); "
+                    "erase before loading LoRA weights, or call `pipe.unload_lora_weights()` first."
+                )
+            found[f"unet.{name}"] = module
+    return found
 
 
 def text_components(pipe) -> list[tuple]:

@@ -145,3 +145,40 @@ def test_ambiguous_folder_and_empty_pipeline_errors(sd_pipe, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         de.erase_concept(sd_pipe, "cat")
         de.save_erasure_adapter(sd_pipe, tmp_path / "out", safe_serialization=False)
+
+
+def test_tensors_the_header_does_not_account_for_are_refused(sd_pipe, tokenizer_dir, tmp_path):
+    de.erase_concept(sd_pipe, "cat")
+    path = de.save_erasure_adapter(sd_pipe, tmp_path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    first = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    padded = dict(tensors)
+    padded[first] = torch.cat([tensors[first], torch.zeros(2, tensors[first].shape[1])])
+    padded[first.replace("lora_A", "lora_B")] = torch.cat([tensors[first.replace("lora_A", "lora_B")],
+                                                           torch.zeros(tensors[first.replace("lora_A", "lora_B")].shape[0], 2)], 1)
+    _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), padded, "unused rank rows", metadata=metadata)
+    extra = dict(tensors, **{"text_encoder.bogus.lora_A.weight": torch.zeros(1, 1)})
+    _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), extra, "unexpected tensors", metadata=metadata)
+
+
+def test_modules_other_than_cross_attention_projections_are_refused(sd_pipe, tmp_path):
+    header = {"format_version": 1, "family": "sd1", "erasures": [
+        {"method": "uce", "concepts": ["x"], "rank": 1, "modules": ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]}]}
+    tensors = {"text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(1, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(32, 1)}
+    _assert_load_fails_cleanly(sd_pipe, tensors, "not a cross-attention key/value projection",
+                               metadata={"diffusers_erase": json.dumps(header)})
+
+
+def test_pipelines_sharing_a_unet_share_its_erasures(sd_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    before = snapshot(sd_pipe)
+    other = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+    de.erase_concept(sd_pipe, "cat")
+    de.erase_concept(other, "tree")
+    assert [e.concepts for e in de.get_erasures(sd_pipe)] == [["cat"], ["tree"]] == [e.concepts for e in de.get_erasures(other)]
+    de.unload_erasure(other)
+    assert changed(before, snapshot(sd_pipe)) == [] and de.get_erasures(sd_pipe) == []

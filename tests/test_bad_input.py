@@ -100,3 +100,9 @@ def test_non_finite_factors_are_refused_and_nothing_stays_stashed(sd_pipe):
     with pytest.raises(FloatingPointError, match="not finite"):
         de.load_erasure_adapter(sd_pipe, tensors, metadata=metadata)
     assert changed(before, snapshot(sd_pipe)) == [] and erasure_module.state(sd_pipe).originals == {}
+
+
+def test_fused_projections_are_refused(sd_pipe):
+    sd_pipe.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        de.erase_concept(sd_pipe, "cat")

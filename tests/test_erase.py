@@ -9,9 +9,15 @@ from diffusers_erase.encode import concept_anchor_columns, encode, prompt_column
 from diffusers_erase.targets import cross_attention_projections
 
 
-@pytest.fixture(params=["sd", "sdxl"])
-def pipe(request, sd_pipe, sdxl_pipe):
-    return de.enable_erasure(sd_pipe if request.param == "sd" else sdxl_pipe)
+@pytest.fixture(params=["sd", "sd2", "sdxl"])
+def pipe(request, sd_pipe, sdxl_pipe, tokenizer_dir):
+    if request.param == "sd2":
+        # SD 2.x conventions: OpenCLIP pads with "!", and some checkpoints pass the attention mask.
+        from transformers import CLIPTokenizer
+
+        sd_pipe.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+        sd_pipe.text_encoder.config.use_attention_mask = True
+    return de.enable_erasure(sdxl_pipe if request.param == "sdxl" else sd_pipe)
 
 
 def test_enable_erasure_keeps_class_name_and_is_idempotent(sd_pipe, tmp_path):
@@ -107,6 +113,12 @@ def test_functions_and_config_objects(sd_pipe):
     assert de.get_erasures(sd_pipe) == []
 
 
+def test_rece_keeps_the_empty_prompt_by_default(sd_pipe):
+    record = de.erase_concept(sd_pipe, "cat", method="rece", epochs=1)
+    assert record.preserve == [""]
+    assert de.erase_concept(sd_pipe, "tree", method="uce").preserve == []
+
+
 def test_rece_adds_adversarial_rank_and_callback_selects_an_epoch(sd_pipe):
     pipe = de.enable_erasure(sd_pipe)
     uce = pipe.erase_concept("cat", method="uce", token_policy="last_subject")
@@ -129,7 +141,7 @@ def test_rece_epoch_sends_the_adversarial_embedding_to_the_anchor(sd_pipe):
     erase, target = concept_anchor_columns(pipe, ["cat"], [""], "all")
     layers = cross_attention_projections(pipe)
     originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-    pipe.erase_concept("cat", method="uce", token_policy="all", lamb=0.5)
+    pipe.erase_concept("cat", method="uce", token_policy="all", lamb=0.5, preserve=[""])  # RECE's first step
     after_uce = {n: m.weight.detach().clone() for n, m in layers.items()}
     # RECE's attack on the UCE-edited model, written layer by layer as in the paper.
     lhs = sum(w.T @ w for w in after_uce.values()) + 0.1 * torch.eye(erase.shape[1])

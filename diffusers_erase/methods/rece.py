@@ -45,6 +45,9 @@ class RECEConfig(UCEConfig):
     """
 
     method: ClassVar[str] = "rece"
+    # The reference re-edits with retain texts [" "] at preserve scale 0.1: the empty prompt, whose embedding
+    # classifier-free guidance uses on every step, keeps its outputs unless the caller gives a preserve list.
+    default_preserve: ClassVar[tuple[str, ...]] = ("",)
 
     token_policy: str = "all"
     epochs: int = 3
