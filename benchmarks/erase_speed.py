@@ -214,8 +214,9 @@ def run_family(family: str, repeats: int, methods=("uce", "rece"), cases=None) -
     with tempfile.TemporaryDirectory() as cache_root, torch.no_grad():
         import diffusers_erase as de
 
-        de.erase_concept(pipe, "warm-up")  # first-call costs (thread pools, allocator) are not the method's
-        de.unload_erasure(pipe)
+        for method in methods:  # first-call costs (thread pools, allocator, kernels) are not the method's
+            de.erase_concept(pipe, "warm-up", method=method)
+            de.unload_erasure(pipe)
         for method in methods:
             for label, n_concepts, n_preserve in CASES:
                 if cases and label not in cases:
