@@ -108,12 +108,16 @@ def test_adapter_of_another_family_is_refused(sdxl_pipe, sd_pipe, tmp_path):
     _assert_load_fails_cleanly(sd_pipe, tmp_path, "made for a 'sdxl' pipeline, but this is a 'sd1'")
 
 
-def test_adapter_with_wrong_shapes_is_refused_and_changes_nothing(sd_pipe, tokenizer_dir, tmp_path):
-    de.erase_concept(sd_pipe, "cat")
-    path = de.save_erasure_adapter(sd_pipe, tmp_path)
-    tensors = load_file(str(path))
+def _erase_and_read(pipe, folder):
+    """Erase "cat", save the adapter and read it back as (tensors, metadata)."""
+    de.erase_concept(pipe, "cat")
+    path = de.save_erasure_adapter(pipe, folder)
     with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
+        return load_file(str(path)), f.metadata()
+
+
+def test_adapter_with_wrong_shapes_is_refused_and_changes_nothing(sd_pipe, tokenizer_dir, tmp_path):
+    tensors, metadata = _erase_and_read(sd_pipe, tmp_path)
     last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
     tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])  # only the last module is wrong
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
@@ -148,16 +152,12 @@ def test_ambiguous_folder_and_empty_pipeline_errors(sd_pipe, tmp_path):
 
 
 def test_tensors_the_header_does_not_account_for_are_refused(sd_pipe, tokenizer_dir, tmp_path):
-    de.erase_concept(sd_pipe, "cat")
-    path = de.save_erasure_adapter(sd_pipe, tmp_path)
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    first = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
-    padded = dict(tensors)
-    padded[first] = torch.cat([tensors[first], torch.zeros(2, tensors[first].shape[1])])
-    padded[first.replace("lora_A", "lora_B")] = torch.cat([tensors[first.replace("lora_A", "lora_B")],
-                                                           torch.zeros(tensors[first.replace("lora_A", "lora_B")].shape[0], 2)], 1)
+    tensors, metadata = _erase_and_read(sd_pipe, tmp_path)
+    down = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0]
+    up = down.replace("lora_A", "lora_B")
+    padded = dict(tensors)  # two extra rank rows on one module that no erasure in the header accounts for
+    padded[down] = torch.cat([tensors[down], torch.zeros(2, tensors[down].shape[1])])
+    padded[up] = torch.cat([tensors[up], torch.zeros(tensors[up].shape[0], 2)], dim=1)
     _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), padded, "unused rank rows", metadata=metadata)
     extra = dict(tensors, **{"text_encoder.bogus.lora_A.weight": torch.zeros(1, 1)})
     _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), extra, "unexpected tensors", metadata=metadata)
