@@ -182,3 +182,20 @@ def test_pipelines_sharing_a_unet_share_its_erasures(sd_pipe):
     assert [e.concepts for e in de.get_erasures(sd_pipe)] == [["cat"], ["tree"]] == [e.concepts for e in de.get_erasures(other)]
     de.unload_erasure(other)
     assert changed(before, snapshot(sd_pipe)) == [] and de.get_erasures(sd_pipe) == []
+
+
+@pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
+def test_diffusers_load_lora_weights_reads_the_adapter_exactly(factory, tokenizer_dir, tmp_path):
+    """The adapter uses diffusers' LoRA key names, so plain `load_lora_weights` + `fuse_lora` gives our weights."""
+    pytest.importorskip("peft")
+    pipe = factory(tokenizer_dir)
+    de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"])
+    de.erase_concept(pipe, "house", method="rece", epochs=1, token_policy="last_subject")
+    path = de.save_erasure_adapter(pipe, tmp_path)
+    plain = factory(tokenizer_dir)
+    plain.load_lora_weights(str(path))
+    plain.fuse_lora()
+    for name, module in cross_attention_projections(pipe).items():
+        lora_layer = plain.unet.get_submodule(name[len("unet."):])
+        weight = lora_layer.get_base_layer().weight if hasattr(lora_layer, "get_base_layer") else lora_layer.weight
+        assert torch.allclose(weight, module.weight, atol=1e-6, rtol=0), name
