@@ -40,7 +40,9 @@ def fingerprints(pipe) -> dict[str, str]:
 
 def _record(erasure: Erasure) -> dict:
     preserve = {"preserve": erasure.preserve}
-    if len(erasure.preserve) > _LONG_PRESERVE:
+    if erasure.preserve_summary and not erasure.preserve:
+        preserve = dict(erasure.preserve_summary)  # re-saving a loaded adapter keeps what it recorded
+    elif len(erasure.preserve) > _LONG_PRESERVE:
         digest = hashlib.sha256(json.dumps(erasure.preserve).encode()).hexdigest()
         preserve = {"preserve_sha256": digest, "preserve_count": len(erasure.preserve)}
     ranks = {down.shape[0] for _, down in erasure.factors.values()}
@@ -172,6 +174,7 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
                 seconds=float(record.get("seconds", 0.0)),
                 factors=factors,
                 name=record.get("name"),
+                preserve_summary={k: record[k] for k in ("preserve_sha256", "preserve_count") if k in record} or None,
             )
         )
     if not erasures:

@@ -31,6 +31,8 @@ class Erasure:
     options: dict
     seconds: float = 0.0
     name: str | None = None  # adapter name when loaded from a file
+    # Set when loaded from a file that recorded a long preserve list only as {"preserve_sha256", "preserve_count"}.
+    preserve_summary: dict | None = None
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property

@@ -55,12 +55,17 @@ def test_adapter_is_low_rank_and_self_describing(sd_pipe, tmp_path):
     assert record["options"]["lamb"] == 0.5
 
 
-def test_long_preserve_lists_are_recorded_as_a_hash(sd_pipe, tmp_path):
+def test_long_preserve_lists_are_recorded_as_a_hash_and_kept_on_resave(sd_pipe, tokenizer_dir, tmp_path):
     pipe = de.enable_erasure(sd_pipe)
     pipe.erase_concept("cat", preserve=[f"thing {i}" for i in range(100)])
     with safe_open(str(pipe.save_erasure_adapter(tmp_path)), "pt") as f:
         record = json.loads(f.metadata()["diffusers_erase"])["erasures"][0]
     assert "preserve" not in record and record["preserve_count"] == 100 and len(record["preserve_sha256"]) == 64
+    other = de.enable_erasure(make_sd_pipeline(tokenizer_dir))
+    other.load_erasure_adapter(tmp_path)
+    with safe_open(str(other.save_erasure_adapter(tmp_path / "again")), "pt") as f:
+        again = json.loads(f.metadata()["diffusers_erase"])["erasures"][0]
+    assert again["preserve_sha256"] == record["preserve_sha256"] and again["preserve_count"] == 100
 
 
 def test_load_from_a_state_dict_and_by_file_name(sd_pipe, tokenizer_dir, tmp_path):
@@ -92,6 +97,11 @@ def test_load_by_hub_repo_id_from_the_offline_cache(sd_pipe, tokenizer_dir, tmp_
     assert all(torch.equal(a, b) for a, b in zip(_weights(pipe).values(), _weights(other).values()))
     with pytest.raises(OSError, match="someone/missing"):
         de.load_erasure_adapter(other, "someone/missing", cache_dir=cache, local_files_only=True)
+    # Without weight_name, a repo whose only .safetensors file has another name loads too (as load_lora_weights).
+    (snapshot_dir / DEFAULT_WEIGHT_NAME).rename(snapshot_dir / "erase-cat.safetensors")
+    third = make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(third, "someone/erase-cat", cache_dir=cache, local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(pipe).values(), _weights(third).values()))
 
 
 def _assert_load_fails_cleanly(pipe, source, match, **kwargs):
