@@ -16,6 +16,7 @@ from .config import ErasureConfig
 from .core import erase_concept, get_erasures, load_erasure_adapter, save_erasure_adapter, unload_erasure
 from .encode import TOKEN_POLICIES
 from .erasure import Erasure
+from .export import export_adapter
 from .methods.rece import RECEConfig
 from .methods.uce import UCEConfig
 from .mixin import ErasureMixin, enable_erasure
@@ -31,6 +32,7 @@ __all__ = [
     "available_methods",
     "enable_erasure",
     "erase_concept",
+    "export_adapter",
     "get_erasures",
     "load_erasure_adapter",
     "register_method",

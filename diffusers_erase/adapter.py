@@ -109,7 +109,12 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
-    """Validate an adapter against `pipe` and rebuild its `Erasure` records; `pipe` is not modified."""
+    """Validate an adapter against `pipe` and rebuild its `Erasure` records; `pipe` is not modified.
+    A kohya LoRA (as `export.export_adapter` writes) is converted first (`export.kohya_to_adapter`)."""
+    from .export import is_kohya_state_dict, kohya_to_adapter
+
+    if is_kohya_state_dict(tensors):
+        tensors, metadata = kohya_to_adapter(pipe, tensors, metadata, source)
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"{source} is not a diffusers-erase adapter: its safetensors header has no {METADATA_KEY!r} entry. "

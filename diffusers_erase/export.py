@@ -1,0 +1,306 @@
+"""Export erasures for AUTOMATIC1111 and ComfyUI, and read their kohya LoRA format back.
+
+Two formats, both one safetensors file:
+
+- ``"kohya"``: a kohya-ss LoRA. Per edited module ``<name>.lora_down.weight`` (rank × in),
+  ``<name>.lora_up.weight`` (out × rank) and ``<name>.alpha`` (= rank, so the LoRA scale alpha / rank is exactly 1
+  and the delta is ``lora_up @ lora_down``, our edit). Stacked erasures are concatenated along the rank, as in our
+  own adapter format.
+- ``"diff"``: the full weight difference ``<name>.diff`` (out × in, float32) of every edited module, which
+  ComfyUI adds as a ``("diff", ...)`` patch and A1111 as a ``network_full`` module, with no low-rank arithmetic.
+
+``<name>`` is ``lora_unet_`` + a UNet module path with ``.`` replaced by ``_``:
+
+- SD 1.x / 2.x: the diffusers path, as kohya-ss writes SD 1.x LoRAs, e.g.
+  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``.
+- SDXL: the original (SGM/LDM) path, as kohya-ss writes SDXL LoRAs, e.g.
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`` for ``down_blocks.1.attentions.0...``.
+  Both loaders map this form, and map it without guessing the block layout: A1111
+  (``extensions-builtin/Lora/networks.py``, ``load_network``) replaces ``lora_unet`` by ``diffusion_model`` and looks
+  the result up among the LDM module names ("SDXL loras seem to already have correct compvis keys"); ComfyUI
+  (``comfy/lora.py``, ``model_lora_keys_unet``) registers ``lora_unet_<LDM path>`` for every ``diffusion_model.*``
+  weight of the loaded model. The diffusers form is also accepted by both, but only through a conversion
+  (A1111's ``convert_diffusers_name_to_compvis`` hard-codes three input blocks per level; ComfyUI's
+  ``comfy.utils.unet_to_diffusers``), so the LDM form is the one that needs nothing of either loader but a rename.
+  diffusers' own ``load_lora_weights`` maps it back (``_maybe_map_sgm_blocks_to_diffusers``).
+
+The ``.diff`` file uses the same ``lora_unet_*`` names rather than ComfyUI's generic ``diffusion_model.<path>`` key:
+ComfyUI's ``load_lora`` reads ``<x>.diff`` for every ``x`` of its key map, which holds the ``lora_unet_*`` names in
+both versions of ``comfy/lora.py`` read for this (the generic ``diffusion_model.<path>`` keys only in the newer one),
+and A1111 splits a key at its first ``.``, so a dotted ``diffusion_model.…`` key would not match there at all.
+
+Every exported file carries the kohya ``ss_*`` fields A1111 uses to tell SD1/SD2/SDXL apart
+(``ss_base_model_version``, ``ss_v2``; ``extensions-builtin/Lora/network.py`` ``detect_version``), SAI ModelSpec
+``modelspec.*`` fields, and our own ``diffusers_erase`` header, so ``load_erasure_adapter`` restores the exact
+erasure records from a kohya export.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .adapter import METADATA_KEY, from_state_dict, read_adapter_file, to_state_dict
+from .erasure import Erasure
+from .targets import cross_attention_projections, model_family
+
+FORMATS = ("kohya", "diff")
+KOHYA_UNET_PREFIX = "lora_unet_"
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+# ss_base_model_version as kohya-ss writes it (`sd_v1`, `sd_v2`, `sdxl_base_v1-0`); A1111 only checks the "sdxl_"
+# prefix and `ss_v2 == "True"`.
+_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+# ----------------------------------------------------------------------------------------------- key names
+
+
+def _layers_per_block(unet_config) -> list[int]:
+    levels = len(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    return [int(layers)] * levels if isinstance(layers, int) else [int(n) for n in layers]
+
+
+def ldm_unet_path(path: str, unet_config) -> str:
+    """The original (LDM/SGM) UNet path of a diffusers UNet attention path (`down_blocks.{b}.attentions.{j}.…`).
+
+    Input blocks: index 0 is conv_in, then per level its resnet/attention layers and one downsampler, so level b
+    layer j is `input_blocks.{1 + Σ_{k<b}(layers_k + 1) + j}.1`; the middle attention is `middle_block.1`; output
+    blocks count layers_k + 1 per level of the reversed list, `output_blocks.{Σ_{k<b}(rev_k + 1) + j}.1` (the same
+    layout ComfyUI's `comfy/utils.py` `unet_to_diffusers` builds from the UNet config).
+    """
+    layers = _layers_per_block(unet_config)
+    match = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path)
+    if match:
+        level, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + sum(n + 1 for n in layers[:level]) + layer}.1.{rest}"
+    match = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", path)
+    if match:
+        return f"middle_block.1.{match[1]}"
+    match = re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path)
+    if match:
+        level, layer, rest = int(match[1]), int(match[2]), match[3]
+        reversed_layers = layers[::-1]
+        return f"output_blocks.{sum(n + 1 for n in reversed_layers[:level]) + layer}.1.{rest}"
+    raise ValueError(f"unet.{path} is not inside a UNet attention block; it has no kohya name.")
+
+
+def kohya_name(module: str, unet_config, family: str) -> str:
+    """`lora_unet_…` name of one of our modules (`unet.<diffusers path>`): diffusers path for SD 1.x/2.x,
+    LDM path for SDXL (see the module docstring for why)."""
+    component, _, path = module.partition(".")
+    if component != "unet":
+        raise ValueError(f"{module} is not a UNet module; only UNet edits are exported.")
+    if family == "sdxl":
+        path = ldm_unet_path(path, unet_config)
+    return KOHYA_UNET_PREFIX + path.replace(".", "_")
+
+
+def kohya_names(pipe) -> dict[str, str]:
+    """`{kohya name: "unet.<diffusers path>"}` for every cross-attention key/value projection of `pipe`, under
+    both the diffusers-path and the LDM-path spelling (files in the wild use either)."""
+    config = pipe.unet.config
+    names = {}
+    for module in cross_attention_projections(pipe):
+        path = module.partition(".")[2]
+        names[KOHYA_UNET_PREFIX + path.replace(".", "_")] = module
+        names[KOHYA_UNET_PREFIX + ldm_unet_path(path, config).replace(".", "_")] = module
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _header_fields(pipe, metadata: dict[str, str], out_file: Path, fmt: str, rank: int) -> dict[str, str]:
+    family = model_family(pipe)
+    header = json.loads(metadata[METADATA_KEY])
+    v_prediction = getattr(getattr(pipe, "scheduler", None), "config", {}).get("prediction_type") == "v_prediction"
+    if family == "sdxl":
+        architecture = "stable-diffusion-xl-v1-base"
+        implementation = "https://github.com/Stability-AI/generative-models"  # kohya's value for SDXL LoRAs
+    elif family == "sd2":
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        implementation = "diffusers"
+    else:
+        architecture, implementation = "stable-diffusion-v1", "diffusers"
+    sample = pipe.unet.config.get("sample_size") or 64
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    resolution = int(sample) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    records = header["erasures"]
+    concepts = [c for record in records for c in record["concepts"]]
+    methods = list(dict.fromkeys(record["method"] for record in records))
+    description = (
+        f"Concept erasure ({', '.join(methods)}) of {', '.join(concepts) or 'imported edits'} by diffusers-erase "
+        f"{header.get('library_version', '')}: edits of the UNet cross-attention to_k/to_v only "
+        f"({'low-rank factors, alpha = rank' if fmt == 'kohya' else 'full weight differences'}). "
+        f"Full record in the '{METADATA_KEY}' header."
+    )
+    fields = {
+        "ss_output_name": out_file.stem,
+        "ss_base_model_version": _BASE_MODEL_VERSION[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_training_comment": description,
+        "modelspec.sai_model_spec": "1.0.0",
+        # ModelSpec has no adapter id for a full diff; "lora" is the adapter class both loaders read it as.
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": out_file.stem,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.description": description,
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.tags": ",".join(["concept-erasure", *methods]),
+    }
+    base_model = getattr(pipe, "name_or_path", None)
+    if base_model:
+        fields["ss_sd_model_name"] = str(base_model)
+    if fmt == "kohya":
+        fields.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                       "ss_network_alpha": str(rank)})
+    return fields
+
+
+def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Path:
+    """Write the erasures of `pipe` (or, with `adapter`, those of that adapter file, validated against `pipe`,
+    which stays untouched) to `out_file` in an AUTOMATIC1111/ComfyUI format, and return its path.
+
+    `format="kohya"`: a kohya-ss LoRA (`lora_unet_*.lora_down.weight` / `.lora_up.weight` / `.alpha`), the exact
+    low-rank factors with alpha = rank; stacked erasures concatenated along the rank.
+    `format="diff"`: full weight differences (`lora_unet_*.diff`, float32), applied as-is by both UIs.
+    Key names, header fields and the loader code they were taken from: see this module's docstring and
+    docs/export.md.
+    """
+    from safetensors.torch import save_file
+
+    from .erasure import state
+
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; use one of {', '.join(FORMATS)}.")
+    out_file = Path(out_file)
+    if out_file.suffix.lower() != ".safetensors":
+        raise ValueError(f"{out_file} must end in .safetensors: A1111 and ComfyUI read LoRAs as safetensors files.")
+    if out_file.is_dir():
+        raise ValueError(f"{out_file} is a directory; pass a file name ending in .safetensors.")
+    if adapter is not None:
+        tensors, metadata = read_adapter_file(adapter)
+        erasures: list[Erasure] = from_state_dict(pipe, tensors, metadata, str(adapter))
+    else:
+        erasures = list(state(pipe).erasures)
+    if not erasures:
+        raise ValueError("This pipeline has no erasure to export; call `erase_concept` or `load_erasure_adapter` "
+                         "first, or pass `adapter=` a saved adapter file.")
+    ours, metadata = to_state_dict(pipe, erasures)
+    family = model_family(pipe)
+    modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+    tensors = {}
+    for module in modules:
+        down, up = ours[f"{module}.lora_A.weight"], ours[f"{module}.lora_B.weight"]
+        name = kohya_name(module, pipe.unet.config, family)
+        if format == "kohya":
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        else:
+            tensors[f"{name}.diff"] = (up @ down).contiguous()
+    rank = max(ours[f"{m}.lora_A.weight"].shape[0] for m in modules)
+    metadata = {**metadata, **_header_fields(pipe, metadata, out_file, format, rank)}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_file), metadata=metadata)
+    return out_file
+
+
+# ---------------------------------------------------------------------------------------------------- import
+
+
+def is_kohya_state_dict(tensors) -> bool:
+    return any(key.partition(".")[0].startswith(("lora_unet_", "lora_te")) for key in tensors)
+
+
+def _check_family(pipe, metadata: dict[str, str], source: str) -> None:
+    family = model_family(pipe)
+    version = str(metadata.get("ss_base_model_version", ""))
+    architecture = str(metadata.get("modelspec.architecture", ""))
+    if version.startswith("sdxl_") or architecture.startswith("stable-diffusion-xl"):
+        found = "sdxl"
+    elif (metadata.get("ss_v2") == "True" or version.startswith("sd_v2")
+          or architecture.startswith("stable-diffusion-v2")):
+        found = "sd2"
+    elif version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+        found = "sd1"
+    else:
+        return  # no family in the header: the shape checks decide
+    if found != family:
+        raise ValueError(f"{source} is a kohya LoRA for {found!r} (its ss_*/modelspec header), but this is a "
+                         f"{family!r} pipeline ({type(pipe).__name__}); load it into a pipeline of that family.")
+
+
+def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
+    """Turn a kohya LoRA of cross-attention key/value edits into our adapter tensors and header, for
+    `adapter.from_state_dict`. Keeps the file's `diffusers_erase` header when there is one; otherwise builds one
+    erasure record with method "imported". Alpha is folded into `lora_up` (scale alpha / rank; exactly 1 for our
+    exports). Anything other than such edits is refused, with what to use instead."""
+    metadata = dict(metadata or {})
+    _check_family(pipe, metadata, source)
+    names = kohya_names(pipe)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        base, _, part = key.partition(".")
+        if part == "diff":
+            raise ValueError(f"{source} is a full-weight diff export ({key}); diffs are for ComfyUI/A1111 only. "
+                             "Load the kohya or adapter export of the same erasure instead.")
+        if part not in _KOHYA_PARTS:
+            raise ValueError(f"{source} holds {key}, which is not a kohya LoRA tensor (lora_down.weight, "
+                             "lora_up.weight, alpha); only plain LoRA factors can be loaded as an erasure.")
+        groups.setdefault(base, {})[part] = value
+    foreign = sorted(base for base in groups if base not in names)
+    if foreign:
+        raise ValueError(f"{source} edits {len(foreign)} module(s) that are not cross-attention key/value "
+                         f"projections of this pipeline (e.g. {foreign[0]}); it is not an erasure adapter — load "
+                         "general LoRAs with `pipe.load_lora_weights`.")
+    ours: dict[str, torch.Tensor] = {}
+    for base, parts in groups.items():
+        module = names[base]
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{source} is incomplete: {base} lacks its lora_down or lora_up weight.")
+        if f"{module}.lora_A.weight" in ours:
+            raise ValueError(f"{source} holds {module} twice (under its diffusers and its LDM kohya name).")
+        down = parts["lora_down.weight"].float()
+        up = parts["lora_up.weight"].float()
+        if down.dim() != 2 or up.dim() != 2:
+            raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; only Linear LoRAs fit.")
+        rank = down.shape[0]
+        alpha = parts.get("alpha")
+        if alpha is not None:
+            scale = float(alpha.float().item()) / rank
+            if scale != 1.0:
+                up = up * scale
+        ours[f"{module}.lora_A.weight"] = down
+        ours[f"{module}.lora_B.weight"] = up
+    if not ours:
+        raise ValueError(f"{source} holds no LoRA tensors.")
+    if METADATA_KEY not in metadata:
+        ours = _pad_to_one_rank(ours)
+        modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+        title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
+        record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
+                  "options": {"source_format": "kohya"}, "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0],
+                  "modules": modules, "seconds": 0.0}
+        metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": model_family(pipe), "fingerprints": {},
+                                             "erasures": [record]})
+    return ours, metadata
+
+
+def _pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One record has one rank: pad lower-rank modules with zero rows/columns (the product is unchanged)."""
+    rank = max(t.shape[0] for k, t in ours.items() if k.endswith(".lora_A.weight"))
+    padded = {}
+    for key, value in ours.items():
+        if key.endswith(".lora_A.weight") and value.shape[0] < rank:
+            value = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])])
+        elif key.endswith(".lora_B.weight") and value.shape[1] < rank:
+            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], dim=1)
+        padded[key] = value
+    return padded
