@@ -1,0 +1,39 @@
+"""The shapes world: a tiny, really-trained Stable Diffusion 1.x model whose concepts can be checked exactly.
+
+    from diffusers_erase import shapes
+    pipe = shapes.load_pipeline()                     # a diffusers StableDiffusionPipeline, 32x32 images
+    image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    result = shapes.evaluate(pipe, concepts=["circle", "square"], images_per_prompt=4)
+
+See docs/shapes.md for the world, the model, its training recipe and its measured accuracy.
+"""
+
+from pathlib import Path
+
+import torch
+
+from . import world
+from .classifier import ShapesClassifier, classify, load_classifier
+from .evaluate import EvaluationResult, evaluate
+from .world import (ATTRIBUTES, BACKGROUNDS, COLORS, CONCEPTS, SHAPES, STYLES, SYNONYMS, Prompt, concept_attribute,
+                    concept_prompts, direct_prompts, render, sample_scene, synonym_prompts)
+
+PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline"
+
+__all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "CONCEPTS", "EvaluationResult", "PIPELINE_DIR", "Prompt",
+           "SHAPES", "STYLES", "SYNONYMS", "ShapesClassifier", "classify", "concept_attribute", "concept_prompts",
+           "direct_prompts", "evaluate", "load_classifier", "load_pipeline", "render", "sample_scene",
+           "synonym_prompts", "world"]
+
+
+def load_pipeline(torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load the bundled shapes-world StableDiffusionPipeline (weights are stored in fp16)."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (PIPELINE_DIR / "model_index.json").exists():
+        raise FileNotFoundError(f"the shapes model is not in {PIPELINE_DIR}; train and export it with "
+                                "`python -m diffusers_erase.shapes.train` then `--export`")
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, torch_dtype=torch_dtype, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
