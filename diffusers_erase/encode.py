@@ -61,13 +61,13 @@ def _uses_padding(policy: str) -> bool:
 
 
 @torch.no_grad()
-def encode(pipe, prompts: list[str], *, full_length: bool) -> torch.Tensor:
+def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | None = None) -> torch.Tensor:
     """(batch, tokens, dim) float32 embeddings as `encode_prompt` makes them; truncated after the longest prompt's
-    end token unless `full_length`."""
+    end token unless `full_length` (`lengths`: the prompts' `token_lengths`, if already known)."""
     pairs = text_components(pipe)
     penultimate = len(pairs) > 1 or getattr(pipe, "text_encoder_2", None) is not None  # SDXL convention
     device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
-    longest = max(token_lengths(pipe, prompts))
+    longest = max(lengths or token_lengths(pipe, prompts))
     outputs = []
     for tokenizer, encoder in pairs:
         batch = tokenizer(
@@ -115,7 +115,8 @@ def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy
     lengths_c = token_lengths(pipe, concepts, "concept")
     lengths_a = token_lengths(pipe, anchors, "anchor")
     unique = list(dict.fromkeys(concepts + anchors))
-    embeddings = encode(pipe, unique, full_length=_uses_padding(policy))
+    known = dict(zip(concepts + anchors, lengths_c + lengths_a))
+    embeddings = encode(pipe, unique, full_length=_uses_padding(policy), lengths=[known[p] for p in unique])
     index = {p: i for i, p in enumerate(unique)}
     total = embeddings.shape[1]
     erase, target = [], []
@@ -126,11 +127,11 @@ def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy
     return torch.cat(erase), torch.cat(target)
 
 
-def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt") -> torch.Tensor:
+def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", lengths=None) -> torch.Tensor:
     """Token columns (n, dim) of each prompt under `policy`, concatenated."""
     check_token_policy(policy)
-    lengths = token_lengths(pipe, prompts, what)
-    embeddings = encode(pipe, prompts, full_length=_uses_padding(policy))
+    lengths = lengths or token_lengths(pipe, prompts, what)
+    embeddings = encode(pipe, prompts, full_length=_uses_padding(policy), lengths=lengths)
     return torch.cat([_columns(e, n, policy) for e, n in zip(embeddings, lengths)])
 
 
@@ -170,14 +171,15 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
 
-    token_lengths(pipe, prompts, "preserved prompt")  # fail before any encoding work
+    lengths = token_lengths(pipe, prompts, "preserved prompt")  # fails before any encoding work
     dim = sum(e.config.hidden_size for _, e in pairs)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)
     with pipe.progress_bar(total=len(chunks)) if len(chunks) > 1 else contextlib.nullcontext() as bar:
         for start in chunks:
-            columns = prompt_columns(pipe, prompts[start : start + _BATCH], policy, "preserved prompt").cpu().double()
+            chunk = slice(start, start + _BATCH)
+            columns = prompt_columns(pipe, prompts[chunk], policy, lengths=lengths[chunk]).cpu().double()
             gram += columns.T @ columns
             count += columns.shape[0]
             if bar is not None:
