@@ -9,7 +9,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
 from . import methods  # noqa: F401  (registers the methods)
 from .adapter import DEFAULT_WEIGHT_NAME, from_state_dict, read_adapter_file, to_state_dict
@@ -237,10 +236,3 @@ def load_erasure_adapter(
         apply_erasures(pipe, erasures)
     return erasures
 
-
-@torch.no_grad()
-def edited_parameters(pipe) -> dict[str, torch.Tensor]:
-    """The current values of every weight an erasure touched (e.g. to compare two pipelines)."""
-    from .erasure import get_module
-
-    return {name: get_module(pipe, name).weight.detach().clone() for name in state(pipe).originals}
