@@ -70,3 +70,32 @@ def snapshot(pipe) -> dict[str, torch.Tensor]:
 
 def changed(before: dict, after: dict) -> list[str]:
     return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+def kv_weights(pipe) -> dict[str, torch.Tensor]:
+    """The cross-attention key/value weights, cloned."""
+    from diffusers_erase.targets import cross_attention_projections
+
+    return {n: m.weight.detach().clone() for n, m in cross_attention_projections(pipe).items()}
+
+
+def assert_load_fails_cleanly(pipe, source, match, **kwargs):
+    """`load_erasure_adapter` raises ValueError matching `match` and changes neither weights nor records."""
+    import diffusers_erase as de
+
+    before, erasures_before = snapshot(pipe), list(de.get_erasures(pipe))
+    with pytest.raises(ValueError, match=match):
+        de.load_erasure_adapter(pipe, source, **kwargs)
+    assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == erasures_before
+
+
+def assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, path):
+    """Plain diffusers `load_lora_weights(path)` + `fuse_lora()` on a fresh pipeline gives `pipe`'s K/V weights."""
+    pytest.importorskip("peft")
+    plain = factory(tokenizer_dir)
+    plain.load_lora_weights(str(path))
+    plain.fuse_lora()
+    for name, weight in kv_weights(pipe).items():
+        layer = plain.unet.get_submodule(name[len("unet."):])
+        fused = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
+        assert torch.allclose(fused, weight, atol=1e-6, rtol=0), name

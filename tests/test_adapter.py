@@ -4,7 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from conftest import (
+    assert_load_fails_cleanly,
+    assert_plain_lora_load_matches,
+    changed,
+    kv_weights,
+    make_sd_pipeline,
+    make_sdxl_pipeline,
+    snapshot,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -12,9 +20,6 @@ import diffusers_erase as de
 from diffusers_erase.adapter import DEFAULT_WEIGHT_NAME
 from diffusers_erase.targets import cross_attention_projections
 
-
-def _weights(pipe):
-    return {n: m.weight.detach().clone() for n, m in cross_attention_projections(pipe).items()}
 
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
@@ -28,7 +33,7 @@ def test_save_load_reproduces_stacked_edits_on_a_fresh_pipeline(factory, tokeniz
     fresh = de.enable_erasure(factory(tokenizer_dir))
     loaded = fresh.load_erasure_adapter(tmp_path / "adapter")
     assert [e.method for e in loaded] == ["uce", "rece"] and [e.concepts for e in loaded] == [["cat"], ["tree"]]
-    edited, reloaded = _weights(pipe), _weights(fresh)
+    edited, reloaded = kv_weights(pipe), kv_weights(fresh)
     for name in edited:
         assert torch.allclose(edited[name], reloaded[name], atol=1e-6, rtol=0), name
     fresh.unload_erasure()
@@ -79,7 +84,7 @@ def test_load_from_a_state_dict_and_by_file_name(sd_pipe, tokenizer_dir, tmp_pat
     assert de.get_erasures(other)[0].name == "cat"
     third = make_sd_pipeline(tokenizer_dir)
     de.load_erasure_adapter(third, tmp_path, weight_name="x.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(_weights(other).values(), _weights(third).values()))
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(other).values(), kv_weights(third).values()))
 
 
 def test_load_by_hub_repo_id_from_the_offline_cache(sd_pipe, tokenizer_dir, tmp_path, monkeypatch):
@@ -94,28 +99,21 @@ def test_load_by_hub_repo_id_from_the_offline_cache(sd_pipe, tokenizer_dir, tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     other = make_sd_pipeline(tokenizer_dir)
     de.load_erasure_adapter(other, "someone/erase-cat", cache_dir=cache, local_files_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(_weights(pipe).values(), _weights(other).values()))
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(pipe).values(), kv_weights(other).values()))
     with pytest.raises(OSError, match="someone/missing"):
         de.load_erasure_adapter(other, "someone/missing", cache_dir=cache, local_files_only=True)
     # Without weight_name, a repo whose only .safetensors file has another name loads too (as load_lora_weights).
     (snapshot_dir / DEFAULT_WEIGHT_NAME).rename(snapshot_dir / "erase-cat.safetensors")
     third = make_sd_pipeline(tokenizer_dir)
     de.load_erasure_adapter(third, "someone/erase-cat", cache_dir=cache, local_files_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(_weights(pipe).values(), _weights(third).values()))
+    assert all(torch.equal(a, b) for a, b in zip(kv_weights(pipe).values(), kv_weights(third).values()))
 
-
-def _assert_load_fails_cleanly(pipe, source, match, **kwargs):
-    before = snapshot(pipe)
-    erasures_before = list(de.get_erasures(pipe))
-    with pytest.raises(ValueError, match=match):
-        de.load_erasure_adapter(pipe, source, **kwargs)
-    assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == erasures_before
 
 
 def test_adapter_of_another_family_is_refused(sdxl_pipe, sd_pipe, tmp_path):
     de.erase_concept(sdxl_pipe, "cat")
     de.save_erasure_adapter(sdxl_pipe, tmp_path)
-    _assert_load_fails_cleanly(sd_pipe, tmp_path, "made for a 'sdxl' pipeline, but this is a 'sd1'")
+    assert_load_fails_cleanly(sd_pipe, tmp_path, "made for a 'sdxl' pipeline, but this is a 'sd1'")
 
 
 def _erase_and_read(pipe, folder):
@@ -133,27 +131,27 @@ def test_adapter_with_wrong_shapes_is_refused_and_changes_nothing(sd_pipe, token
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
     target = make_sd_pipeline(tokenizer_dir)
     de.erase_concept(target, "tree")  # an erasure already on the pipeline must survive the failed load
-    _assert_load_fails_cleanly(target, tmp_path / "bad.safetensors", r"does not fit this pipeline: .* is \d+×\d+ here")
+    assert_load_fails_cleanly(target, tmp_path / "bad.safetensors", r"does not fit this pipeline: .* is \d+×\d+ here")
 
 
 def test_pickles_and_non_safetensors_files_are_never_loaded(sd_pipe, tmp_path):
     pickle = tmp_path / "erase.pt"
     torch.save({"x": torch.zeros(1)}, pickle)
-    _assert_load_fails_cleanly(sd_pipe, pickle, "never loads pickles")
+    assert_load_fails_cleanly(sd_pipe, pickle, "never loads pickles")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    _assert_load_fails_cleanly(sd_pipe, garbage, "not a readable safetensors file")
+    assert_load_fails_cleanly(sd_pipe, garbage, "not a readable safetensors file")
 
 
 def test_a_plain_lora_file_is_not_mistaken_for_an_adapter(sd_pipe, tmp_path):
     save_file({"unet.x.lora_A.weight": torch.zeros(1, 2)}, str(tmp_path / "lora.safetensors"))
-    _assert_load_fails_cleanly(sd_pipe, tmp_path / "lora.safetensors", "not a diffusers-erase adapter")
+    assert_load_fails_cleanly(sd_pipe, tmp_path / "lora.safetensors", "not a diffusers-erase adapter")
 
 
 def test_ambiguous_folder_and_empty_pipeline_errors(sd_pipe, tmp_path):
     for name in ("a.safetensors", "b.safetensors"):
         save_file({"x": torch.zeros(1)}, str(tmp_path / name))
-    _assert_load_fails_cleanly(sd_pipe, tmp_path, "pass `weight_name`")
+    assert_load_fails_cleanly(sd_pipe, tmp_path, "pass `weight_name`")
     with pytest.raises(ValueError, match="no erasure to save"):
         de.save_erasure_adapter(sd_pipe, tmp_path / "out")
     with pytest.raises(ValueError, match="safetensors"):
@@ -168,9 +166,9 @@ def test_tensors_the_header_does_not_account_for_are_refused(sd_pipe, tokenizer_
     padded = dict(tensors)  # two extra rank rows on one module that no erasure in the header accounts for
     padded[down] = torch.cat([tensors[down], torch.zeros(2, tensors[down].shape[1])])
     padded[up] = torch.cat([tensors[up], torch.zeros(tensors[up].shape[0], 2)], dim=1)
-    _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), padded, "unused rank rows", metadata=metadata)
+    assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), padded, "unused rank rows", metadata=metadata)
     extra = dict(tensors, **{"text_encoder.bogus.lora_A.weight": torch.zeros(1, 1)})
-    _assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), extra, "unexpected tensors", metadata=metadata)
+    assert_load_fails_cleanly(make_sd_pipeline(tokenizer_dir), extra, "unexpected tensors", metadata=metadata)
 
 
 def test_modules_other_than_cross_attention_projections_are_refused(sd_pipe, tmp_path):
@@ -178,7 +176,7 @@ def test_modules_other_than_cross_attention_projections_are_refused(sd_pipe, tmp
         {"method": "uce", "concepts": ["x"], "rank": 1, "modules": ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]}]}
     tensors = {"text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(1, 32),
                "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(32, 1)}
-    _assert_load_fails_cleanly(sd_pipe, tensors, "not a cross-attention key/value projection",
+    assert_load_fails_cleanly(sd_pipe, tensors, "not a cross-attention key/value projection",
                                metadata={"diffusers_erase": json.dumps(header)})
 
 
@@ -197,15 +195,7 @@ def test_pipelines_sharing_a_unet_share_its_erasures(sd_pipe):
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
 def test_diffusers_load_lora_weights_reads_the_adapter_exactly(factory, tokenizer_dir, tmp_path):
     """The adapter uses diffusers' LoRA key names, so plain `load_lora_weights` + `fuse_lora` gives our weights."""
-    pytest.importorskip("peft")
     pipe = factory(tokenizer_dir)
     de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"])
     de.erase_concept(pipe, "house", method="rece", epochs=1, token_policy="last_subject")
-    path = de.save_erasure_adapter(pipe, tmp_path)
-    plain = factory(tokenizer_dir)
-    plain.load_lora_weights(str(path))
-    plain.fuse_lora()
-    for name, module in cross_attention_projections(pipe).items():
-        lora_layer = plain.unet.get_submodule(name[len("unet."):])
-        weight = lora_layer.get_base_layer().weight if hasattr(lora_layer, "get_base_layer") else lora_layer.weight
-        assert torch.allclose(weight, module.weight, atol=1e-6, rtol=0), name
+    assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, de.save_erasure_adapter(pipe, tmp_path))

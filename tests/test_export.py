@@ -4,18 +4,22 @@ import json
 
 import pytest
 import torch
-from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from conftest import (
+    assert_load_fails_cleanly,
+    assert_plain_lora_load_matches,
+    changed,
+    kv_weights,
+    make_sd_pipeline,
+    make_sdxl_pipeline,
+    snapshot,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
 from diffusers_erase.erasure import state
 from diffusers_erase.export import export_adapter, kohya_name, ldm_unet_path
-from diffusers_erase.targets import cross_attention_projections
 
-
-def _weights(pipe):
-    return {n: m.weight.detach().clone() for n, m in cross_attention_projections(pipe).items()}
 
 
 def _read(path):
@@ -30,12 +34,6 @@ def _erase_twice(pipe):
     return pipe
 
 
-def _assert_load_fails_cleanly(pipe, source, match, **kwargs):
-    before, erasures_before = snapshot(pipe), list(de.get_erasures(pipe))
-    with pytest.raises(ValueError, match=match):
-        de.load_erasure_adapter(pipe, source, **kwargs)
-    assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == erasures_before
-
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
 def test_kohya_round_trip_reproduces_stacked_edits(factory, tokenizer_dir, tmp_path):
@@ -46,7 +44,7 @@ def test_kohya_round_trip_reproduces_stacked_edits(factory, tokenizer_dir, tmp_p
     # The diffusers_erase header rides along, so the records come back as they were made.
     assert [e.method for e in loaded] == ["uce", "uce"]
     assert [e.concepts for e in loaded] == [["cat"], ["tree", "house"]] and [e.rank for e in loaded] == [1, 2]
-    edited, reloaded = _weights(pipe), _weights(fresh)
+    edited, reloaded = kv_weights(pipe), kv_weights(fresh)
     assert edited.keys() == reloaded.keys()
     for name in edited:
         assert torch.allclose(edited[name], reloaded[name], atol=1e-6, rtol=0), name
@@ -141,9 +139,9 @@ def test_header_fields_for_a1111_and_our_record(factory, version, architecture, 
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
 def test_diff_file_holds_the_weight_differences(factory, tokenizer_dir, tmp_path):
-    original = _weights(factory(tokenizer_dir))
+    original = kv_weights(factory(tokenizer_dir))
     pipe = _erase_twice(factory(tokenizer_dir))
-    edited = _weights(pipe)
+    edited = kv_weights(pipe)
     tensors, metadata = _read(export_adapter(pipe, tmp_path / "d.safetensors", format="diff"))
     family = "sdxl" if factory is make_sdxl_pipeline else "sd1"
     assert metadata["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
@@ -185,13 +183,13 @@ def test_kohya_file_without_our_header_loads_as_one_imported_erasure(factory, to
     (erasure,) = de.load_erasure_adapter(fresh, tmp_path / "plain.safetensors")
     assert erasure.method == "imported" and erasure.concepts == [] and erasure.rank == 3
     assert erasure.name == "k" and erasure.options == {"source_format": "kohya"}
-    edited, reloaded = _weights(pipe), _weights(fresh)
+    edited, reloaded = kv_weights(pipe), kv_weights(fresh)
     for name in edited:
         assert torch.allclose(edited[name], reloaded[name], atol=1e-6, rtol=0), name
     # Re-saved, it is an ordinary adapter of ours.
     again = factory(tokenizer_dir)
     de.load_erasure_adapter(again, de.save_erasure_adapter(fresh, tmp_path / "resaved"))
-    assert all(torch.allclose(edited[n], w, atol=1e-6, rtol=0) for n, w in _weights(again).items())
+    assert all(torch.allclose(edited[n], w, atol=1e-6, rtol=0) for n, w in kv_weights(again).items())
 
 
 def test_kohya_modules_of_different_ranks_are_padded_exactly(sd_pipe, tokenizer_dir, tmp_path):
@@ -203,7 +201,7 @@ def test_kohya_modules_of_different_ranks_are_padded_exactly(sd_pipe, tokenizer_
     tensors[f"{base}.lora_up.weight"] = tensors[f"{base}.lora_up.weight"][:, :1].contiguous()
     tensors[f"{base}.alpha"] = torch.tensor(1.0)
     fresh = make_sd_pipeline(tokenizer_dir)
-    original = _weights(fresh)
+    original = kv_weights(fresh)
     (erasure,) = de.load_erasure_adapter(fresh, tensors)
     assert erasure.rank == 2
     for key in tensors:
@@ -211,22 +209,14 @@ def test_kohya_modules_of_different_ranks_are_padded_exactly(sd_pipe, tokenizer_
             b = key[: -len(".lora_down.weight")]
             name = next(n for n in original if kohya_name(n, fresh.unet.config, "sd1") == b)
             delta = tensors[f"{b}.lora_up.weight"] @ tensors[key]
-            assert torch.allclose(_weights(fresh)[name], original[name] + delta, atol=1e-6, rtol=0), b
+            assert torch.allclose(kv_weights(fresh)[name], original[name] + delta, atol=1e-6, rtol=0), b
 
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
 def test_diffusers_load_lora_weights_reads_the_kohya_export_exactly(factory, tokenizer_dir, tmp_path):
     """A third reading of the key names: diffusers' own kohya converter (incl. SGM names for SDXL)."""
-    pytest.importorskip("peft")
     pipe = _erase_twice(factory(tokenizer_dir))
-    path = export_adapter(pipe, tmp_path / "k.safetensors")
-    plain = factory(tokenizer_dir)
-    plain.load_lora_weights(str(path))
-    plain.fuse_lora()
-    for name, module in cross_attention_projections(pipe).items():
-        layer = plain.unet.get_submodule(name[len("unet."):])
-        weight = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
-        assert torch.allclose(weight, module.weight, atol=1e-6, rtol=0), name
+    assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, export_adapter(pipe, tmp_path / "k.safetensors"))
 
 
 def test_bad_exports_are_refused(sd_pipe, tmp_path):
@@ -248,33 +238,33 @@ def test_bad_exports_are_refused(sd_pipe, tmp_path):
 
 def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, tokenizer_dir, tmp_path):
     de.erase_concept(sdxl_pipe, "cat")
-    _assert_load_fails_cleanly(sd_pipe, export_adapter(sdxl_pipe, tmp_path / "xl.safetensors"),
+    assert_load_fails_cleanly(sd_pipe, export_adapter(sdxl_pipe, tmp_path / "xl.safetensors"),
                                "for (a )?'sdxl'.* but this is a 'sd1'")
     xl_tensors = load_file(str(tmp_path / "xl.safetensors"))
     plain = {k: v for k, v in _read(tmp_path / "xl.safetensors")[1].items() if k.startswith("ss_")}
-    _assert_load_fails_cleanly(sd_pipe, xl_tensors, "kohya LoRA for 'sdxl'", metadata=plain)
+    assert_load_fails_cleanly(sd_pipe, xl_tensors, "kohya LoRA for 'sdxl'", metadata=plain)
     # With no header at all, the names decide: SDXL (LDM) names do not exist in this SD 1.x UNet.
-    _assert_load_fails_cleanly(sd_pipe, xl_tensors, "not cross-attention key/value projections", metadata={})
+    assert_load_fails_cleanly(sd_pipe, xl_tensors, "not cross-attention key/value projections", metadata={})
 
     de.erase_concept(sd_pipe, "cat")
     diff = export_adapter(sd_pipe, tmp_path / "d.safetensors", format="diff")
     kohya = export_adapter(sd_pipe, tmp_path / "k.safetensors")
     de.unload_erasure(sd_pipe)
-    _assert_load_fails_cleanly(sd_pipe, diff, "full-weight diff export")
+    assert_load_fails_cleanly(sd_pipe, diff, "full-weight diff export")
     tensors, metadata = _read(kohya)
     general = dict(tensors, **{"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
                                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 1)})
-    _assert_load_fails_cleanly(sd_pipe, general, "load_lora_weights", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, general, "load_lora_weights", metadata=metadata)
     attn1 = dict(tensors, **{"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight":
                              torch.zeros(1, 4)})
-    _assert_load_fails_cleanly(sd_pipe, attn1, "not cross-attention key/value projections", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, attn1, "not cross-attention key/value projections", metadata=metadata)
     down = sorted(k for k in tensors if k.endswith(".lora_down.weight"))[0]
-    _assert_load_fails_cleanly(sd_pipe, {k: v for k, v in tensors.items() if k != down}, "lacks its lora_down",
+    assert_load_fails_cleanly(sd_pipe, {k: v for k, v in tensors.items() if k != down}, "lacks its lora_down",
                                metadata=metadata)
     dora = dict(tensors, **{down.replace("lora_down.weight", "dora_scale"): torch.ones(1, 32)})
-    _assert_load_fails_cleanly(sd_pipe, dora, "not a kohya LoRA tensor", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, dora, "not a kohya LoRA tensor", metadata=metadata)
     wrong = dict(tensors, **{down: torch.zeros(1, 7)})
-    _assert_load_fails_cleanly(sd_pipe, wrong, "does not fit this pipeline", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, wrong, "does not fit this pipeline", metadata=metadata)
     sd2 = {k: v for k, v in metadata.items() if k != "diffusers_erase"} | {"ss_v2": "True"}
-    _assert_load_fails_cleanly(sd_pipe, tensors, "kohya LoRA for 'sd2'", metadata=sd2)
+    assert_load_fails_cleanly(sd_pipe, tensors, "kohya LoRA for 'sd2'", metadata=sd2)
     assert state(sd_pipe).originals == {}
