@@ -19,7 +19,6 @@ class ErasureConfig:
     """
 
     method: ClassVar[str] = ""
-    version: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {

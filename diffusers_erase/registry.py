@@ -14,13 +14,12 @@ class Method:
     config_cls: type[ErasureConfig]
     # handler(pipe, config, concepts, anchors, preserve) -> dict[param name, (up, down)]; it never mutates `pipe`.
     handler: Callable
-    paper: str = ""
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(config_cls: type[ErasureConfig], *, paper: str = ""):
+def register_method(config_cls: type[ErasureConfig]):
     """Decorator registering `handler` under `config_cls.method`."""
     if not config_cls.method:
         raise ValueError(f"{config_cls.__name__} must set the class attribute `method`.")
@@ -28,7 +27,7 @@ def register_method(config_cls: type[ErasureConfig], *, paper: str = ""):
     def decorator(handler: Callable) -> Callable:
         if config_cls.method in _METHODS:
             raise ValueError(f"A method named {config_cls.method!r} is already registered.")
-        _METHODS[config_cls.method] = Method(config_cls.method, config_cls, handler, paper)
+        _METHODS[config_cls.method] = Method(config_cls.method, config_cls, handler)
         return handler
 
     return decorator

@@ -121,7 +121,7 @@ def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: b
     return [(p.float(), q.float()) for p, q in epochs]
 
 
-@register_method(RECEConfig, paper="https://arxiv.org/abs/2407.12383")
+@register_method(RECEConfig)
 def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
     erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
     epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config)

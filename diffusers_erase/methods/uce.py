@@ -137,7 +137,7 @@ def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve):
     return erase, target, keep_gram
 
 
-@register_method(UCEConfig, paper="https://arxiv.org/abs/2308.14761")
+@register_method(UCEConfig)
 def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
     erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
     p, q = closed_form_edit(
