@@ -7,17 +7,30 @@
     pipe.unload_erasure()
     pipe.load_erasure_adapter("erase-van-gogh/")
 
+    pipe.erase_concept("Snoopy", method="spm")      # a membrane: trained, gated per prompt
+    pipe.set_erasure_adapters(["default"], weights=[0.8])
+
 Every pipeline method is also a plain function taking the pipeline first.
 """
 
 __version__ = "0.1.0"
 
 from .config import ErasureConfig
-from .core import erase_concept, get_erasures, load_erasure_adapter, save_erasure_adapter, unload_erasure
+from .core import (
+    erase_concept,
+    erasure_gates,
+    fuse_erasure,
+    get_erasures,
+    load_erasure_adapter,
+    save_erasure_adapter,
+    set_erasure_adapters,
+    unload_erasure,
+)
 from .encode import TOKEN_POLICIES
 from .erasure import Erasure
 from .export import export_adapter
 from .methods.rece import RECEConfig
+from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .mixin import ErasureMixin, enable_erasure
 from .registry import available_methods, register_method
@@ -27,15 +40,19 @@ __all__ = [
     "ErasureConfig",
     "ErasureMixin",
     "RECEConfig",
+    "SPMConfig",
     "TOKEN_POLICIES",
     "UCEConfig",
     "available_methods",
     "enable_erasure",
     "erase_concept",
+    "erasure_gates",
     "export_adapter",
+    "fuse_erasure",
     "get_erasures",
     "load_erasure_adapter",
     "register_method",
     "save_erasure_adapter",
+    "set_erasure_adapters",
     "unload_erasure",
 ]

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .erasure import Erasure
+from .erasure import Erasure, get_module
+from .membrane import membrane_targets, weight_matrix_shape
 from .targets import config_fingerprint, cross_attention_projections, model_family
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ def _record(erasure: Erasure) -> dict:
         "rank": erasure.rank,
         "modules": erasure.modules,
         "seconds": round(erasure.seconds, 4),
+        **({"membrane": erasure.membrane} if erasure.membrane is not None else {}),
     }
 
 
@@ -74,8 +76,13 @@ def to_state_dict(pipe, erasures: list[Erasure]) -> tuple[dict[str, torch.Tensor
             downs.setdefault(name, []).append(down.detach().float().cpu())
     tensors = {}
     for name in ups:
-        tensors[f"{name}.lora_A.weight"] = torch.cat(downs[name], dim=0).contiguous()
-        tensors[f"{name}.lora_B.weight"] = torch.cat(ups[name], dim=1).contiguous()
+        down, up = torch.cat(downs[name], dim=0), torch.cat(ups[name], dim=1)
+        weight = get_module(pipe, name).weight
+        if weight.dim() == 4:  # a Conv2d: store conv-shaped factors, as diffusers/peft LoRA files do
+            down = down.reshape(down.shape[0], *weight.shape[1:])
+            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+        tensors[f"{name}.lora_A.weight"] = down.contiguous()
+        tensors[f"{name}.lora_B.weight"] = up.contiguous()
     header = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
@@ -90,6 +97,19 @@ def to_state_dict(pipe, erasures: list[Erasure]) -> tuple[dict[str, torch.Tensor
         "concepts": json.dumps([c for e in erasures for c in e.concepts]),
     }
     return tensors, metadata
+
+
+def _check_membrane(membrane, source: str) -> dict:
+    if not isinstance(membrane, dict):
+        raise ValueError(f"{source} has a corrupt membrane record ({membrane!r}).")
+    prompts = membrane.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{source} has a corrupt membrane prompt list ({prompts!r}).")
+    weight = membrane.get("weight", 1.0)
+    if not isinstance(weight, (int, float)) or weight != weight:
+        raise ValueError(f"{source} has a corrupt membrane weight ({weight!r}).")
+    return {"prompts": prompts, "gated": bool(membrane.get("gated", True)), "weight": float(weight),
+            "fused": bool(membrane.get("fused", False))}
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -140,18 +160,21 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         if module is not None and config_fingerprint(module) != expected:
             logger.warning("%s was made for a %s with another config; loading it anyway (same family).", source, component)
 
-    targets = cross_attention_projections(pipe)
+    projections = cross_attention_projections(pipe)
     offsets: dict[str, int] = {}
     erasures = []
     for record in header.get("erasures", []):
         rank = record["rank"]
+        membrane = record.get("membrane")
+        if membrane is not None:
+            membrane = _check_membrane(membrane, source)
+        targets = membrane_targets(pipe) if membrane is not None else projections
         factors = {}
         for name in record["modules"]:
             if name not in targets:
-                raise ValueError(
-                    f"{source} edits {name}, which is not a cross-attention key/value projection of this "
-                    f"{family!r} pipeline."
-                )
+                what = ("a Linear/Conv2d of a transformer block" if membrane is not None
+                        else "a cross-attention key/value projection")
+                raise ValueError(f"{source} edits {name}, which is not {what} of this {family!r} pipeline.")
             module = targets[name]
             down_all = tensors.get(f"{name}.lora_A.weight")
             up_all = tensors.get(f"{name}.lora_B.weight")
@@ -159,7 +182,8 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
                 raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
             start = offsets.get(name, 0)
             down, up = down_all[start : start + rank], up_all[:, start : start + rank]
-            expected = tuple(module.weight.shape)
+            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)  # Conv2d factors as matrices
+            expected = weight_matrix_shape(module)
             found = (up.shape[0], down.shape[1])
             if found != expected or down.shape[0] != rank or up.shape[1] != rank:
                 raise ValueError(
@@ -180,6 +204,7 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
                 factors=factors,
                 name=record.get("name"),
                 preserve_summary={k: record[k] for k in ("preserve_sha256", "preserve_count") if k in record} or None,
+                membrane=membrane,
             )
         )
     if not erasures:

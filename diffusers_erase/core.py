@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 
 from . import methods  # noqa: F401  (registers the methods)
 from .adapter import DEFAULT_WEIGHT_NAME, from_state_dict, read_adapter_file, to_state_dict
@@ -62,7 +63,7 @@ def offload_disabled(pipe):
             pipe.enable_sequential_cpu_offload(**device)
 
 
-def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, **options) -> Erasure:
+def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, adapter_name=None, **options) -> Erasure:
     """Erase one concept or several (in one solve) from `pipe`, in place.
 
     Args:
@@ -71,6 +72,8 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, *
         anchor: what the erased concepts should turn into: one string for all, a list with one per concept, or
             None for the method's default ("" for UCE, as the reference does for objects; use "art" for styles).
         preserve: prompts whose outputs must not move (None: the method's default, e.g. RECE keeps "").
+        adapter_name: a name for the erasure (membranes are chosen and weighted by it in `set_erasure_adapters`;
+            unnamed ones are "default").
         **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`).
 
     Returns:
@@ -104,7 +107,10 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, *
     handler = get_method(config.method).handler
     with offload_disabled(pipe):
         factors = handler(pipe, config, concepts, anchors, preserve)
-        erasure = Erasure(config.method, concepts, anchors, preserve, config.to_dict(), factors=factors)
+        membrane = ({"prompts": list(concepts), "gated": True, "weight": 1.0, "fused": False}
+                    if getattr(config, "membrane", False) else None)
+        erasure = Erasure(config.method, concepts, anchors, preserve, config.to_dict(), factors=factors,
+                          membrane=membrane, name=adapter_name)
         apply_erasures(pipe, [erasure])
     # Keep the (small) factors off the accelerator: they are only needed again to save the adapter.
     erasure.factors = {name: (up.cpu(), down.cpu()) for name, (up, down) in erasure.factors.items()}
@@ -116,6 +122,86 @@ def unload_erasure(pipe) -> None:
     """Remove every erasure from `pipe`, restoring the original weights bit-exactly."""
     with offload_disabled(pipe):
         restore_originals(pipe)
+
+
+def _adapter_name(erasure: Erasure) -> str:
+    return erasure.name or "default"
+
+
+def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None = None) -> None:
+    """Choose which membranes act and how strongly, as `set_adapters` does for LoRAs: the named membranes get
+    `weights` (a float for all, or one per name; default 1.0), every other membrane weight 0. Membranes loaded or
+    trained without `adapter_name` are called "default". `gating=False` turns facilitated transport off (static
+    adapters at their weight), `True` on, None leaves it. Weight edits (UCE, RECE, fused membranes) cannot be
+    re-weighted: unload and re-apply them instead."""
+    from .membrane import refresh_membranes
+
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if weights is None:
+        weights = [1.0] * len(names)
+    elif isinstance(weights, (int, float)):
+        weights = [float(weights)] * len(names)
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapter names; give one weight per name.")
+    erasures = state(pipe).erasures
+    membranes = [e for e in erasures if e.is_gated_membrane]
+    known = {_adapter_name(e) for e in membranes}
+    fixed = {_adapter_name(e) for e in erasures if not e.is_gated_membrane}
+    for name in names:
+        if name not in known:
+            hint = (" It is a weight edit, which has no strength to set; unload_erasure() and re-apply it."
+                    if name in fixed else "")
+            raise ValueError(f"No membrane named {name!r} on this pipeline (membranes: {sorted(known)}).{hint}")
+    chosen = dict(zip(names, (float(w) for w in weights)))
+    previous = [dict(e.membrane) for e in membranes]
+    for erasure in membranes:
+        erasure.membrane["weight"] = chosen.get(_adapter_name(erasure), 0.0)
+        if gating is not None:
+            erasure.membrane["gated"] = bool(gating)
+    try:
+        refresh_membranes(pipe)
+    except BaseException:
+        for erasure, membrane in zip(membranes, previous):
+            erasure.membrane = membrane
+        refresh_membranes(pipe)
+        raise
+
+
+def fuse_erasure(pipe) -> None:
+    """Fuse every membrane into the UNet weights at its current weight (W ← W + w·up·down): no inference overhead,
+    no gating. `unload_erasure()` still restores the original weights bit-exactly."""
+    from .erasure import apply_erasures
+
+    record = state(pipe)
+    membranes = [e for e in record.erasures if e.is_gated_membrane]
+    if not membranes:
+        raise ValueError("There is no unfused membrane on this pipeline to fuse.")
+    with offload_disabled(pipe):
+        rest = [e for e in record.erasures if not e.is_gated_membrane]
+        fused = [dataclasses.replace(e, membrane={**e.membrane, "fused": True}) for e in membranes]
+        record.erasures[:] = rest
+        try:
+            apply_erasures(pipe, fused)  # adds w·up·down to the weights and detaches the hooks
+        except BaseException:
+            record.erasures[:] = rest + membranes
+            raise
+        from .membrane import refresh_membranes
+
+        refresh_membranes(pipe)
+
+
+def erasure_gates(pipe, prompts) -> dict[str, list[float]]:
+    """The strength w·γ each membrane on `pipe` would act with for each prompt: `{adapter name: [per prompt]}`."""
+    from .membrane import prompt_gates
+
+    prompts = _as_prompts(prompts, "prompt")
+    membranes = [e for e in state(pipe).erasures if e.is_gated_membrane]
+    values = prompt_gates(pipe, prompts)
+    gates: dict[str, list[float]] = {}
+    for m, erasure in enumerate(membranes):
+        gates.setdefault(_adapter_name(erasure), []).append(values[:, m])
+    return {name: [round(float(v), 6) for v in torch.stack(cols).amax(dim=0)] for name, cols in gates.items()}
 
 
 def get_erasures(pipe) -> list[Erasure]:

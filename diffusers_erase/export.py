@@ -101,11 +101,14 @@ def kohya_name(module: str, unet_config, family: str) -> str:
 
 
 def kohya_names(pipe) -> dict[str, str]:
-    """`{kohya name: "unet.<diffusers path>"}` for every cross-attention key/value projection of `pipe`, under
-    both the diffusers-path and the LDM-path spelling (files in the wild use either)."""
+    """`{kohya name: "unet.<diffusers path>"}` for every module an erasure can touch (the cross-attention key/value
+    projections, and every Linear/Conv2d of the transformer blocks for membranes), under both the diffusers-path
+    and the LDM-path spelling (files in the wild use either)."""
+    from .membrane import membrane_targets
+
     config = pipe.unet.config
     names = {}
-    for module in cross_attention_projections(pipe):
+    for module in {**cross_attention_projections(pipe), **membrane_targets(pipe)}:
         path = module.partition(".")[2]
         names[KOHYA_UNET_PREFIX + path.replace(".", "_")] = module
         names[KOHYA_UNET_PREFIX + ldm_unet_path(path, config).replace(".", "_")] = module
@@ -133,9 +136,12 @@ def _header_fields(pipe, metadata: dict[str, str], out_file: Path, fmt: str, ran
     records = header["erasures"]
     concepts = [c for record in records for c in record["concepts"]]
     methods = list(dict.fromkeys(record["method"] for record in records))
+    membranes = [record for record in records if record.get("membrane")]
+    what = ("rank-1 membranes on the UNet transformer blocks (SPM), static here: facilitated transport (per-prompt "
+            "gating) needs diffusers-erase" if membranes else "edits of the UNet cross-attention to_k/to_v only")
     description = (
         f"Concept erasure ({', '.join(methods)}) of {', '.join(concepts) or 'imported edits'} by diffusers-erase "
-        f"{header.get('library_version', '')}: edits of the UNet cross-attention to_k/to_v only "
+        f"{header.get('library_version', '')}: {what} "
         f"({'low-rank factors, alpha = rank' if fmt == 'kohya' else 'full weight differences'}). "
         f"Full record in the '{METADATA_KEY}' header."
     )
@@ -160,6 +166,10 @@ def _header_fields(pipe, metadata: dict[str, str], out_file: Path, fmt: str, ran
     if fmt == "kohya":
         fields.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                        "ss_network_alpha": str(rank)})
+        if membranes and len(membranes) == len(records):
+            # The SPM reference's own fields, so its infer_spm.py gates the file too.
+            prompts = [p for record in membranes for p in record["membrane"].get("prompts", [])]
+            fields.update({"prompts": ",".join(prompts), "rank": str(rank), "alpha": str(rank)})
     return fields
 
 
@@ -204,8 +214,13 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
             tensors[f"{name}.lora_up.weight"] = up
             tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
         else:
-            tensors[f"{name}.diff"] = (up @ down).contiguous()
+            # A Conv2d's factors are conv-shaped (rank, in, kh, kw) / (out, rank, 1, 1): multiply as matrices.
+            delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+            tensors[f"{name}.diff"] = delta.reshape(up.shape[0], *down.shape[1:]).contiguous()
     rank = max(ours[f"{m}.lora_A.weight"].shape[0] for m in modules)
+    if format == "kohya" and any(e.is_gated_membrane and e.membrane.get("weight", 1.0) != 1.0 for e in erasures):
+        raise ValueError("A membrane on this pipeline has a weight other than 1; the export holds the factors at "
+                         "weight 1 (set the strength in A1111/ComfyUI). Call set_erasure_adapters(..., weights=1.0).")
     metadata = {**metadata, **_header_fields(pipe, metadata, out_file, format, rank)}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata=metadata)
@@ -238,10 +253,15 @@ def _check_family(pipe, metadata: dict[str, str], source: str) -> None:
 
 
 def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
-    """Turn a kohya LoRA of cross-attention key/value edits into our adapter tensors and header, for
-    `adapter.from_state_dict`. Keeps the file's `diffusers_erase` header when there is one; otherwise builds one
-    erasure record with method "imported". Alpha is folded into `lora_up` (scale alpha / rank; exactly 1 for our
-    exports). Anything other than such edits is refused, with what to use instead."""
+    """Turn a kohya LoRA of erasure edits into our adapter tensors and header, for `adapter.from_state_dict`.
+
+    - Files with our `diffusers_erase` header (our exports) keep their records.
+    - SPM membranes (the SPM reference's files: `lora_unet_*` factors on the transformer blocks with `prompts`,
+      `rank`, `alpha` metadata) become one gated membrane per file.
+    - Otherwise the file must only edit cross-attention key/value projections: one weight edit, method
+      "imported".
+    Alpha is folded into `lora_up` (scale alpha / rank; exactly 1 for our exports). Anything else is refused,
+    with what to use instead."""
     metadata = dict(metadata or {})
     _check_family(pipe, metadata, source)
     names = kohya_names(pipe)
@@ -257,9 +277,20 @@ def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
         groups.setdefault(base, {})[part] = value
     foreign = sorted(base for base in groups if base not in names)
     if foreign:
-        raise ValueError(f"{source} edits {len(foreign)} module(s) that are not cross-attention key/value "
-                         f"projections of this pipeline (e.g. {foreign[0]}); it is not an erasure adapter — load "
-                         "general LoRAs with `pipe.load_lora_weights`.")
+        raise ValueError(f"{source} edits {len(foreign)} module(s) outside the UNet's transformer blocks (e.g. "
+                         f"{foreign[0]}); it is not an erasure adapter — load general LoRAs with "
+                         "`pipe.load_lora_weights`.")
+    spm_prompts = metadata.get("prompts")
+    projections = cross_attention_projections(pipe)
+    if METADATA_KEY not in metadata and spm_prompts is None:
+        others = sorted(names[b] for b in groups if names[b] not in projections)
+        if others:
+            raise ValueError(
+                f"{source} adapts {others[0]} (and {len(others) - 1} more) beyond the cross-attention key/value "
+                "projections but has no `prompts` metadata, so it is neither an edit nor an SPM membrane that can "
+                "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
+                "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
+                "general LoRA use `pipe.load_lora_weights`.")
     ours: dict[str, torch.Tensor] = {}
     for base, parts in groups.items():
         module = names[base]
@@ -269,8 +300,9 @@ def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
             raise ValueError(f"{source} holds {module} twice (under its diffusers and its LDM kohya name).")
         down = parts["lora_down.weight"].float()
         up = parts["lora_up.weight"].float()
-        if down.dim() != 2 or up.dim() != 2:
-            raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; only Linear LoRAs fit.")
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; expected Linear (2-D) or "
+                             "Conv2d (4-D) LoRA factors.")
         rank = down.shape[0]
         alpha = parts.get("alpha")
         if alpha is not None:
@@ -285,9 +317,19 @@ def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
         ours = _pad_to_one_rank(ours)
         modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
         title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
-        record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
-                  "options": {"source_format": "kohya"}, "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0],
-                  "modules": modules, "seconds": 0.0}
+        rank = ours[f"{modules[0]}.lora_A.weight"].shape[0]
+        if spm_prompts is not None:
+            prompts = [p.strip() for p in str(spm_prompts).split(",") if p.strip()]
+            if not prompts:
+                raise ValueError(f"{source} has an empty `prompts` metadata field; its membrane cannot be gated.")
+            record = {"method": "spm", "name": title, "concepts": prompts, "anchors": [], "preserve": [],
+                      "options": {"source_format": "kohya-spm", "rank": metadata.get("rank"),
+                                  "alpha": metadata.get("alpha")},
+                      "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False}}
+        else:
+            record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
+                      "options": {"source_format": "kohya"}}
+        record.update({"rank": rank, "modules": modules, "seconds": 0.0})
         metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": model_family(pipe), "fingerprints": {},
                                              "erasures": [record]})
     return ours, metadata
@@ -299,8 +341,8 @@ def _pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     padded = {}
     for key, value in ours.items():
         if key.endswith(".lora_A.weight") and value.shape[0] < rank:
-            value = torch.cat([value, value.new_zeros(rank - value.shape[0], value.shape[1])])
+            value = torch.cat([value, value.new_zeros(rank - value.shape[0], *value.shape[1:])])
         elif key.endswith(".lora_B.weight") and value.shape[1] < rank:
-            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1])], dim=1)
+            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1], *value.shape[2:])], dim=1)
         padded[key] = value
     return padded

@@ -8,13 +8,15 @@ writes a `model_index.json` that plain diffusers can load. Nothing in diffusers 
 from __future__ import annotations
 
 from . import core
+from .membrane import record_prompts
 
 
 class ErasureMixin:
     """Adds concept-erasure methods to a diffusers pipeline class (SD 1.x/2.x, SDXL and their img2img/inpaint)."""
 
-    def erase_concept(self, concepts, *, method="uce", anchor=None, preserve=None, **options):
-        return core.erase_concept(self, concepts, method=method, anchor=anchor, preserve=preserve, **options)
+    def erase_concept(self, concepts, *, method="uce", anchor=None, preserve=None, adapter_name=None, **options):
+        return core.erase_concept(self, concepts, method=method, anchor=anchor, preserve=preserve,
+                                  adapter_name=adapter_name, **options)
 
     def save_erasure_adapter(self, save_directory, weight_name=None, safe_serialization=True):
         return core.save_erasure_adapter(self, save_directory, weight_name, safe_serialization)
@@ -24,6 +26,21 @@ class ErasureMixin:
 
     def unload_erasure(self):
         core.unload_erasure(self)
+
+    def set_erasure_adapters(self, adapter_names, weights=None, gating=None):
+        core.set_erasure_adapters(self, adapter_names, weights, gating)
+
+    def fuse_erasure(self):
+        core.fuse_erasure(self)
+
+    def erasure_gates(self, prompts):
+        return core.erasure_gates(self, prompts)
+
+    def encode_prompt(self, *args, **kwargs):
+        # Membranes gate each sample by its prompt, which only this method sees: record it (no-op without them).
+        output = super().encode_prompt(*args, **kwargs)
+        record_prompts(self, super().encode_prompt, args, kwargs, output)
+        return output
 
     @property
     def erasures(self):

@@ -1,0 +1,247 @@
+"""SPM: concept-semipermeable membranes ("One-dimensional Adapter to Rule Them All", Lyu et al., CVPR 2024,
+arXiv:2312.16145).
+
+A membrane is a rank-1 adapter ΔW = (α/r) · up · down on every Linear and Conv2d inside the UNet's transformer
+blocks (`up` starts at zero). It is trained data-free, with the base model frozen:
+
+    x_t        ← denoise from noise for k ~ U{1, …, T−1} of T steps, membrane on, guidance 3, prompt c_tgt
+    L_erase    = ‖ε'(x_t, c_tgt) − [ε(x_t, c_n) − g · (ε(x_t, c_p) − ε(x_t, c_n))]‖²
+    L_anchor   = Σ_a ‖ε'(x_t, a) − ε(x_t, a)‖²        (latent anchoring)
+    L          = L_erase + la_strength · L_anchor
+
+ε' is the UNet with the membrane, ε without; c_tgt = c_p the concept, c_n the neutral (anchor) prompt ("" by
+default), g the erase guidance. The anchors a are random embeddings of the shape of c_tgt: a unit Gaussian
+direction accepted with probability 1 − cos(c_tgt, a), scaled to a norm drawn from [0.8, 1.2]·‖c_tgt‖ (reference
+`src/engine/sampling.py`). Anchoring keeps the membrane from moving the model on the rest of text space.
+
+At inference the membrane is gated per prompt (facilitated transport): see `diffusers_erase/membrane.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ErasureConfig
+from ..registry import register_method
+
+
+@dataclass(frozen=True)
+class SPMConfig(ErasureConfig):
+    """Options of SPM. Defaults are the paper's / reference code's for SD 1.x (`configs/*/config.yaml`), meant
+    for real checkpoints; `SPMConfig.tiny()` gives the budget used for the bundled 32×32 shapes model.
+
+    Args:
+        rank, alpha: the adapter's rank (1: "one-dimensional") and alpha (scale alpha / rank).
+        iterations, lr, lr_warmup_steps, lr_cycles: AdamW with cosine-with-hard-restarts schedule (reference:
+            3000 iterations, 1e-4, 500 warm-up steps, 3 cycles; it used 8-bit AdamW).
+        la_strength, la_samples: weight of latent anchoring and anchors drawn per iteration (1000 and 4).
+        max_denoising_steps: T, the DDIM steps of the partial denoising that produces x_t (30).
+        sampling_guidance: guidance of that denoising (3).
+        erase_guidance: g in the erase target (1).
+        resolution: training image size in pixels (None: the pipeline's default size).
+        max_grad_norm: gradient clipping (0: off).
+        seed: makes training deterministic (latents, timesteps, anchors, initialisation).
+        callback: called as callback(iteration, loss) after each step (not saved).
+    """
+
+    method: ClassVar[str] = "spm"
+    membrane: ClassVar[bool] = True  # an adapter gated per prompt, not a weight edit
+    default_anchor: ClassVar[str] = ""  # the reference's neutral prompt
+
+    rank: int = 1
+    alpha: float = 1.0
+    iterations: int = 3000
+    lr: float = 1e-4
+    lr_warmup_steps: int = 500
+    lr_cycles: int = 3
+    la_strength: float = 1000.0
+    la_samples: int = 4
+    max_denoising_steps: int = 30
+    sampling_guidance: float = 3.0
+    erase_guidance: float = 1.0
+    resolution: int | None = None
+    max_grad_norm: float = 0.0
+    seed: int = 0
+    callback: Callable | None = field(default=None, compare=False, metadata={"serialize": False})
+
+    def __post_init__(self):
+        for name in ("rank", "iterations", "max_denoising_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SPMConfig.{name} must be a positive integer, got {value!r}.")
+        if self.max_denoising_steps < 2:
+            raise ValueError("SPMConfig.max_denoising_steps must be at least 2 (x_t is drawn after 1…T−1 steps).")
+        for name in ("alpha", "lr", "la_strength", "sampling_guidance", "erase_guidance", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise ValueError(f"SPMConfig.{name} must be a number ≥ 0, got {value!r}.")
+        if self.lr == 0:
+            raise ValueError("SPMConfig.lr must be > 0, or nothing is learnt.")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "SPMConfig":
+        """The budget for the bundled shapes model (a 5.8 M-parameter UNet, 8×8 latents): fewer, larger steps.
+        Not meant for real checkpoints (use the defaults there)."""
+        options = dict(iterations=300, lr=3e-3, lr_warmup_steps=20, lr_cycles=1)
+        options.update(overrides)
+        return cls(**options)
+
+
+def sample_anchors(target: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Latent-anchoring embeddings: Gaussian directions accepted with probability 1 − cos(target, ·), scaled to
+    [0.8, 1.2]·‖target‖ (target: (tokens, dim); returns (count, tokens, dim))."""
+    flat = target.flatten().float().cpu()
+    norm = flat.norm()
+    samples = []
+    while len(samples) < count:
+        direction = torch.randn(flat.shape, generator=generator)
+        direction = direction / direction.norm()
+        accept = 1.0 - float(F.cosine_similarity(flat, direction, dim=0))
+        if float(torch.rand((), generator=generator)) < accept:
+            scale = 0.8 + 0.4 * float(torch.rand((), generator=generator))
+            samples.append((scale * norm * direction).view_as(target))
+    return torch.stack(samples).to(target.device, target.dtype)
+
+
+class _Trainable:
+    """Rank-r factors hooked onto every target module; `enabled` switches them off for the frozen predictions."""
+
+    def __init__(self, targets: dict, rank: int, alpha: float, generator: torch.Generator, device):
+        from ..membrane import low_rank_delta, weight_matrix_shape
+
+        self.enabled = True
+        self.scale = alpha / rank
+        self.factors: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+        self.handles = []
+        for name, module in targets.items():
+            out_features, in_features = weight_matrix_shape(module)
+            down = torch.empty(rank, in_features)
+            torch.nn.init.kaiming_uniform_(down, a=1, generator=generator)  # as LoRA: down random, up zero
+            down = torch.nn.Parameter(down.to(device))
+            up = torch.nn.Parameter(torch.zeros(out_features, rank, device=device))
+            self.factors[name] = (up, down)
+
+            def hook(module, args, output, up=up, down=down):
+                if not self.enabled:
+                    return output
+                x = args[0]
+                return output + low_rank_delta(module, x, down.to(x.dtype), (up * self.scale).to(x.dtype), None)
+
+            self.handles.append(module.register_forward_hook(hook))
+
+    def parameters(self):
+        return [p for pair in self.factors.values() for p in pair]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _lr_lambda(config: SPMConfig):
+    # Linear warm-up, then cosine with hard restarts (as diffusers' get_cosine_with_hard_restarts_schedule).
+    def factor(step: int) -> float:
+        if step < config.lr_warmup_steps:
+            return (step + 1) / config.lr_warmup_steps
+        progress = (step - config.lr_warmup_steps) / max(1, config.iterations - config.lr_warmup_steps)
+        if progress >= 1.0:
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * ((config.lr_cycles * progress) % 1.0)))
+
+    return factor
+
+
+@register_method(SPMConfig)
+def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
+    """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt); returns its factors
+    {module: (up · alpha/rank, down)}. The pipeline's weights and flags are left as they were."""
+    from diffusers import DDIMScheduler
+
+    from ..encode import encode
+    from ..membrane import membrane_targets
+    from ..targets import model_family
+
+    family = model_family(pipe)
+    if family == "sdxl":
+        raise ValueError("Training SPM membranes supports SD 1.x/2.x pipelines; for SDXL, load a trained "
+                         "membrane (kohya SPM file) with `load_erasure_adapter`.")
+    if preserve:
+        raise ValueError("SPM has no preserve set: latent anchoring protects the rest of text space "
+                         "(tune `la_strength`). Leave `preserve` empty.")
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    generator = torch.Generator().manual_seed(config.seed)
+    targets = membrane_targets(pipe)
+
+    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
+    with torch.no_grad():
+        table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(device, dtype)))
+    pairs = [(table[c], table[a]) for c, a in zip(concepts, anchors)]
+    uncond = table[""]
+
+    size = config.resolution or unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+    full = DDIMScheduler.from_config(pipe.scheduler.config)
+    full.set_timesteps(full.config.num_train_timesteps)
+    steps = config.max_denoising_steps
+
+    flags = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    membrane = _Trainable(targets, config.rank, config.alpha, generator, device)
+    params = membrane.parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    try:
+        with pipe.progress_bar(total=config.iterations) as bar:
+            for iteration in range(config.iterations):
+                target, neutral = pairs[int(torch.randint(len(pairs), (), generator=generator))]
+                k = int(torch.randint(1, steps, (), generator=generator))
+                latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
+                sampler.set_timesteps(steps, device=device)
+                latents = latents * sampler.init_noise_sigma
+                conditioning = torch.stack([uncond, target])
+                with torch.no_grad():  # x_t: k denoising steps with the membrane on
+                    membrane.enabled = True
+                    for t in sampler.timesteps[:k]:
+                        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
+                        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
+                        eps = eps_u + config.sampling_guidance * (eps_c - eps_u)
+                        latents = sampler.step(eps, t, latents).prev_sample
+                t = full.timesteps[int(k * full.config.num_train_timesteps / steps)]
+                anchors = (sample_anchors(target, config.la_samples, generator)
+                           if config.la_strength > 0 and config.la_samples > 0 else target[None][:0])
+                frozen_inputs = torch.cat([target[None], neutral[None], anchors])
+                with torch.no_grad():
+                    membrane.enabled = False
+                    frozen = unet(latents.expand(len(frozen_inputs), -1, -1, -1), t, frozen_inputs).sample.float()
+                eps_p, eps_n, anchor_frozen = frozen[:1], frozen[1:2], frozen[2:]
+                membrane.enabled = True
+                live_inputs = torch.cat([target[None], anchors])
+                live = unet(latents.expand(len(live_inputs), -1, -1, -1), t, live_inputs).sample.float()
+                erase_target = eps_n - config.erase_guidance * (eps_p - eps_n)
+                loss = F.mse_loss(live[:1], erase_target)
+                if len(anchors):
+                    loss = loss + config.la_strength * F.mse_loss(live[1:], anchor_frozen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                value = loss.item()
+                if config.callback is not None:
+                    config.callback(iteration, value)
+                bar.set_postfix(loss=f"{value:.2e}", refresh=False)
+                bar.update()
+    finally:
+        membrane.remove()
+        for param, flag in zip(unet.parameters(), flags):
+            param.requires_grad_(flag)
+    scale = config.alpha / config.rank
+    return {name: ((up.detach() * scale).float().cpu(), down.detach().float().cpu())
+            for name, (up, down) in membrane.factors.items()}
