@@ -29,6 +29,13 @@ from .core import (
 from .encode import TOKEN_POLICIES
 from .erasure import Erasure
 from .export import export_adapter
+from .hub import (
+    model_card,
+    push_erased_pipeline_to_hub,
+    push_erasure_to_hub,
+    save_erased_pipeline,
+    save_erasure_folder,
+)
 from .methods.rece import RECEConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
@@ -51,8 +58,13 @@ __all__ = [
     "fuse_erasure",
     "get_erasures",
     "load_erasure_adapter",
+    "model_card",
+    "push_erased_pipeline_to_hub",
+    "push_erasure_to_hub",
     "register_method",
+    "save_erased_pipeline",
     "save_erasure_adapter",
+    "save_erasure_folder",
     "set_erasure_adapters",
     "unload_erasure",
 ]

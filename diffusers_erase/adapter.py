@@ -31,6 +31,14 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 _LONG_PRESERVE = 64  # longer preserve lists are recorded as a hash and a count
 
 
+def base_model_id(pipe) -> str | None:
+    """The pipeline's Hub repo id, or None when it was loaded from a local path (not worth publishing)."""
+    name = getattr(pipe, "name_or_path", None)
+    if not name or Path(str(name)).exists() or str(name).count("/") != 1:
+        return None
+    return str(name)
+
+
 def fingerprints(pipe) -> dict[str, str]:
     return {
         name: config_fingerprint(getattr(pipe, name))
@@ -87,6 +95,7 @@ def to_state_dict(pipe, erasures: list[Erasure]) -> tuple[dict[str, torch.Tensor
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "family": model_family(pipe),
+        "base_model": base_model_id(pipe),
         "fingerprints": fingerprints(pipe),
         "erasures": [_record(e) for e in erasures],
     }
@@ -131,10 +140,21 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
     """Validate an adapter against `pipe` and rebuild its `Erasure` records; `pipe` is not modified.
     A kohya LoRA (as `export.export_adapter` writes) is converted first (`export.kohya_to_adapter`)."""
-    from .export import is_kohya_state_dict, kohya_to_adapter
+    from .export import (
+        diff_to_adapter,
+        is_diff_state_dict,
+        is_kohya_state_dict,
+        is_peft_state_dict,
+        kohya_to_adapter,
+        peft_to_adapter,
+    )
 
-    if is_kohya_state_dict(tensors):
+    if is_diff_state_dict(tensors):
+        tensors, metadata = diff_to_adapter(pipe, tensors, metadata, source)
+    elif is_kohya_state_dict(tensors):
         tensors, metadata = kohya_to_adapter(pipe, tensors, metadata, source)
+    elif is_peft_state_dict(tensors):
+        tensors = peft_to_adapter(tensors)
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"{source} is not a diffusers-erase adapter: its safetensors header has no {METADATA_KEY!r} entry. "

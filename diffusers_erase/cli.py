@@ -3,6 +3,10 @@
     diffusers-erase demo                                   # erase "circle" from the bundled shapes model
     diffusers-erase erase shapes --concept circle --anchor shape --out erase-circle/
     diffusers-erase erase ./my-sd15 --concept "Van Gogh" --anchor art --preserve Monet --option lamb=0.5 --out vg/
+    diffusers-erase erase shapes --concept star --method spm --option iterations=300 --option lr=3e-3 --out spm-star/
+    diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
+    diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
+    diffusers-erase evaluate --adapter erase-circle/ --out eval/
 """
 
 from __future__ import annotations
@@ -51,6 +55,88 @@ def cmd_erase(args) -> int:
     path = pipe.save_erasure_adapter(args.out)
     print(f"erased {record.concepts} with {record.method} in {record.seconds:.2f} s "
           f"({len(record.modules)} modules, rank {record.rank}); adapter: {path}")
+    if args.push_to_hub:
+        from .hub import push_erasure_to_hub
+
+        commit = push_erasure_to_hub(pipe, args.push_to_hub, include_grid=not args.no_images)
+        print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
+    return 0
+
+
+def _model_for(args, header: dict) -> str:
+    model = args.model or header.get("base_model")
+    if not model:
+        raise ValueError("The adapter does not name a Hub base model; pass --model (a local diffusers folder, a Hub "
+                         "id, or 'shapes').")
+    return model
+
+
+def cmd_export(args) -> int:
+    from .export import export_adapter
+    from .hub import read_header
+
+    header, file = read_header(args.adapter) if Path(args.adapter).exists() else (None, None)
+    if file is None:  # a Hub repo id: fetch (or find in the cache) the adapter file
+        from .core import _adapter_file
+
+        file = _adapter_file(args.adapter, None, None, None, None, None, None)
+        header, file = read_header(file)
+    pipe = _load_pipeline(_model_for(args, header), "float32", "cpu")
+    if args.format == "peft":
+        from .export import export_peft
+
+        out = export_peft(pipe, args.out, adapter=file)
+    else:
+        out = export_adapter(pipe, args.out, adapter=file, format=args.format)
+    print(f"wrote {out} ({args.format})")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .hub import model_card, read_header
+
+    header, file = read_header(args.adapter_dir)
+    evaluation = None
+    if args.eval:
+        evaluation = _evaluate_adapter(_model_for(args, header), file, args.images_per_prompt, None)
+    model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id)
+    print(f"wrote {file.parent / 'README.md'}")
+    return 0
+
+
+def _evaluate_adapter(model: str, adapter, images_per_prompt: int, grid_path):
+    if model != "shapes":
+        raise ValueError("--eval measures on the bundled shapes model only (its classifier knows that world); for "
+                         "other models pass your own evaluation to de.model_card(..., evaluation=...).")
+    from . import shapes
+
+    pipe = _load_pipeline("shapes", "float32", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    erasures = pipe.load_erasure_adapter(adapter)
+    known = {value for values in shapes.ATTRIBUTES.values() for value in values}
+    erased = [c for e in erasures for c in e.concepts if c in known]
+    pipe.unload_erasure()
+    before = shapes.evaluate(pipe, images_per_prompt=images_per_prompt)
+    pipe.load_erasure_adapter(adapter)
+    return shapes.evaluate(pipe, erased=erased, baseline=before, images_per_prompt=images_per_prompt,
+                           grid_path=grid_path)
+
+
+def cmd_evaluate(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.adapter:
+        result = _evaluate_adapter("shapes", args.adapter, args.images_per_prompt, out / "grid.png")
+    else:
+        from . import shapes
+
+        pipe = _load_pipeline("shapes", "float32", "cpu")
+        pipe.set_progress_bar_config(disable=True)
+        result = shapes.evaluate(pipe, images_per_prompt=args.images_per_prompt)
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out / "results.md").write_text(result.to_markdown() + "\n")
+    print(result.to_markdown())
+    print(f"\nresults: {out / 'results.json'}")
     return 0
 
 
@@ -150,7 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--out", required=True, help="folder for the adapter file")
     erase.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     erase.add_argument("--device", default="cpu")
+    erase.add_argument("--push-to-hub", metavar="REPO", help="also publish the adapter with a generated card")
+    erase.add_argument("--no-images", action="store_true", help="with --push-to-hub: no before/after images")
     erase.set_defaults(func=cmd_erase)
+
+    export = sub.add_parser("export", help="export an adapter for AUTOMATIC1111/ComfyUI (kohya, diff) or peft")
+    export.add_argument("adapter", help="an adapter file, a folder holding one, or a Hub repo id")
+    export.add_argument("--format", required=True, choices=["kohya", "diff", "peft"])
+    export.add_argument("--out", required=True, help="the .safetensors file to write (a folder for peft)")
+    export.add_argument("--model", help="the base pipeline (default: the Hub model named in the adapter)")
+    export.set_defaults(func=cmd_export)
+
+    card = sub.add_parser("card", help="(re)generate the model card (README.md) next to a saved adapter")
+    card.add_argument("adapter_dir", help="a folder holding an adapter, or the adapter file")
+    card.add_argument("--eval", action="store_true", help="measure it on the bundled shapes model for the card")
+    card.add_argument("--model", help="the base pipeline for --eval (only 'shapes' can be evaluated)")
+    card.add_argument("--base-model", help="the Hub id of the base model to name in the card")
+    card.add_argument("--repo-id", help="the Hub repo the card will live in (for its usage snippets)")
+    card.add_argument("--images-per-prompt", type=int, default=2)
+    card.set_defaults(func=cmd_card)
+
+    evaluate = sub.add_parser("evaluate", help="measure the bundled shapes model, or an adapter on it")
+    evaluate.add_argument("--adapter", help="an adapter made on the shapes model (default: the unedited model)")
+    evaluate.add_argument("--images-per-prompt", type=int, default=4)
+    evaluate.add_argument("--out", default="evaluation", help="folder for results.json/.md and the grid")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -19,6 +19,7 @@ class ErasureConfig:
     """
 
     method: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # the method's paper, for model cards
 
     def to_dict(self) -> dict[str, Any]:
         return {

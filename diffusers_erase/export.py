@@ -48,6 +48,7 @@ from .erasure import Erasure
 from .targets import cross_attention_projections, model_family
 
 FORMATS = ("kohya", "diff")
+PEFT_PREFIX = "base_model.model."
 KOHYA_UNET_PREFIX = "lora_unet_"
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -185,8 +186,6 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
     """
     from safetensors.torch import save_file
 
-    from .erasure import state
-
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; use one of {', '.join(FORMATS)}.")
     out_file = Path(out_file)
@@ -194,14 +193,7 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
         raise ValueError(f"{out_file} must end in .safetensors: A1111 and ComfyUI read LoRAs as safetensors files.")
     if out_file.is_dir():
         raise ValueError(f"{out_file} is a directory; pass a file name ending in .safetensors.")
-    if adapter is not None:
-        tensors, metadata = read_adapter_file(adapter)
-        erasures: list[Erasure] = from_state_dict(pipe, tensors, metadata, str(adapter))
-    else:
-        erasures = list(state(pipe).erasures)
-    if not erasures:
-        raise ValueError("This pipeline has no erasure to export; call `erase_concept` or `load_erasure_adapter` "
-                         "first, or pass `adapter=` a saved adapter file.")
+    erasures = _erasures_to_export(pipe, adapter)
     ours, metadata = to_state_dict(pipe, erasures)
     family = model_family(pipe)
     modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
@@ -227,11 +219,115 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
     return out_file
 
 
+def _erasures_to_export(pipe, adapter) -> list[Erasure]:
+    from .erasure import state
+
+    if adapter is not None:
+        tensors, metadata = read_adapter_file(adapter)
+        return from_state_dict(pipe, tensors, metadata, str(adapter))
+    erasures = list(state(pipe).erasures)
+    if not erasures:
+        raise ValueError("This pipeline has no erasure to export; call `erase_concept` or `load_erasure_adapter` "
+                         "first, or pass `adapter=` a saved adapter file.")
+    return erasures
+
+
+def export_peft(pipe, out_dir, *, adapter=None) -> Path:
+    """Write the erasures as a peft LoRA adapter folder for the UNet (`adapter_config.json`,
+    `adapter_model.safetensors` with `base_model.model.<path>.lora_A/B.weight`), loadable with
+    `peft.PeftModel.from_pretrained(pipe.unet, out_dir)`. alpha = rank for every module (scale 1: the delta is
+    exactly lora_B @ lora_A); modules of another rank than the most common one are listed in `rank_pattern`."""
+    from collections import Counter
+
+    from safetensors.torch import save_file
+
+    erasures = _erasures_to_export(pipe, adapter)
+    ours, metadata = to_state_dict(pipe, erasures)
+    out_dir = Path(out_dir)
+    if out_dir.suffix == ".safetensors" or out_dir.is_file():
+        raise ValueError(f"A peft adapter is a folder; pass a folder path, not {out_dir}.")
+    tensors, ranks = {}, {}
+    for key, value in ours.items():
+        module, _, part = key.partition(".")[2].rpartition(".lora_")
+        tensors[f"{PEFT_PREFIX}{module}.lora_{part}"] = value
+        if part == "A.weight":
+            ranks[module] = value.shape[0]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {module: rank for module, rank in ranks.items() if rank != r}
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": r, "target_modules": sorted(ranks),
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+        "base_model_name_or_path": getattr(pipe, "name_or_path", None),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata=metadata)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
 # ---------------------------------------------------------------------------------------------------- import
+
+
+def is_peft_state_dict(tensors) -> bool:
+    return bool(tensors) and all(key.startswith(PEFT_PREFIX) for key in tensors)
+
+
+def peft_to_adapter(tensors):
+    """Our own peft export back to adapter keys (its safetensors header still holds our records)."""
+    return {"unet." + key[len(PEFT_PREFIX):]: value for key, value in tensors.items()}
+
+
+def diff_to_adapter(pipe, tensors, metadata, source: str = "diff file"):
+    """A full-weight `.diff` file (as `export_adapter(format="diff")` writes) back to exact low-rank factors by SVD
+    (ΔW = U S Vᵀ, keeping singular values above 1e-6 of the largest; the edits are low rank, so this is exact up to
+    float round-off). Stacked erasures cannot be told apart in a sum, so the file becomes one "imported" record
+    that lists the concepts its header named."""
+    metadata = dict(metadata or {})
+    _check_family(pipe, metadata, source)
+    names = kohya_names(pipe)
+    projections = cross_attention_projections(pipe)
+    concepts, methods = [], []
+    if METADATA_KEY in metadata:
+        for record in json.loads(metadata[METADATA_KEY]).get("erasures", []):
+            concepts += record.get("concepts", [])
+            methods.append(record.get("method"))
+            if record.get("membrane"):
+                raise ValueError(f"{source} holds membranes as full diffs; load the adapter or kohya export to "
+                                 "keep their gating.")
+    ours = {}
+    for key, delta in tensors.items():
+        base, _, part = key.partition(".")
+        if part != "diff" or base not in names:
+            raise ValueError(f"{source} holds {key}, which is not a `lora_unet_*.diff` of this pipeline.")
+        module = names[base]
+        if module not in projections:
+            raise ValueError(f"{source} changes {module}; only cross-attention key/value diffs import as an edit.")
+        matrix = delta.float().reshape(delta.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
+        ours[f"{module}.lora_A.weight"] = vh[:keep].contiguous()
+        ours[f"{module}.lora_B.weight"] = (u[:, :keep] * s[:keep]).contiguous()
+    if not ours:
+        raise ValueError(f"{source} holds no diff tensors.")
+    ours = _pad_to_one_rank(ours)
+    modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+    record = {"method": "imported", "name": metadata.get("ss_output_name"), "concepts": concepts, "anchors": [],
+              "preserve": [], "options": {"source_format": "diff", "methods": methods},
+              "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0], "modules": modules, "seconds": 0.0}
+    metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": model_family(pipe), "fingerprints": {},
+                                         "erasures": [record]})
+    return ours, metadata
+
+
 
 
 def is_kohya_state_dict(tensors) -> bool:
     return any(key.partition(".")[0].startswith(("lora_unet_", "lora_te")) for key in tensors)
+
+
+def is_diff_state_dict(tensors) -> bool:
+    return bool(tensors) and all(key.endswith(".diff") for key in tensors)
 
 
 def _check_family(pipe, metadata: dict[str, str], source: str) -> None:
@@ -268,9 +364,6 @@ def kohya_to_adapter(pipe, tensors, metadata, source: str = "kohya LoRA"):
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         base, _, part = key.partition(".")
-        if part == "diff":
-            raise ValueError(f"{source} is a full-weight diff export ({key}); diffs are for ComfyUI/A1111 only. "
-                             "Load the kohya or adapter export of the same erasure instead.")
         if part not in _KOHYA_PARTS:
             raise ValueError(f"{source} holds {key}, which is not a kohya LoRA tensor (lora_down.weight, "
                              "lora_up.weight, alpha); only plain LoRA factors can be loaded as an erasure.")

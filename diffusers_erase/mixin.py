@@ -33,6 +33,11 @@ class ErasureMixin:
     def fuse_erasure(self):
         core.fuse_erasure(self)
 
+    def push_erasure_to_hub(self, repo_id, **kwargs):
+        from .hub import push_erasure_to_hub
+
+        return push_erasure_to_hub(self, repo_id, **kwargs)
+
     def erasure_gates(self, prompts):
         return core.erasure_gates(self, prompts)
 

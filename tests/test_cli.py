@@ -34,3 +34,25 @@ def test_help_shows_the_examples(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "diffusers-erase demo" in out and "diffusers-erase erase" in out
+
+
+def test_export_and_card_commands(tokenizer_dir, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+
+    make_sd_pipeline(tokenizer_dir).save_pretrained(tmp_path / "model")
+    assert main(["erase", str(tmp_path / "model"), "--concept", "cat", "--out", str(tmp_path / "out")]) == 0
+    # The adapter names no Hub base model (it was made from a local folder): --model says which pipeline.
+    code = main(["export", str(tmp_path / "out"), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])
+    assert code == 2 and "pass --model" in capsys.readouterr().err
+    for fmt, out in (("kohya", "k.safetensors"), ("diff", "d.safetensors"), ("peft", "peft")):
+        assert main(["export", str(tmp_path / "out"), "--model", str(tmp_path / "model"), "--format", fmt,
+                     "--out", str(tmp_path / out)]) == 0
+    with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
+        assert any(k.endswith(".lora_down.weight") for k in f.keys())
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    assert main(["card", str(tmp_path / "out"), "--base-model", "runwayml/stable-diffusion-v1-5"]) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "runwayml/stable-diffusion-v1-5" and "concept-erasure" in card.data.tags
+    code = main(["card", str(tmp_path / "out"), "--eval", "--model", str(tmp_path / "model")])
+    assert code == 2 and "shapes model only" in capsys.readouterr().err

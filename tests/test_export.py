@@ -244,20 +244,20 @@ def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, to
     plain = {k: v for k, v in _read(tmp_path / "xl.safetensors")[1].items() if k.startswith("ss_")}
     assert_load_fails_cleanly(sd_pipe, xl_tensors, "kohya LoRA for 'sdxl'", metadata=plain)
     # With no header at all, the names decide: SDXL (LDM) names do not exist in this SD 1.x UNet.
-    assert_load_fails_cleanly(sd_pipe, xl_tensors, "not cross-attention key/value projections", metadata={})
+    assert_load_fails_cleanly(sd_pipe, xl_tensors, "outside the UNet's transformer blocks", metadata={})
 
     de.erase_concept(sd_pipe, "cat")
-    diff = export_adapter(sd_pipe, tmp_path / "d.safetensors", format="diff")
     kohya = export_adapter(sd_pipe, tmp_path / "k.safetensors")
     de.unload_erasure(sd_pipe)
-    assert_load_fails_cleanly(sd_pipe, diff, "full-weight diff export")
     tensors, metadata = _read(kohya)
     general = dict(tensors, **{"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
                                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 1)})
     assert_load_fails_cleanly(sd_pipe, general, "load_lora_weights", metadata=metadata)
     attn1 = dict(tensors, **{"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight":
                              torch.zeros(1, 4)})
-    assert_load_fails_cleanly(sd_pipe, attn1, "not cross-attention key/value projections", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, attn1, "incomplete", metadata=metadata)
+    no_header = {k: v for k, v in metadata.items() if k != "diffusers_erase"}
+    assert_load_fails_cleanly(sd_pipe, attn1, "no `prompts` metadata", metadata=no_header)
     down = sorted(k for k in tensors if k.endswith(".lora_down.weight"))[0]
     assert_load_fails_cleanly(sd_pipe, {k: v for k, v in tensors.items() if k != down}, "lacks its lora_down",
                                metadata=metadata)
@@ -268,3 +268,35 @@ def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, to
     sd2 = {k: v for k, v in metadata.items() if k != "diffusers_erase"} | {"ss_v2": "True"}
     assert_load_fails_cleanly(sd_pipe, tensors, "kohya LoRA for 'sd2'", metadata=sd2)
     assert state(sd_pipe).originals == {}
+
+
+@pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
+def test_diff_file_imports_back_as_exact_low_rank_factors(factory, tokenizer_dir, tmp_path):
+    pipe = _erase_twice(factory(tokenizer_dir))
+    diff = export_adapter(pipe, tmp_path / "d.safetensors", format="diff")
+    fresh = factory(tokenizer_dir)
+    [record] = de.load_erasure_adapter(fresh, diff)
+    assert record.method == "imported" and record.concepts == ["cat", "tree", "house"]
+    assert record.rank == 3  # recovered by SVD: the two stacked edits have ranks 1 and 2
+    for name, weight in kv_weights(pipe).items():
+        assert torch.allclose(kv_weights(fresh)[name], weight, atol=1e-5, rtol=0), name
+
+
+def test_peft_export_loads_in_peft_and_back(sd_pipe, tokenizer_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from diffusers_erase.export import export_peft
+
+    _erase_twice(sd_pipe)
+    folder = export_peft(sd_pipe, tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 3
+    plain = make_sd_pipeline(tokenizer_dir)
+    merged = peft.PeftModel.from_pretrained(plain.unet, folder).merge_and_unload()
+    for name, weight in kv_weights(sd_pipe).items():
+        assert torch.allclose(merged.get_submodule(name[len("unet."):]).weight, weight, atol=1e-6, rtol=0), name
+    # Its safetensors header keeps our records, so it also loads back as the same erasures.
+    fresh = make_sd_pipeline(tokenizer_dir)
+    records = de.load_erasure_adapter(fresh, folder / "adapter_model.safetensors")
+    assert [r.concepts for r in records] == [["cat"], ["tree", "house"]]
+    for name, weight in kv_weights(sd_pipe).items():
+        assert torch.allclose(kv_weights(fresh)[name], weight, atol=1e-6, rtol=0), name

@@ -45,6 +45,8 @@ class RECEConfig(UCEConfig):
     """
 
     method: ClassVar[str] = "rece"
+    paper: ClassVar[str] = ("RECE, Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models (Gong et "
+                            "al., ECCV 2024), [arXiv:2407.12383](https://arxiv.org/abs/2407.12383)")
     # The reference re-edits with retain texts [" "] at preserve scale 0.1: the empty prompt, whose embedding
     # classifier-free guidance uses on every step, keeps its outputs unless the caller gives a preserve list.
     default_preserve: ClassVar[tuple[str, ...]] = ("",)

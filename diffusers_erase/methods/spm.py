@@ -50,6 +50,8 @@ class SPMConfig(ErasureConfig):
     """
 
     method: ClassVar[str] = "spm"
+    paper: ClassVar[str] = ("SPM, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
+                            "Applications (Lyu et al., CVPR 2024), [arXiv:2312.16145](https://arxiv.org/abs/2312.16145)")
     membrane: ClassVar[bool] = True  # an adapter gated per prompt, not a weight edit
     default_anchor: ClassVar[str] = ""  # the reference's neutral prompt
 

@@ -44,6 +44,8 @@ class UCEConfig(ErasureConfig):
     """
 
     method: ClassVar[str] = "uce"
+    paper: ClassVar[str] = ("UCE, Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024), "
+                            "[arXiv:2308.14761](https://arxiv.org/abs/2308.14761)")
     default_anchor: ClassVar[str] = ""  # UCE's guide for objects; pass anchor="art" for artistic styles
 
     lamb: float = 0.5

@@ -1,0 +1,128 @@
+"""SPM membranes: (1) training on the shipped shapes model, time to the behavioural bar; (2) inference overhead of
+gated membranes at SD 1.5 UNet size (random weights): UNet step time with 0, 1 and 10 membranes, including the gate
+computation, and with the membranes fused.
+
+    python benchmarks/spm.py                       # both -> benchmarks/results/spm.json
+    python benchmarks/spm.py --skip-training       # overhead only
+
+Not a test: numbers depend on the machine. Run it on an otherwise idle machine (2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import diffusers_erase as de  # noqa: E402
+from erase_speed import build_pipeline  # noqa: E402
+
+
+def random_membrane(pipe, prompt: str, seed: int) -> tuple[dict, dict]:
+    """A rank-1 membrane with random factors on every transformer-block Linear/Conv2d, as the SPM reference writes
+    it (kohya keys, prompts/rank/alpha metadata)."""
+    from diffusers_erase.membrane import membrane_targets, weight_matrix_shape
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in membrane_targets(pipe).items():
+        out_features, in_features = weight_matrix_shape(module)
+        key = "lora_unet_" + name[len("unet."):].replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(1, in_features, generator=generator) * 0.01
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, 1, generator=generator) * 0.01
+        tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    return tensors, {"prompts": prompt, "rank": "1", "alpha": "1"}
+
+
+def step_seconds(pipe, hidden, repeats: int) -> float:
+    latents = torch.randn(hidden.shape[0], 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        pipe.unet(latents, t, hidden)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipe.unet(latents, t, hidden)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def overhead(repeats: int) -> dict:
+    pipe = de.enable_erasure(build_pipeline("sd15"))
+    prompt = "a painting of Snoopy on a red house"
+    # encode_prompt records the prompts, as in a real call: the step then computes both gate terms.
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    hidden = torch.cat([uncond, cond])
+    results = {"unet_batch": int(hidden.shape[0]), "latent": "4x64x64"}
+    results["none_s"] = step_seconds(pipe, hidden, repeats)
+    names = ["snoopy", "mickey", "pikachu", "donald duck", "spongebob", "van gogh", "picasso", "rembrandt", "cat",
+             "comic"]
+    for count in (1, 10):
+        pipe.unload_erasure()
+        for i in range(count):
+            tensors, metadata = random_membrane(pipe, names[i], seed=i)
+            pipe.load_erasure_adapter(tensors, metadata=metadata, adapter_name=names[i])
+        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+        seconds = step_seconds(pipe, torch.cat([uncond, cond]), repeats)  # gates are computed inside the call
+        results[f"{count}_membranes_s"] = seconds
+        results[f"{count}_membranes_overhead"] = seconds / results["none_s"] - 1
+        results[f"{count}_membranes_gates"] = pipe.unet._erasure_state.gates.tolist()
+    pipe.fuse_erasure()
+    seconds = step_seconds(pipe, hidden, repeats)
+    results["10_membranes_fused_s"] = seconds
+    results["10_membranes_fused_overhead"] = seconds / results["none_s"] - 1
+    pipe.unload_erasure()
+    return results
+
+
+def training(iterations: list[int], images_per_prompt: int) -> list[dict]:
+    from diffusers_erase import shapes
+
+    rows = []
+    pipe = de.enable_erasure(shapes.load_pipeline())
+    base = shapes.evaluate(pipe, concepts=list(shapes.SHAPES), images_per_prompt=images_per_prompt, progress=False)
+    for count in iterations:
+        start = time.perf_counter()
+        pipe.erase_concept("star", method=de.SPMConfig.tiny(iterations=count))
+        seconds = time.perf_counter() - start
+        after = shapes.evaluate(pipe, erased=["star"], concepts=list(shapes.SHAPES), baseline=base,
+                                images_per_prompt=images_per_prompt, progress=False)
+        pipe.unload_erasure()
+        score = after.erased[0]
+        others = {s: after.scores[s].direct / max(base.scores[s].direct, 1e-9) for s in shapes.SHAPES if s != "star"}
+        rows.append({"iterations": count, "seconds": seconds, "efficacy": score.efficacy, "residue": score.residue,
+                     "worst_other_ratio": min(others.values()), "other_ratios": others,
+                     "bar_met": score.efficacy <= 0.15 and min(others.values()) >= 0.9})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[100, 200, 300])
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spm.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_training:
+        result["training"] = training(args.iterations, args.images_per_prompt)
+    result["overhead_sd15"] = overhead(args.repeats)
+    print(json.dumps(result["overhead_sd15"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Model cards and Hugging Face Hub publishing of erasures.
+
+    pipe.push_erasure_to_hub("me/erase-van-gogh")             # adapter + generated card (+ before/after images)
+    de.save_erasure_folder(pipe, "erase-van-gogh/")           # exactly the folder that would be uploaded
+    de.model_card("erase-van-gogh/")                          # (re)generate a card from a saved adapter file
+    de.push_erased_pipeline_to_hub(pipe, "me/sd15-no-gogh")   # a full erased checkpoint, with our card
+
+Cards are rendered from the Jinja templates in `hub_cards/` with `huggingface_hub.ModelCard.from_template`, only
+from the adapter's own header (plus what the caller passes: base model, evaluation, images), so the same inputs
+give the same card, byte for byte. Publishing goes through `huggingface_hub` (`create_repo(exist_ok=True)`,
+`upload_folder`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from .adapter import DEFAULT_WEIGHT_NAME, METADATA_KEY, base_model_id, read_adapter_file
+from .registry import get_method
+
+TEMPLATES = Path(__file__).parent / "hub_cards"
+CARD_NAME = "README.md"
+DEFAULT_LICENSE = "creativeml-openrail-m"  # SD 1.x's; pass the base model's own license
+_FAMILY_TAGS = {
+    "sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+}
+_PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                   "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _join(items, empty="–") -> str:
+    items = [f"`{i}`" if i else '`""`' for i in items]
+    return ", ".join(items) if items else empty
+
+
+def _paper(method: str) -> str:
+    try:
+        return get_method(method).config_cls.paper
+    except (ValueError, AttributeError):
+        return f"`{method}` (not a method of this diffusers-erase version)"
+
+
+def _erasure_context(record: dict) -> dict:
+    membrane = record.get("membrane")
+    preserve = record.get("preserve")
+    if preserve is None and "preserve_count" in record:
+        preserve_text = f"{record['preserve_count']} prompts (sha256 {record['preserve_sha256'][:12]}…)"
+    else:
+        preserve_text = _join(preserve or [])
+    if membrane:
+        what = ("A membrane (rank-1 adapter on every Linear/Conv2d of the UNet transformer blocks) running beside "
+                "the weights" + (", fused into them" if membrane.get("fused") else "") + ".")
+        gating = (f"on: strength = weight ({membrane.get('weight', 1.0)}) × the prompt's gate, which opens for "
+                  f"{_join(membrane.get('prompts', []))}" if membrane.get("gated", True)
+                  else f"off: static strength {membrane.get('weight', 1.0)}")
+    else:
+        what = "A closed-form edit of the UNet cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`)."
+        gating = ""
+    options = dict(record.get("options") or {})
+    return {
+        "method": record["method"],
+        "name": record.get("name"),
+        "concepts_text": _join(record.get("concepts", []), "(imported)"),
+        "anchors_text": _join(record.get("anchors", [])),
+        "preserve_text": preserve_text,
+        "rank": record.get("rank"),
+        "module_count": len(record.get("modules", [])),
+        "paper": _paper(record["method"]),
+        "what": what,
+        "membrane": bool(membrane),
+        "gating_text": gating,
+        "options": sorted((k, json.dumps(v)) for k, v in options.items()),
+    }
+
+
+def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = None, base_model: str | None = None,
+               evaluation=None, images: list[dict] | None = None, weight_name: str = DEFAULT_WEIGHT_NAME,
+               license: str = DEFAULT_LICENSE):
+    """Render the card of an adapter header (`kind="adapter"`) or of a full erased checkpoint (`"checkpoint"`).
+
+    `evaluation`: an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text.
+    `images`: `[{"prompt", "before", "after"}]` with paths relative to the card (shown in the widget gallery)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if kind not in ("adapter", "checkpoint"):
+        raise ValueError(f"kind must be 'adapter' or 'checkpoint', got {kind!r}.")
+    records = header.get("erasures", [])
+    if not records:
+        raise ValueError("The adapter holds no erasure; there is nothing to describe.")
+    family = header.get("family", "sd1")
+    base_model = base_model or header.get("base_model")
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    concepts = [c for r in records for c in r.get("concepts", [])]
+    has_membrane = any(r.get("membrane") for r in records)
+    lora_loadable = kind == "adapter"  # our adapter file is a plain diffusers LoRA (tested)
+    tags = ["text-to-image", "diffusers", "concept-erasure", *methods]
+    if lora_loadable:
+        tags += ["lora", "template:sd-lora"]
+    tags += _FAMILY_TAGS.get(family, [])
+    widget = [{"text": pair["prompt"], "output": {"url": pair["after"]}} for pair in images or []]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license,
+        base_model=base_model,
+        base_model_relation="adapter" if kind == "adapter" else "finetune",
+        tags=tags,
+        widget=widget or None,
+    )
+    if hasattr(evaluation, "to_markdown"):
+        evaluation = evaluation.to_markdown()
+    title = f"Erased: {', '.join(concepts) or 'imported edits'} ({', '.join(methods)})"
+    if kind == "checkpoint":
+        summary = (f"{base_model or 'A Stable Diffusion checkpoint'} with {', '.join(concepts) or 'imported edits'} "
+                   f"erased by diffusers-erase ({', '.join(methods)}). A complete diffusers pipeline.")
+    else:
+        summary = (f"A concept-erasure adapter for {base_model or f'{family} pipelines'}: it makes the model stop "
+                   f"drawing {', '.join(concepts) or 'the imported concepts'} ({', '.join(methods)}), and comes off "
+                   "again with `pipe.unload_erasure()`.")
+    from . import __version__
+
+    stem = Path(weight_name).stem
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / f"{kind}.md"),
+        title=title,
+        summary=summary,
+        images=images or [],
+        erasures=[_erasure_context(r) for r in records],
+        evaluation=evaluation,
+        pipeline_class=_PIPELINE_CLASS.get(family, "DiffusionPipeline"),
+        base_model=base_model,
+        repo_id=repo_id,
+        weight_name=weight_name,
+        default_weight_name=DEFAULT_WEIGHT_NAME,
+        kohya_name=f"{stem}_kohya.safetensors",
+        lora_loadable=lora_loadable,
+        has_membrane=has_membrane,
+        family=family,
+        fingerprints=sorted((header.get("fingerprints") or {}).items()),
+        file_version=header.get("library_version", "unknown"),
+        format_version=header.get("format_version", 1),
+        library_version=__version__,
+    )
+
+
+def read_header(path) -> tuple[dict, Path]:
+    """The `diffusers_erase` header of an adapter file, or of the adapter file in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / DEFAULT_WEIGHT_NAME] if (path / DEFAULT_WEIGHT_NAME).is_file() else sorted(
+            p for p in path.glob("*.safetensors") if not p.stem.endswith("_kohya"))
+        if len(candidates) != 1:
+            raise ValueError(f"{path} holds {len(candidates)} adapter files; pass the file itself.")
+        path = candidates[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter file at {path}.")
+    _, metadata = read_adapter_file(path)
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path} has no {METADATA_KEY!r} header; cards are made from diffusers-erase adapters.")
+    return json.loads(metadata[METADATA_KEY]), path
+
+
+def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):
+    """(Re)generate the card of a saved adapter (a file, or a folder holding one) and, with `save`, write it as
+    README.md next to the file. Images already in the folder's `images/` (before_i.png / after_i.png, with
+    their prompts in images/prompts.json) are listed again."""
+    header, path = read_header(adapter)
+    images = _existing_images(path.parent)
+    card = build_card(header, repo_id=repo_id, base_model=base_model, evaluation=evaluation, images=images,
+                      weight_name=path.name, license=license)
+    if save:
+        card.save(str(path.parent / CARD_NAME))
+    return card
+
+
+def _existing_images(folder: Path) -> list[dict]:
+    index = folder / "images" / "prompts.json"
+    if not index.is_file():
+        return []
+    prompts = json.loads(index.read_text())
+    return [{"prompt": p, "before": f"images/before_{i}.png", "after": f"images/after_{i}.png"}
+            for i, p in enumerate(prompts)]
+
+
+def before_after_images(pipe, prompts: list[str], folder, *, seed: int = 0, num_inference_steps: int | None = None,
+                        **call_kwargs) -> list[dict]:
+    """Generate each prompt without and with the pipeline's erasures (same seed) into `folder/images/`. The
+    erasures are taken off for the "before" images and put back exactly (same records, same arithmetic)."""
+    import torch
+
+    from .core import offload_disabled
+    from .erasure import apply_erasures, restore_originals, state
+
+    records = list(state(pipe).erasures)
+    if not records:
+        raise ValueError("This pipeline has no erasure; there is no before/after to show.")
+    folder = Path(folder) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    if num_inference_steps is not None:
+        call_kwargs["num_inference_steps"] = num_inference_steps
+
+    def generate(kind):
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(seed + i)
+            pipe(prompt, generator=generator, **call_kwargs).images[0].save(folder / f"{kind}_{i}.png")
+
+    with offload_disabled(pipe):
+        restore_originals(pipe)
+    try:
+        generate("before")
+    finally:
+        with offload_disabled(pipe):
+            apply_erasures(pipe, records)
+    generate("after")
+    (folder / "prompts.json").write_text(json.dumps(list(prompts)))
+    return [{"prompt": p, "before": f"images/before_{i}.png", "after": f"images/after_{i}.png"}
+            for i, p in enumerate(prompts)]
+
+
+def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: list[str] | None = None,
+                        evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, seed: int = 0,
+                        num_inference_steps: int | None = None) -> Path:
+    """Write what `push_erasure_to_hub` uploads: the adapter, README.md (the card) and, with `include_grid`,
+    `images/before_i.png`, `images/after_i.png` for each prompt (default: each erased concept as its own prompt)."""
+    from .core import get_erasures, save_erasure_adapter
+
+    folder = Path(folder)
+    path = save_erasure_adapter(pipe, folder)
+    images = []
+    if include_grid:
+        prompts = prompts or list(dict.fromkeys(c for e in get_erasures(pipe) for c in e.concepts))
+        if prompts:
+            images = before_after_images(pipe, prompts, folder, seed=seed, num_inference_steps=num_inference_steps)
+    header, _ = read_header(path)
+    card = build_card(header, repo_id=repo_id, base_model=base_model, evaluation=evaluation, images=images,
+                      weight_name=path.name, license=license)
+    card.save(str(folder / CARD_NAME))
+    return folder
+
+
+def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                        commit_message: str | None = None, create_pr: bool = False, include_grid: bool = True,
+                        prompts: list[str] | None = None, evaluation=None, base_model=None,
+                        license: str = DEFAULT_LICENSE, num_inference_steps: int | None = None):
+    """Publish the erasures on `pipe` as an adapter repo: the adapter file, a generated card and before/after
+    images. Returns huggingface_hub's CommitInfo."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_erasure_folder(pipe, tmp, include_grid=include_grid, prompts=prompts, evaluation=evaluation,
+                            base_model=base_model, repo_id=repo.repo_id, license=license,
+                            num_inference_steps=num_inference_steps)
+        return upload_folder(repo_id=repo.repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                             commit_message=commit_message or "Upload erasure adapter (diffusers-erase)")
+
+
+def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo_id=None,
+                         license: str = DEFAULT_LICENSE) -> Path:
+    """Write a full erased checkpoint (`save_pretrained`, weights with the erasures in them) with our card and
+    the adapter file beside it. Membranes are written fused (a checkpoint cannot gate)."""
+    from .core import get_erasures, save_erasure_adapter
+
+    if any(e.is_gated_membrane for e in get_erasures(pipe)):
+        raise ValueError("The pipeline has unfused membranes, which a checkpoint cannot hold; call "
+                         "`pipe.fuse_erasure()` first (membranes then act on every prompt).")
+    base_model = base_model or base_model_id(pipe)
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    path = save_erasure_adapter(pipe, folder)
+    header, _ = read_header(path)
+    card = build_card(header, kind="checkpoint", repo_id=repo_id, base_model=base_model, evaluation=evaluation,
+                      weight_name=path.name, license=license)
+    card.save(str(folder / CARD_NAME))
+    return folder
+
+
+def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                                commit_message: str | None = None, create_pr: bool = False, evaluation=None,
+                                base_model=None, license: str = DEFAULT_LICENSE):
+    """Publish the erased pipeline as a full checkpoint (as `pipe.push_to_hub` does), with our card."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_erased_pipeline(pipe, tmp, evaluation=evaluation, base_model=base_model, repo_id=repo.repo_id,
+                             license=license)
+        return upload_folder(repo_id=repo.repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                             commit_message=commit_message or f"Upload erased {type(pipe).__name__}")
