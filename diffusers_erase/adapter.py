@@ -137,6 +137,43 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, metadata
 
 
+def split_records(header: dict, tensors: dict[str, torch.Tensor], source: str = "adapter"):
+    """The erasure records of an adapter header with each record's factors `{module: (up, down)}` as matrices
+    (Conv2d factors flattened), sliced out of the rank-concatenated tensors. Checks that the tensors and the header
+    agree; not what the modules are (that needs a pipeline: `from_state_dict`, or the ComfyUI nodes)."""
+    offsets: dict[str, int] = {}
+    out = []
+    for record in header.get("erasures", []):
+        rank = record["rank"]
+        membrane = record.get("membrane")
+        if membrane is not None:
+            membrane = _check_membrane(membrane, source)
+        factors = {}
+        for name in record["modules"]:
+            down_all = tensors.get(f"{name}.lora_A.weight")
+            up_all = tensors.get(f"{name}.lora_B.weight")
+            if down_all is None or up_all is None:
+                raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
+            start = offsets.get(name, 0)
+            down, up = down_all[start : start + rank], up_all[:, start : start + rank]
+            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)  # Conv2d factors as matrices
+            if down.shape[0] != rank or up.shape[1] != rank:
+                raise ValueError(f"{source} is inconsistent with its header: {name} has fewer rank rows than the "
+                                 f"records say ({start + rank}).")
+            offsets[name] = start + rank
+            factors[name] = (up.float(), down.float())
+        out.append((record, membrane, factors))
+    if not out:
+        raise ValueError(f"{source} holds no erasure.")
+    expected = {f"{name}.lora_{ab}.weight" for name in offsets for ab in "AB"}
+    leftover = sorted(set(tensors) - expected)
+    unused = [n for n, used in offsets.items() if tensors[f"{n}.lora_A.weight"].shape[0] != used]
+    if leftover or unused:
+        raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]} or "
+                         f"unused rank rows in {unused[:3]}.")
+    return out
+
+
 def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
     """Validate an adapter against `pipe` and rebuild its `Erasure` records; `pipe` is not modified.
     A kohya LoRA (as `export.export_adapter` writes) is converted first (`export.kohya_to_adapter`)."""
@@ -181,36 +218,23 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
             logger.warning("%s was made for a %s with another config; loading it anyway (same family).", source, component)
 
     projections = cross_attention_projections(pipe)
-    offsets: dict[str, int] = {}
     erasures = []
-    for record in header.get("erasures", []):
-        rank = record["rank"]
-        membrane = record.get("membrane")
-        if membrane is not None:
-            membrane = _check_membrane(membrane, source)
+    for record, membrane, raw in split_records(header, tensors, source):
         targets = membrane_targets(pipe) if membrane is not None else projections
         factors = {}
-        for name in record["modules"]:
+        for name, (up, down) in raw.items():
             if name not in targets:
                 what = ("a Linear/Conv2d of a transformer block" if membrane is not None
                         else "a cross-attention key/value projection")
                 raise ValueError(f"{source} edits {name}, which is not {what} of this {family!r} pipeline.")
             module = targets[name]
-            down_all = tensors.get(f"{name}.lora_A.weight")
-            up_all = tensors.get(f"{name}.lora_B.weight")
-            if down_all is None or up_all is None:
-                raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
-            start = offsets.get(name, 0)
-            down, up = down_all[start : start + rank], up_all[:, start : start + rank]
-            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)  # Conv2d factors as matrices
             expected = weight_matrix_shape(module)
             found = (up.shape[0], down.shape[1])
-            if found != expected or down.shape[0] != rank or up.shape[1] != rank:
+            if found != expected:
                 raise ValueError(
                     f"{source} does not fit this pipeline: {name} is {expected[0]}×{expected[1]} here but the adapter "
                     f"edits a {found[0]}×{found[1]} weight (family {header.get('family')!r})."
                 )
-            offsets[name] = start + rank
             device = module.weight.device
             factors[name] = (up.to(device, torch.float32), down.to(device, torch.float32))
         erasures.append(
@@ -227,12 +251,4 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
                 membrane=membrane,
             )
         )
-    if not erasures:
-        raise ValueError(f"{source} holds no erasure.")
-    expected = {f"{name}.lora_{ab}.weight" for name in offsets for ab in "AB"}
-    leftover = sorted(set(tensors) - expected)
-    unused = [n for n, used in offsets.items() if tensors[f"{n}.lora_A.weight"].shape[0] != used]
-    if leftover or unused:
-        raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]} or "
-                         f"unused rank rows in {unused[:3]}.")
     return erasures
