@@ -48,7 +48,10 @@ def main() -> None:
     (args.out / "base.md").write_text(before.to_markdown() + "\n")
     for method in args.methods:
         started = time.time()
-        de.erase_concept(pipe, args.concept, method=method, anchor=args.anchor, preserve=others)
+        if method == "spm":  # a trained membrane: the tiny-model budget; it takes no preserve set
+            de.erase_concept(pipe, args.concept, method=de.SPMConfig.tiny(), anchor=args.anchor)
+        else:
+            de.erase_concept(pipe, args.concept, method=method, anchor=args.anchor, preserve=others)
         seconds = time.time() - started
         stem = args.out / f"{args.concept}_{method}"
         after = shapes.evaluate(pipe, erased=[args.concept], baseline=before, grid_path=stem.with_suffix(".png"))

@@ -193,7 +193,12 @@ def cmd_demo(args) -> int:
     print(f"1/3 generating with the unedited model ({args.images_per_prompt} images per prompt)")
     before = shapes.evaluate(pipe, concepts=measured, images_per_prompt=args.images_per_prompt)
     preserve = others if args.preserve is None else args.preserve
-    record = pipe.erase_concept(args.concept, method=args.method, anchor=args.anchor, preserve=preserve)
+    method = args.method
+    if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
+        from .methods.spm import SPMConfig
+
+        method, preserve = SPMConfig.tiny(), []
+    record = pipe.erase_concept(args.concept, method=method, anchor=args.anchor, preserve=preserve)
     print(f"2/3 erased {args.concept!r} with {args.method} (anchor {args.anchor!r}, preserving {preserve}) "
           f"in {record.seconds:.2f} s")
     print("3/3 generating with the erased model")
