@@ -181,8 +181,10 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         diff_to_adapter,
         is_diff_state_dict,
         is_kohya_state_dict,
+        is_partial_weights,
         is_peft_state_dict,
         kohya_to_adapter,
+        partial_weights_to_adapter,
         peft_to_adapter,
     )
 
@@ -192,6 +194,8 @@ def from_state_dict(pipe, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         tensors, metadata = kohya_to_adapter(pipe, tensors, metadata, source)
     elif is_peft_state_dict(tensors):
         tensors = peft_to_adapter(tensors)
+    elif METADATA_KEY not in metadata and is_partial_weights(tensors):
+        tensors, metadata = partial_weights_to_adapter(pipe, tensors, metadata, source)
     if METADATA_KEY not in metadata:
         raise ValueError(
             f"{source} is not a diffusers-erase adapter: its safetensors header has no {METADATA_KEY!r} entry. "

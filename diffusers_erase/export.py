@@ -326,6 +326,62 @@ def is_kohya_state_dict(tensors) -> bool:
     return any(key.partition(".")[0].startswith(("lora_unet_", "lora_te")) for key in tensors)
 
 
+def is_partial_weights(tensors) -> bool:
+    """UNet parameters saved by name, as ESD and UCE (current code) write their results."""
+    return bool(tensors) and all(key.endswith((".weight", ".bias")) and ".lora" not in key and
+                                 not key.startswith(("lora_", PEFT_PREFIX)) for key in tensors)
+
+
+def partial_weights_to_adapter(pipe, tensors, metadata, source: str = "weights file"):
+    """A partial UNet state dict (keys `<module path>.weight`, optionally `unet.`-prefixed: UCE's and ESD's output
+    files) as one "imported" edit: ΔW = W_file − W_pipe, factored by SVD to the precision the file holds (the
+    smallest rank whose reconstruction is within 2 ulp of the file's dtype; full rank when nothing smaller is).
+    Only cross-attention key/value weights can be held by an erasure; anything else is refused with the
+    diffusers way to load it."""
+    projections = cross_attention_projections(pipe)
+    ours, modules = {}, []
+    for key, value in tensors.items():
+        name = key if key.startswith("unet.") else f"unet.{key}"
+        module, _, part = name.rpartition(".")
+        if part != "weight" or module not in projections:
+            try:
+                current = pipe.unet.get_parameter(name[len("unet."):])
+            except AttributeError:
+                raise ValueError(f"{source} holds {key}, which is not a parameter of this pipeline's UNet.") from None
+            if torch.equal(current.detach().cpu().to(value.dtype), value):
+                continue  # saved but unchanged (ESD saves every parameter it trains)
+            raise ValueError(
+                f"{source} changes {key}; an erasure adapter holds cross-attention key/value edits only. Load this "
+                "file with `pipe.unet.load_state_dict(weights, strict=False)` (no unload) instead.")
+        weight = projections[module].weight.detach().cpu().float()
+        if tuple(value.shape) != tuple(weight.shape):
+            raise ValueError(f"{source} does not fit this pipeline: {key} is {tuple(value.shape)}, the pipeline's "
+                             f"is {tuple(weight.shape)}.")
+        delta = value.float() - weight
+        if not delta.any():
+            continue
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        tolerance = 2 * torch.finfo(value.dtype).eps * float(value.float().abs().max())
+        # Rounding noise of the saved weights spreads over every singular value at ~eps of the largest; the edit
+        # itself sits far above it. Keep what is above, and check that the result holds to the file's precision.
+        rank = max(1, int((s > s[0] * 8 * torch.finfo(value.dtype).eps).sum()))
+        if float(((u[:, :rank] * s[:rank]) @ vh[:rank] - delta).abs().max()) > tolerance:
+            rank = len(s)  # not low rank at the file's precision: keep it exactly
+        ours[f"{module}.lora_A.weight"] = vh[:rank].contiguous()
+        ours[f"{module}.lora_B.weight"] = (u[:, :rank] * s[:rank]).contiguous()
+        modules.append(module)
+    if not ours:
+        raise ValueError(f"{source} changes no cross-attention key/value weight of this pipeline.")
+    ours = _pad_to_one_rank(ours)
+    record = {"method": "imported", "name": None, "concepts": [], "anchors": [], "preserve": [],
+              "options": {"source_format": "partial_weights"}, "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0],
+              "modules": modules, "seconds": 0.0}
+    metadata = dict(metadata or {})
+    metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": model_family(pipe), "fingerprints": {},
+                                         "erasures": [record]})
+    return ours, metadata
+
+
 def is_diff_state_dict(tensors) -> bool:
     return bool(tensors) and all(key.endswith(".diff") for key in tensors)
 

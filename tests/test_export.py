@@ -300,3 +300,23 @@ def test_peft_export_loads_in_peft_and_back(sd_pipe, tokenizer_dir, tmp_path):
     assert [r.concepts for r in records] == [["cat"], ["tree", "house"]]
     for name, weight in kv_weights(sd_pipe).items():
         assert torch.allclose(kv_weights(fresh)[name], weight, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_partial_weight_files_as_uce_and_esd_write_them(sd_pipe, tokenizer_dir, tmp_path, dtype):
+    # UCE's current code saves the edited to_k/to_v weights by name (`<module>.weight`), in the model's dtype.
+    de.erase_concept(sd_pipe, ["cat", "tree"], preserve=["dog"])
+    edited = kv_weights(sd_pipe)
+    save_file({name[len("unet."):] + ".weight": w.to(dtype) for name, w in edited.items()}, str(tmp_path / "uce.safetensors"))
+    fresh = make_sd_pipeline(tokenizer_dir)
+    [record] = de.load_erasure_adapter(fresh, tmp_path / "uce.safetensors")
+    assert record.method == "imported" and record.options == {"source_format": "partial_weights"}
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3
+    for name, weight in kv_weights(fresh).items():
+        assert torch.allclose(weight, edited[name].to(dtype).float(), atol=tolerance, rtol=0), name
+    if dtype == torch.float32:
+        assert record.rank == 2  # exact low rank recovered
+    de.unload_erasure(fresh)
+    # ESD-x also trains to_q/to_out: refused, naming the diffusers way to load it.
+    esd = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight": torch.zeros(4, 4)}
+    assert_load_fails_cleanly(fresh, esd, "load_state_dict")
