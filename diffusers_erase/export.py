@@ -210,9 +210,10 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
             delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
             tensors[f"{name}.diff"] = delta.reshape(up.shape[0], *down.shape[1:]).contiguous()
     rank = max(ours[f"{m}.lora_A.weight"].shape[0] for m in modules)
-    if format == "kohya" and any(e.is_gated_membrane and e.membrane.get("weight", 1.0) != 1.0 for e in erasures):
-        raise ValueError("A membrane on this pipeline has a weight other than 1; the export holds the factors at "
-                         "weight 1 (set the strength in A1111/ComfyUI). Call set_erasure_adapters(..., weights=1.0).")
+    if any(e.membrane is not None and e.membrane.get("weight", 1.0) != 1.0 for e in erasures):
+        raise ValueError("A membrane on this pipeline has a weight other than 1; exports hold the factors at weight 1 "
+                         "(set the strength in A1111/ComfyUI). Call set_erasure_adapters(..., weights=1.0) before "
+                         "fusing or exporting.")
     metadata = {**metadata, **_header_fields(pipe, metadata, out_file, format, rank)}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata=metadata)
