@@ -132,3 +132,66 @@ def test_gate_node_scales_a_membrane_by_the_spm_gate(comfy, tmp_path):
         key = _ldm_key(name[len("unet."):] + ".weight")
         delta = patched.patched_weight(key) - model.model.state_dict()[key]
         assert torch.allclose(delta, (2.0 * gate * up @ down).reshape(delta.shape), atol=1e-6), name
+
+
+# --- the V3 node API ------------------------------------------------------------------------------------------
+# ComfyUI is not installable here, so `comfy_api.latest` is replaced by a stand-in with the constructor signatures
+# the V3 nodes call (from ComfyUI's `comfy_api/latest/_io.py`): it checks what our schemas declare and that
+# `execute` runs the V1 code, not that ComfyUI accepts the schema.
+
+
+def _v3_module(monkeypatch):
+    import importlib
+    import sys
+    import types
+
+    class Port:
+        def __init__(self, id=None, display_name=None, optional=False, tooltip=None, lazy=None, default=None,
+                     **options):
+            self.id, self.default, self.options = id, default, options
+
+    def comfy_type(io_type):
+        return type(io_type, (), {"Input": type("Input", (Port,), {"io_type": io_type}),
+                                  "Output": type("Output", (Port,), {"io_type": io_type})})
+
+    io = types.SimpleNamespace(
+        ComfyNode=type("ComfyNode", (), {}), Schema=lambda **fields: types.SimpleNamespace(**fields),
+        NodeOutput=lambda *values: values, Model=comfy_type("MODEL"), Clip=comfy_type("CLIP"),
+        Combo=comfy_type("COMBO"), Float=comfy_type("FLOAT"), String=comfy_type("STRING"))
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
+    package = types.ModuleType("comfy_api")
+    package.latest = latest
+    monkeypatch.setitem(sys.modules, "comfy_api", package)
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    monkeypatch.delitem(sys.modules, "diffusers_erase.comfyui.v3", raising=False)
+    return importlib.import_module("diffusers_erase.comfyui.v3")
+
+
+def test_v3_nodes_declare_the_v1_inputs_under_the_v1_ids(monkeypatch):
+    import asyncio
+
+    v3 = _v3_module(monkeypatch)
+    nodes = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
+    schemas = {node.define_schema().node_id: node.define_schema() for node in nodes}
+    assert set(schemas) == set(NODE_CLASS_MAPPINGS)
+    for node_id, schema in schemas.items():
+        v1 = NODE_CLASS_MAPPINGS[node_id]
+        required = v1.INPUT_TYPES()["required"]
+        assert [port.id for port in schema.inputs] == list(required)
+        for port in schema.inputs:
+            kind = required[port.id][0]
+            assert port.io_type == ("COMBO" if isinstance(kind, list) else kind), port.id
+        assert tuple(port.io_type for port in schema.outputs) == v1.RETURN_TYPES
+        assert schema.display_name == NODE_DISPLAY_NAME_MAPPINGS[node_id]
+
+
+def test_v3_execute_applies_the_same_patches_as_v1(monkeypatch, comfy):
+    v3 = _v3_module(monkeypatch)
+    _, model, clip = comfy
+    args = (model, clip, "cat", "animal", "dog, tree", 0.5, "eot")
+    (v1_model,) = ApplyClosedFormErasure().apply(*args)
+    (v3_model,) = v3.ApplyClosedFormErasureV3.execute(*args)
+    assert model.patches == {} and set(v3_model.patches) == set(v1_model.patches)
+    for key in v1_model.patches:
+        assert torch.equal(v3_model.patched_weight(key), v1_model.patched_weight(key)), key
