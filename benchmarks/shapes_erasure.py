@@ -2,10 +2,13 @@
 
     python benchmarks/shapes_erasure.py                                   # circle, uce and rece
     python benchmarks/shapes_erasure.py --concept star --methods uce --images-per-prompt 4
+    python benchmarks/shapes_erasure.py --paper-defaults                  # anchor "shape", bare preserve names
 
-The unedited model is evaluated once; each method then erases the concept (anchor "shape",
-preserving the other shapes), is evaluated at the same paired seeds, and is unloaded again.
-Writes <out>/<concept>_<method>.{json,md,png} and prints the Markdown tables.
+The unedited model is evaluated once; each method then erases the concept with
+`shapes.erasure_recipe` (anchor another shape, preserve the other shapes bare and in every colour;
+UCE on every token column, RECE with 1 epoch as the paper does for objects), is evaluated at the
+same paired seeds, and is unloaded again. Writes <out>/<concept>_<method>.{json,md,png} and prints
+the Markdown tables.
 """
 
 import argparse
@@ -26,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--methods", nargs="+", default=["uce", "rece"])
-    parser.add_argument("--anchor", default="shape")
+    parser.add_argument("--paper-defaults", action="store_true",
+                        help='anchor "shape", the bare other names as preserve, each method\'s default options')
     parser.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT)
     parser.add_argument("--pipeline", type=Path, help="an exported pipeline folder instead of the shipped model")
     parser.add_argument("--out", type=Path, default=Path("runs/shapes/erasure"))
@@ -42,21 +46,29 @@ def main() -> None:
     else:
         pipe = shapes.load_pipeline()
     attribute = shapes.concept_attribute(args.concept)
-    others = [c for c in shapes.ATTRIBUTES[attribute] if c != args.concept]
+    if args.paper_defaults:
+        anchor, preserve = "shape", [c for c in shapes.ATTRIBUTES[attribute] if c != args.concept]
+        tuned = {}
+    else:
+        recipe = shapes.erasure_recipe(args.concept)
+        anchor, preserve = recipe["anchor"], recipe["preserve"]
+        tuned = {"uce": {"token_policy": "all"}, "rece": {"epochs": 1}}
     # Specificity is measured on every concept, not only the preserved ones.
     before = shapes.evaluate(pipe, images_per_prompt=args.images_per_prompt)
     (args.out / "base.md").write_text(before.to_markdown() + "\n")
     for method in args.methods:
         started = time.time()
         if method == "spm":  # a trained membrane: the tiny-model budget; it takes no preserve set
-            de.erase_concept(pipe, args.concept, method=de.SPMConfig.tiny(), anchor=args.anchor)
+            de.erase_concept(pipe, args.concept, method=de.SPMConfig.tiny())
         else:
-            de.erase_concept(pipe, args.concept, method=method, anchor=args.anchor, preserve=others)
+            de.erase_concept(pipe, args.concept, method=method, anchor=anchor, preserve=preserve,
+                             **tuned.get(method, {}))
         seconds = time.time() - started
-        stem = args.out / f"{args.concept}_{method}"
+        stem = args.out / f"{args.concept}_{method}{'_paper_defaults' if args.paper_defaults else ''}"
         after = shapes.evaluate(pipe, erased=[args.concept], baseline=before, grid_path=stem.with_suffix(".png"))
         de.unload_erasure(pipe)
-        text = f"## {method}: erase {args.concept!r} -> {args.anchor!r}, preserve {others} ({seconds:.2f} s)\n\n"
+        text = (f"## {method} {tuned.get(method, {})}: erase {args.concept!r} -> {anchor!r}, "
+                f"preserve {len(preserve)} prompts ({seconds:.2f} s)\n\n")
         text += after.to_markdown()
         print(text, flush=True)
         stem.with_suffix(".md").write_text(text + "\n")

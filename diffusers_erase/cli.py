@@ -1,9 +1,9 @@
 """`diffusers-erase` (also `python -m diffusers_erase`): a thin command line over the Python API.
 
     diffusers-erase demo                                   # erase "circle" from the bundled shapes model
-    diffusers-erase erase shapes --concept circle --anchor shape --out erase-circle/
+    diffusers-erase erase shapes --concept circle --anchor square --out erase-circle/
     diffusers-erase erase ./my-sd15 --concept "Van Gogh" --anchor art --preserve Monet --option lamb=0.5 --out vg/
-    diffusers-erase erase shapes --concept star --method spm --option iterations=300 --option lr=3e-3 --out spm-star/
+    diffusers-erase erase shapes --concept star --method spm --option la_strength=30 --option lr=3e-3 --out spm-star/
     diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
@@ -17,8 +17,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
-PIPELINE_DIR = Path(__file__).parent / "shapes" / "assets" / "pipeline"  # the bundled model, when installed
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -140,51 +138,9 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _demo_without_shapes(args, out: Path) -> int:
-    """Until the bundled model is installed: a real erasure on a tiny random-weight pipeline, with what changed."""
-    import torch
-    from transformers import CLIPTokenizer
-
-    from . import enable_erasure
-    from .encode import concept_anchor_columns, prompt_columns
-    from .targets import cross_attention_projections
-    from .tiny import tiny_sd_pipeline
-
-    print("The bundled shapes model is not installed: erasing on a tiny random-weight SD 1.x pipeline built in code\n"
-          "(real diffusers classes and the real CLIP tokenizer; no images worth looking at, so no grid).")
-    pipe = enable_erasure(tiny_sd_pipeline(CLIPTokenizer.from_pretrained(PIPELINE_DIR / "tokenizer")))
-    layers = cross_attention_projections(pipe)
-    preserve = [s for s in ("square", "triangle", "star", "heart", "cross") if s != args.concept]
-    concept, anchor = concept_anchor_columns(pipe, [args.concept], [args.anchor], "last_subject")
-    kept = prompt_columns(pipe, preserve, "last_subject")
-    original = {n: m.weight.detach().clone() for n, m in layers.items()}
-    record = pipe.erase_concept(args.concept, method=args.method, anchor=args.anchor, preserve=preserve)
-
-    def gap(weights, columns, reference):  # relative distance of the K/V outputs, summed over every layer
-        num = sum((weights[n] @ columns.T - original[n] @ reference.T).norm() ** 2 for n in layers)
-        den = sum((original[n] @ reference.T).norm() ** 2 for n in layers)
-        return float((num / den) ** 0.5)
-
-    edited = {n: m.weight.detach() for n, m in layers.items()}
-    print(f"\nerased {args.concept!r} with {record.method} in {record.seconds:.3f} s: {len(layers)} K/V projections, "
-          f"rank {record.rank}, anchor {args.anchor!r}, preserving {preserve}\n")
-    print("| cross-attention outputs (all layers) | before | after |\n|---|---|---|")
-    print(f"| {args.concept!r} distance to the anchor's outputs | {gap(original, concept, anchor):.3f} | "
-          f"{gap(edited, concept, anchor):.3f} |")
-    print(f"| preserved prompts' drift from their own outputs | 0.000 | {gap(edited, kept, kept):.3f} |")
-    adapter = pipe.save_erasure_adapter(out)
-    pipe.unload_erasure()
-    exact = all(torch.equal(m.weight, original[n]) for n, m in layers.items())
-    print(f"\nadapter: {adapter} ({adapter.stat().st_size / 1024:.1f} KiB); unload_erasure restored the weights "
-          f"{'bit-exactly' if exact else 'NOT exactly'}")
-    return 0 if exact else 1
-
-
 def cmd_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
-    if not (PIPELINE_DIR / "model_index.json").exists():
-        return _demo_without_shapes(args, out)
     from . import shapes
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -192,17 +148,26 @@ def cmd_demo(args) -> int:
     measured = [args.concept] + others
     print(f"1/3 generating with the unedited model ({args.images_per_prompt} images per prompt)")
     before = shapes.evaluate(pipe, concepts=measured, images_per_prompt=args.images_per_prompt)
-    preserve = others if args.preserve is None else args.preserve
+    recipe = shapes.erasure_recipe(args.concept)  # measured on this model: docs/shapes.md
+    anchor = recipe["anchor"] if args.anchor is None else args.anchor
+    preserve = recipe["preserve"] if args.preserve is None else args.preserve
+    options = dict(args.option or [])
     method = args.method
+    if args.method == "uce":
+        options.setdefault("token_policy", "all")  # the shapes model carries shapes in every token column
+    if args.method == "rece":
+        options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
         from .methods.spm import SPMConfig
 
-        method, preserve = SPMConfig.tiny(), []
-    record = pipe.erase_concept(args.concept, method=method, anchor=args.anchor, preserve=preserve)
-    print(f"2/3 erased {args.concept!r} with {args.method} (anchor {args.anchor!r}, preserving {preserve}) "
-          f"in {record.seconds:.2f} s")
+        method, preserve, options = SPMConfig.tiny(**options), [], {}
+        anchor = args.anchor  # None: SPM's neutral prompt ""
+    record = pipe.erase_concept(args.concept, method=method, anchor=anchor, preserve=preserve, **options)
+    print(f"2/3 erased {args.concept!r} with {args.method} (anchor {anchor!r}, preserving {len(preserve)} prompts"
+          f"{', ' + str(options) if options else ''}) in {record.seconds:.2f} s")
     print("3/3 generating with the erased model")
-    after = shapes.evaluate(pipe, erased=[args.concept], concepts=measured, baseline=before, grid_path=out / "grid.png")
+    after = shapes.evaluate(pipe, erased=[args.concept], concepts=measured, baseline=before,
+                            grid_path=out / "grid.png")
     adapter = pipe.save_erasure_adapter(out)
     pipe.unload_erasure()
     (out / "results.json").write_text(json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2))
@@ -224,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="erase a concept from the bundled shapes model and show before/after numbers")
     demo.add_argument("--concept", default="circle", help="a shape of the shapes world (default: circle)")
     demo.add_argument("--method", default="uce", choices=available_methods())
-    demo.add_argument("--anchor", default="shape", help="what the concept turns into (default: 'shape')")
-    demo.add_argument("--preserve", nargs="*", default=None, help="prompts to keep (default: the other shapes)")
+    demo.add_argument("--anchor", default=None, help="what the concept turns into (default: another shape)")
+    demo.add_argument("--preserve", nargs="*", default=None,
+                      help="prompts to keep (default: the other shapes, bare and in every colour)")
+    demo.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE",
+                      help="a method option (defaults: uce token_policy=all, rece epochs=1)")
     demo.add_argument("--images-per-prompt", type=int, default=4)
     demo.add_argument("--out", default="demo-output", help="folder for the grid, results and adapter")
     demo.set_defaults(func=cmd_demo)

@@ -1,5 +1,5 @@
 """Tiny real pipelines built in code (random weights, a few thousand parameters), as diffusers' own tests build
-them: for tests, and for the demo when the bundled shapes model is not installed."""
+them: for tests."""
 
 from __future__ import annotations
 

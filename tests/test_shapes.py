@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from diffusers_erase.shapes import world
-from diffusers_erase.shapes.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
 from diffusers_erase.shapes.train import PIPELINE_DIR, TOKENIZER_DIR
 
-HAS_CLASSIFIER = CLASSIFIER_WEIGHTS.exists()
-HAS_PIPELINE = (PIPELINE_DIR / "model_index.json").exists()
-needs_classifier = pytest.mark.skipif(not HAS_CLASSIFIER, reason=f"classifier weights not trained yet ({CLASSIFIER_WEIGHTS})")
-needs_pipeline = pytest.mark.skipif(not (HAS_PIPELINE and HAS_CLASSIFIER),
-                                    reason=f"shapes model not exported yet ({PIPELINE_DIR})")
 
 
 # --- world -------------------------------------------------------------------------------------
@@ -92,7 +86,6 @@ def test_tokenizer_is_real_clip_bpe():
 
 # --- classifier --------------------------------------------------------------------------------
 
-@needs_classifier
 def test_classifier_accuracy_on_fresh_renders():
     from diffusers_erase.shapes.classifier import heldout_accuracy, load_classifier
 
@@ -100,7 +93,6 @@ def test_classifier_accuracy_on_fresh_renders():
     assert all(value >= 0.97 for value in accuracy.values()), accuracy
 
 
-@needs_classifier
 def test_classify_reports_none_below_threshold():
     from diffusers_erase.shapes.classifier import classify, load_classifier
 
@@ -121,7 +113,6 @@ def shapes_pipe():
     return pipe
 
 
-@needs_pipeline
 def test_shipped_model_is_sd1_architecture(shapes_pipe):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -133,7 +124,6 @@ def test_shipped_model_is_sd1_architecture(shapes_pipe):
     assert size <= 25e6, size
 
 
-@needs_pipeline
 def test_shipped_model_meets_the_accuracy_bar(shapes_pipe):
     from diffusers_erase.shapes.evaluate import evaluate
 
@@ -148,7 +138,6 @@ def test_shipped_model_meets_the_accuracy_bar(shapes_pipe):
     assert synonym >= 0.75, result.to_markdown()
 
 
-@needs_pipeline
 def test_evaluate_is_paired_and_serialises(shapes_pipe, tmp_path):
     import json
 

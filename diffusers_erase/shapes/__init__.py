@@ -16,14 +16,14 @@ from . import world
 from .classifier import ShapesClassifier, classify, load_classifier
 from .evaluate import EvaluationResult, evaluate
 from .world import (ATTRIBUTES, BACKGROUNDS, COLORS, CONCEPTS, SHAPES, STYLES, SYNONYMS, Prompt, concept_attribute,
-                    concept_prompts, direct_prompts, render, sample_scene, synonym_prompts)
+                    concept_prompts, direct_prompts, erasure_recipe, render, sample_scene, synonym_prompts)
 
 PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline"
 
 __all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "CONCEPTS", "EvaluationResult", "PIPELINE_DIR", "Prompt",
            "SHAPES", "STYLES", "SYNONYMS", "ShapesClassifier", "classify", "concept_attribute", "concept_prompts",
-           "direct_prompts", "evaluate", "load_classifier", "load_pipeline", "render", "sample_scene",
-           "synonym_prompts", "world"]
+           "direct_prompts", "erasure_recipe", "evaluate", "load_classifier", "load_pipeline", "render",
+           "sample_scene", "synonym_prompts", "world"]
 
 
 def load_pipeline(torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -325,3 +325,18 @@ def direct_prompts(concept: str) -> list:
 def synonym_prompts(concept: str) -> list:
     """Prompts asking for `concept` only through synonyms, e.g. "a red disk" for circle."""
     return [p.text for p in concept_prompts(concept, synonyms=True)]
+
+
+# --- what to erase toward, and what to keep ------------------------------------------------------
+
+def erasure_recipe(concept: str) -> dict:
+    """`anchor` and `preserve` for erasing `concept` from the shapes model, as measured in docs/shapes.md.
+
+    The anchor is another value of the same attribute (circle -> square): "shape" or "" encode almost like the
+    empty prompt here, and the unconditional model still draws the concept in ~17% of images. The preserve set is
+    every other value, bare and in the direct prompts that name it ("a red square"): the model carries the shape
+    in the colour and padding tokens too, so bare names alone let the edit damage other shapes. Synonym prompts
+    ("a red box") are never in the set, so they measure specificity on prompts the edit did not see.
+    """
+    others = [v for v in ATTRIBUTES[concept_attribute(concept)] if v != concept]
+    return {"anchor": others[0], "preserve": others + [p for other in others for p in direct_prompts(other)]}
