@@ -83,15 +83,15 @@ def overhead(repeats: int) -> dict:
     return results
 
 
-def training(iterations: list[int], images_per_prompt: int, lr: float | None) -> list[dict]:
+def training(iterations: list[int], images_per_prompt: int, lr: float | None, la_strengths: list[float]) -> list[dict]:
     from diffusers_erase import shapes
 
     rows = []
     pipe = de.enable_erasure(shapes.load_pipeline())
     base = shapes.evaluate(pipe, concepts=list(shapes.SHAPES), images_per_prompt=images_per_prompt, progress=False)
-    for count in iterations:
+    for count, la in [(c, la) for la in la_strengths for c in iterations]:
         start = time.perf_counter()
-        options = {"iterations": count, **({"lr": lr} if lr else {})}
+        options = {"iterations": count, "la_strength": la, **({"lr": lr} if lr else {})}
         pipe.erase_concept("star", method=de.SPMConfig.tiny(**options))
         seconds = time.perf_counter() - start
         after = shapes.evaluate(pipe, erased=["star"], concepts=list(shapes.SHAPES), baseline=base,
@@ -99,7 +99,8 @@ def training(iterations: list[int], images_per_prompt: int, lr: float | None) ->
         pipe.unload_erasure()
         score = after.erased[0]
         others = {s: after.scores[s].direct / max(base.scores[s].direct, 1e-9) for s in shapes.SHAPES if s != "star"}
-        rows.append({"iterations": count, "lr": de.SPMConfig.tiny(**options).lr, "seconds": seconds, "efficacy": score.efficacy, "residue": score.residue,
+        rows.append({"iterations": count, "la_strength": la, "lr": de.SPMConfig.tiny(**options).lr,
+                     "seconds": seconds, "efficacy": score.efficacy, "residue": score.residue,
                      "worst_other_ratio": min(others.values()), "other_ratios": others,
                      "bar_met": score.efficacy <= 0.15 and min(others.values()) >= 0.9})
         print(json.dumps(rows[-1]), flush=True)
@@ -109,7 +110,9 @@ def training(iterations: list[int], images_per_prompt: int, lr: float | None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[100, 200, 300])
+    parser.add_argument("--iterations", type=int, nargs="+", default=[300, 900])
+    parser.add_argument("--la-strength", type=float, nargs="+", default=[30.0],
+                        help="latent-anchoring weights to sweep (default: SPMConfig.tiny()'s)")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--lr", type=float, help="learning rate (default: SPMConfig.tiny()'s)")
     parser.add_argument("--skip-overhead", action="store_true")
@@ -117,10 +120,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spm.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    # Sections not re-run (--skip-...) keep their earlier results.
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result.update({"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                   "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
     if not args.skip_training:
-        result["training"] = training(args.iterations, args.images_per_prompt, args.lr)
+        result["training"] = training(args.iterations, args.images_per_prompt, args.lr, args.la_strength)
     if not args.skip_overhead:
         result["overhead_sd15"] = overhead(args.repeats)
         print(json.dumps(result["overhead_sd15"], indent=1))

@@ -231,7 +231,13 @@ def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor
             # A module that sees another batch layout than the UNet input: the strongest gate of the batch,
             # so an erasure never weakens.
             scale = scale.amax(dim=0, keepdim=True).expand(x.shape[0], -1)
-        return output + low_rank_delta(module, x, down, up, scale.to(x.dtype))
+        if torch.is_grad_enabled() or not isinstance(module, nn.Linear):
+            return output + low_rank_delta(module, x, down, up, scale.to(x.dtype))
+        # Inference on a Linear: add up·(γ ⊙ down·x) into the output in place, without a full-size temporary.
+        h = F.linear(x, down)
+        h = h * scale.to(x.dtype).view(scale.shape[0], *([1] * (h.dim() - 2)), -1)
+        output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T)
+        return output
 
     return hook
 

@@ -214,3 +214,9 @@ def test_membrane_and_weight_edits_stack_and_unload_together(pipe):
         pipe.set_erasure_adapters(["uce-cat"])
     pipe.unload_erasure()
     assert changed(before, snapshot(pipe)) == []
+
+
+def test_tiny_budget_takes_overrides():
+    tiny = de.SPMConfig.tiny(la_strength=5.0, iterations=7)
+    assert (tiny.la_strength, tiny.iterations, tiny.lr) == (5.0, 7, de.SPMConfig.tiny().lr)
+    assert de.SPMConfig().la_strength == 1000.0  # the paper's default stays the default
