@@ -56,3 +56,15 @@ def test_export_and_card_commands(tokenizer_dir, tmp_path, capsys):
     assert card.data.base_model == "runwayml/stable-diffusion-v1-5" and "concept-erasure" in card.data.tags
     code = main(["card", str(tmp_path / "out"), "--eval", "--model", str(tmp_path / "model")])
     assert code == 2 and "shapes model only" in capsys.readouterr().err
+
+
+def test_demo_erases_circle_from_the_shapes_model(tmp_path, capsys):
+    """The README's main command, at 1 image per prompt (the README's run uses 4)."""
+    import json
+
+    code = main(["demo", "--images-per-prompt", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "| circle | 100% → 0% |" in out, out
+    after = json.loads((tmp_path / "results.json").read_text())["after"]
+    assert after["erased"][0]["specificity_ratio"] >= 0.9
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "erasure_adapter.safetensors").exists()
