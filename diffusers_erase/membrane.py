@@ -231,7 +231,7 @@ def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor
             # A module that sees another batch layout than the UNet input: the strongest gate of the batch,
             # so an erasure never weakens.
             scale = scale.amax(dim=0, keepdim=True).expand(x.shape[0], -1)
-        if torch.is_grad_enabled() or not isinstance(module, nn.Linear):
+        if torch.is_grad_enabled() or not isinstance(module, nn.Linear) or not output.is_contiguous():
             return output + low_rank_delta(module, x, down, up, scale.to(x.dtype))
         # Inference on a Linear: add up·(γ ⊙ down·x) into the output in place, without a full-size temporary.
         h = F.linear(x, down)
