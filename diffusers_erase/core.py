@@ -128,13 +128,19 @@ def _adapter_name(erasure: Erasure) -> str:
     return erasure.name or "default"
 
 
-def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None = None) -> None:
+def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None = None,
+                         unconditional_gate: str | None = None) -> None:
     """Choose which membranes act and how strongly, as `set_adapters` does for LoRAs: the named membranes get
     `weights` (a float for all, or one per name; default 1.0), every other membrane weight 0. Membranes loaded or
     trained without `adapter_name` are called "default". `gating=False` turns facilitated transport off (static
-    adapters at their weight), `True` on, None leaves it. Weight edits (UCE, RECE, fused membranes) cannot be
+    adapters at their weight), `True` on, None leaves it. `unconditional_gate` chooses the gate of the
+    unconditional branch under guidance: "prompt" (default: its prompt's gate, one strength per sample) or
+    "negative_prompt" (the negative prompt's own gate). Weight edits (UCE, RECE, fused membranes) cannot be
     re-weighted: unload and re-apply them instead."""
     from .membrane import refresh_membranes
+
+    if unconditional_gate not in (None, "prompt", "negative_prompt"):
+        raise ValueError(f"unconditional_gate must be 'prompt' or 'negative_prompt', got {unconditional_gate!r}.")
 
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if weights is None:
@@ -153,6 +159,8 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
             hint = (" It is a weight edit, which has no strength to set; unload_erasure() and re-apply it."
                     if name in fixed else "")
             raise ValueError(f"No membrane named {name!r} on this pipeline (membranes: {sorted(known)}).{hint}")
+    if unconditional_gate is not None:
+        state(pipe).unconditional_gate = unconditional_gate
     chosen = dict(zip(names, (float(w) for w in weights)))
     previous = [dict(e.membrane) for e in membranes]
     for erasure in membranes:

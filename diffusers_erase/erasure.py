@@ -76,6 +76,9 @@ class ErasureState:
     hooks: list = field(default_factory=list)
     gates: torch.Tensor | None = None
     recorded: list = field(default_factory=list)
+    # Which gate the unconditional rows of a guidance batch get: their prompt's ("prompt") or their own
+    # negative prompt's ("negative_prompt"); see docs/methods/spm.md.
+    unconditional_gate: str = "prompt"
 
 
 def state(pipe) -> ErasureState:

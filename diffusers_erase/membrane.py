@@ -141,7 +141,7 @@ def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list) -> t
     flat = F.normalize(hidden.detach().flatten(1).float(), dim=1)
     # Token terms of rows that are recorded prompts' embeddings (exact copies, made by encode_prompt).
     tokens = torch.zeros(batch, len(gates), device=hidden.device)
-    for row, overlaps in recorded:
+    for row, overlaps, *_ in recorded:
         if row.shape == hidden.shape[1:] and row.device == hidden.device:
             match = (hidden == row.to(hidden.dtype)).flatten(1).all(dim=1)
             if match.any():
@@ -180,10 +180,11 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     except TypeError:
         return
     n = int(bound.get("num_images_per_prompt") or 1)
-    sources = [(bound.get("prompt"), output[0])]
+    sources = [(bound.get("prompt"), output[0], False)]
     if bound.get("negative_prompt_embeds") is None:
-        sources.append((bound.get("negative_prompt") or "", output[1]))  # the pipelines encode a missing one as ""
-    for prompts, embeds in sources:
+        # the pipelines encode a missing negative prompt as ""
+        sources.append((bound.get("negative_prompt") or "", output[1], True))
+    for prompts, embeds, negative in sources:
         if prompts is None or embeds is None:
             continue  # embeddings given by hand: cosine term only
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -192,7 +193,7 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
         if len(prompts) * n != embeds.shape[0]:
             continue
         for i, prompt_tokens in enumerate(token_sets(pipe, prompts)):
-            record.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens)))
+            record.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens), negative))
 
 
 # ------------------------------------------------------------------------------------------------ hooks
@@ -214,9 +215,32 @@ def _unet_pre_hook(unet, args, kwargs):
         record.gates = None
         return None
     gates = compute_gates(runtime.gates, hidden, record.recorded)
+    if record.unconditional_gate == "prompt":
+        _pair_unconditional_rows(gates, hidden, record.recorded)
     record.gates = gates
     runtime.active = bool(gates.any())
     return None
+
+
+def _pair_unconditional_rows(gates: torch.Tensor, hidden: torch.Tensor, recorded: list) -> None:
+    """Give each unconditional row of a guidance batch the gate of its prompt, in place.
+
+    Guidance computes ε_u + g·(ε_c − ε_u). A membrane acting at γ_c on the prompt's branch and γ_u on the
+    unconditional one adds g·(γ_c − γ_u)·Δ to the prediction: its own effect, amplified by the guidance scale, on
+    prompts it should leave alone (the empty prompt's cosine gate is high, e.g. 0.89 on the shapes model). With
+    one strength on both branches, as SPM training samples and as the reference gates the whole model per
+    prompt, that term vanishes. diffusers' SD/SDXL pipelines batch [negative rows; prompt rows]; rows are known
+    by the embeddings `encode_prompt` recorded, and any other layout keeps each row's own gate."""
+    batch = hidden.shape[0]
+    if batch % 2:
+        return
+    negative = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    for row, _, *flag in recorded:
+        if flag and flag[0] and row.shape == hidden.shape[1:] and row.device == hidden.device:
+            negative |= (hidden == row.to(hidden.dtype)).flatten(1).all(dim=1)
+    half = batch // 2
+    if negative[:half].all() and not negative[half:].any():
+        gates[:half] = gates[half:]
 
 
 def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor):

@@ -27,8 +27,8 @@ class ErasureMixin:
     def unload_erasure(self):
         core.unload_erasure(self)
 
-    def set_erasure_adapters(self, adapter_names, weights=None, gating=None):
-        core.set_erasure_adapters(self, adapter_names, weights, gating)
+    def set_erasure_adapters(self, adapter_names, weights=None, gating=None, unconditional_gate=None):
+        core.set_erasure_adapters(self, adapter_names, weights, gating, unconditional_gate)
 
     def fuse_erasure(self):
         core.fuse_erasure(self)

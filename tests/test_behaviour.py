@@ -11,6 +11,8 @@ their accuracy on this model, because "shape" encodes like the empty prompt and 
 in the colour and padding tokens.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,112 @@ def test_unload_gives_back_the_same_images(shapes_run):
         assert np.array_equal(images, baseline.images[prompt]), prompt
 
 
-# SPM has no behavioural test here yet: on this model no measured budget meets the SPM issue's bar (star ≤ 15%,
-# other shapes ≥ 90%); the sweep is in docs/methods/spm.md ("Measured on the shapes model"). Its mechanics
-# (gating, per-sample gates, transfer, round trips) are tested on tiny pipelines in tests/test_spm.py.
+# --- SPM membranes --------------------------------------------------------------------------------------------
+# Thresholds from the SPM issue: star prompts show a star in ≤ 15% of images, every other shape keeps ≥ 90% of its
+# base accuracy. The membrane is trained once (5 min) and shipped, ≤ 1 MB:
+#     python benchmarks/spm.py --skip-overhead --iterations 900 --la-strength 30 --anchor circle \
+#         --save tests/data/spm_star.safetensors --out benchmarks/results/spm_shapes_recipe.json
+# i.e. SPMConfig.tiny() toward the shapes recipe's anchor ("" is a poor surrogate on this model, as for UCE).
+# Training itself is covered on tiny pipelines in tests/test_spm.py.
+
+SPM_STAR = Path(__file__).parent / "data" / "spm_star.safetensors"
+
+
+def test_shipped_membrane_is_small_and_records_how_it_was_made(shapes_run):
+    _, pipe, _ = shapes_run
+    [record] = pipe.load_erasure_adapter(SPM_STAR)
+    pipe.unload_erasure()
+    assert SPM_STAR.stat().st_size <= 1_000_000
+    assert record.method == "spm" and record.concepts == ["star"] and record.anchors == ["circle"]
+    assert record.options["la_strength"] == 30.0 and record.options["iterations"] == 900
+
+
+def test_spm_membrane_erases_star_and_keeps_other_shapes(shapes_run):
+    shapes, pipe, baseline = shapes_run
+    pipe.load_erasure_adapter(SPM_STAR)
+    try:
+        after = shapes.evaluate(pipe, erased=["star"], concepts=list(shapes.SHAPES), baseline=baseline,
+                                progress=False)
+    finally:
+        pipe.unload_erasure()
+    assert after.erased[0].efficacy <= 0.15, after.to_markdown()
+    for shape in shapes.SHAPES:
+        if shape != "star":
+            assert after.scores[shape].direct >= 0.9 * baseline.scores[shape].direct, after.to_markdown()
+
+
+def _latents(pipe, prompts):
+    import torch
+
+    from diffusers_erase.shapes.evaluate import DEFAULT_GUIDANCE
+
+    generator = [torch.Generator().manual_seed(k) for k in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=20, guidance_scale=DEFAULT_GUIDANCE, generator=generator,
+                output_type="latent").images
+
+
+def test_spm_gate_opens_on_the_concept_and_less_elsewhere(shapes_run):
+    import torch.nn.functional as F
+
+    shapes, pipe, _ = shapes_run
+    unrelated = ["a red circle", "a blue square", "a striped green heart", "an orange cross on a black background"]
+    base = _latents(pipe, unrelated)
+    pipe.load_erasure_adapter(SPM_STAR)
+    try:
+        gates = pipe.erasure_gates(["a red star", "a striped blue star", *unrelated])["default"]
+        gated = _latents(pipe, unrelated)
+        pipe.set_erasure_adapters("default", gating=False)
+        static = _latents(pipe, unrelated)
+    finally:
+        pipe.unload_erasure()
+    assert min(gates[:2]) >= 0.99, gates  # the concept's own prompts (token overlap)
+    assert max(gates[2:]) < 0.9, gates
+    gated_mse, static_mse = F.mse_loss(gated, base), F.mse_loss(static, base)
+    assert gated_mse < 0.5 * static_mse, (gates, gated_mse, static_mse)
+
+
+def test_spm_membrane_transfers_to_a_fine_tuned_variant(shapes_run):
+    """The paper's transfer: a membrane trained on one checkpoint erases on another of the same family. The
+    variant is the shipped model fine-tuned for a few steps on the outlined-style subset of the world."""
+    shapes, _, _ = shapes_run
+    variant = de.enable_erasure(fine_tuned_variant(shapes))
+    variant_base = shapes.evaluate(variant, concepts=list(shapes.SHAPES), images_per_prompt=IMAGES_PER_PROMPT,
+                                   progress=False)
+    variant.load_erasure_adapter(SPM_STAR)
+    after = shapes.evaluate(variant, erased=["star"], concepts=list(shapes.SHAPES), baseline=variant_base,
+                            progress=False)
+    assert after.erased[0].efficacy <= 0.15, after.to_markdown()
+    for shape in shapes.SHAPES:
+        if shape != "star":
+            assert after.scores[shape].direct >= 0.9 * variant_base.scores[shape].direct, after.to_markdown()
+
+
+def fine_tuned_variant(shapes, steps: int = 30, lr: float = 1e-4, seed: int = 0):
+    """A copy of the shipped model after `steps` of the usual denoising loss on outlined shapes only."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    pipe = shapes.load_pipeline()
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    unet.train()
+    for _ in range(steps):
+        scenes = [shapes.sample_scene(rng, style="outlined") for _ in range(16)]
+        images = torch.from_numpy(np.stack([np.asarray(shapes.render(s)) for s in scenes])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            latents = vae.encode(images.float() / 127.5 - 1).latent_dist.mean * vae.config.scaling_factor
+            ids = tokenizer([shapes.world.sample_caption(s, rng) for s in scenes], padding="max_length",
+                            max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            hidden = text_encoder(ids)[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (len(scenes),), generator=generator)
+        loss = F.mse_loss(unet(noise_scheduler.add_noise(latents, noise, t), t, hidden).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+    return pipe

@@ -70,12 +70,19 @@ def test_static_membrane_equals_its_fused_weights_and_membranes_add_as_products(
 
 def test_each_sample_gets_its_own_gate_under_guidance(pipe):
     pipe.erase_concept("cat", method="spm", **TINY)
+    expected = de.erasure_gates(pipe, ["", "blurry", "a cat", "a red house"])["default"]
+    assert len(set(round(g, 4) for g in expected)) == 4
+    # CFG batch: [negatives..., prompts...]. By default each sample's unconditional row carries its prompt's gate.
     _images(pipe, ["a cat", "a red house"], negative_prompt=["", "blurry"])
     gates = pipe.unet._erasure_state.gates[:, 0]
-    # CFG batch: [negatives..., prompts...]; each row is gated by its own prompt.
-    expected = de.erasure_gates(pipe, ["", "blurry", "a cat", "a red house"])["default"]
+    assert torch.allclose(gates, torch.tensor(expected[2:] * 2), atol=1e-5)
+    # unconditional_gate="negative_prompt": every row is gated by its own (negative) prompt.
+    pipe.set_erasure_adapters("default", unconditional_gate="negative_prompt")
+    _images(pipe, ["a cat", "a red house"], negative_prompt=["", "blurry"])
+    gates = pipe.unet._erasure_state.gates[:, 0]
     assert torch.allclose(gates, torch.tensor(expected), atol=1e-5)
-    assert len(set(round(g, 4) for g in expected)) == 4
+    with pytest.raises(ValueError, match="unconditional_gate"):
+        pipe.set_erasure_adapters("default", unconditional_gate="uncond")
 
     # The gate is the paper's: max(cos of the flattened embeddings, share of the erased prompt's tokens).
     from diffusers_erase.encode import encode
