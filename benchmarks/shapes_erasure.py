@@ -59,7 +59,7 @@ def main() -> None:
     for method in args.methods:
         started = time.time()
         if method == "spm":  # a trained membrane: the tiny-model budget; it takes no preserve set
-            de.erase_concept(pipe, args.concept, method=de.SPMConfig.tiny())
+            de.erase_concept(pipe, args.concept, method=de.SPMConfig.tiny(), anchor=anchor)
         else:
             de.erase_concept(pipe, args.concept, method=method, anchor=anchor, preserve=preserve,
                              **tuned.get(method, {}))

@@ -3,7 +3,7 @@
     diffusers-erase demo                                   # erase "circle" from the bundled shapes model
     diffusers-erase erase shapes --concept circle --anchor square --out erase-circle/
     diffusers-erase erase ./my-sd15 --concept "Van Gogh" --anchor art --preserve Monet --option lamb=0.5 --out vg/
-    diffusers-erase erase shapes --concept star --method spm --option la_strength=30 --option lr=3e-3 --out spm-star/
+    diffusers-erase demo --concept star --method spm       # trains a membrane (SPMConfig.tiny(), 4-5 min)
     diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
@@ -161,7 +161,6 @@ def cmd_demo(args) -> int:
         from .methods.spm import SPMConfig
 
         method, preserve, options = SPMConfig.tiny(**options), [], {}
-        anchor = args.anchor  # None: SPM's neutral prompt ""
     record = pipe.erase_concept(args.concept, method=method, anchor=anchor, preserve=preserve, **options)
     print(f"2/3 erased {args.concept!r} with {args.method} (anchor {anchor!r}, preserving {len(preserve)} prompts"
           f"{', ' + str(options) if options else ''}) in {record.seconds:.2f} s")

@@ -96,6 +96,27 @@ def test_spm_membrane_erases_star_and_keeps_other_shapes(shapes_run):
             assert after.scores[shape].direct >= 0.9 * baseline.scores[shape].direct, after.to_markdown()
 
 
+SPM_HEART = Path(__file__).parent / "data" / "spm_heart.safetensors"  # same recipe, --concept heart
+
+
+def test_two_membranes_combined_erase_both_and_unload_exactly(shapes_run):
+    shapes, pipe, baseline = shapes_run
+    pipe.load_erasure_adapter(SPM_STAR, adapter_name="star")
+    pipe.load_erasure_adapter(SPM_HEART, adapter_name="heart")
+    try:
+        after = shapes.evaluate(pipe, erased=["star", "heart"], concepts=list(shapes.SHAPES), baseline=baseline,
+                                progress=False)
+    finally:
+        pipe.unload_erasure()
+    for score in after.erased:
+        assert score.efficacy <= 0.15, after.to_markdown()
+    # No specificity bar here: alone, the heart membrane already costs triangle a third (docs/methods/spm.md).
+    assert after.scores["circle"].direct >= 0.9 * baseline.scores["circle"].direct, after.to_markdown()
+    again = shapes.evaluate(pipe, concepts=["star"], images_per_prompt=IMAGES_PER_PROMPT, progress=False)
+    for prompt, images in again.images.items():
+        assert np.array_equal(images, baseline.images[prompt]), prompt
+
+
 def _latents(pipe, prompts):
     import torch
 
