@@ -159,8 +159,6 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
             hint = (" It is a weight edit, which has no strength to set; unload_erasure() and re-apply it."
                     if name in fixed else "")
             raise ValueError(f"No membrane named {name!r} on this pipeline (membranes: {sorted(known)}).{hint}")
-    if unconditional_gate is not None:
-        state(pipe).unconditional_gate = unconditional_gate
     chosen = dict(zip(names, (float(w) for w in weights)))
     previous = [dict(e.membrane) for e in membranes]
     for erasure in membranes:
@@ -174,6 +172,8 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
             erasure.membrane = membrane
         refresh_membranes(pipe)
         raise
+    if unconditional_gate is not None:
+        state(pipe).unconditional_gate = unconditional_gate
 
 
 def fuse_erasure(pipe) -> None:

@@ -21,10 +21,10 @@ would add cross terms up_i·down_j).
 
 The UNet sees embeddings, not prompts. A forward pre-hook on the UNet computes the cosine term from each row of
 `encoder_hidden_states`; the token term comes from the prompts `encode_prompt` encoded last (recorded by
-`ErasureMixin.encode_prompt`), matched to rows by exact equality. So each sample of a batch gets its own gate,
-and under classifier-free guidance the unconditional rows get the negative prompt's gate ("" has no tokens:
-only its cosine term counts). A row that matches no recorded prompt (embeddings passed by hand) gets the cosine
-term only.
+`ErasureMixin.encode_prompt`), matched to rows by exact equality. So each sample of a batch gets its own gate;
+under classifier-free guidance its unconditional row gets the same gate by default (`_pair_unconditional_rows`),
+or the negative prompt's own with `unconditional_gate="negative_prompt"` ("" has no tokens: only its cosine term
+counts). A row that matches no recorded prompt (embeddings passed by hand) gets the cosine term only.
 """
 
 from __future__ import annotations
@@ -70,20 +70,27 @@ def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def low_rank_delta(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                   scale: torch.Tensor | None) -> torch.Tensor:
+                   scale: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """up (scale ⊙ down x) for a Linear or Conv2d `module` (down: rank × in[·kh·kw], up: out × rank); `scale` is
-    (batch, rank) or None. Shared by the inference hooks and SPM training."""
+    (batch, rank) or None. With `add_to` (the module's output), returns `add_to` + that, added in place for a
+    contiguous Linear output (no full-size temporary; not for autograd). Shared by the hooks and SPM training."""
     rank = down.shape[0]
     if isinstance(module, nn.Conv2d):
         kernel = down.reshape(rank, module.in_channels // module.groups, *module.kernel_size)
         h = F.conv2d(x, kernel, None, module.stride, module.padding, module.dilation, module.groups)
         if scale is not None:
             h = h * scale.view(scale.shape[0], rank, 1, 1)
-        return F.conv2d(h, up.reshape(up.shape[0], rank, 1, 1))
+        delta = F.conv2d(h, up.reshape(up.shape[0], rank, 1, 1))
+        return delta if add_to is None else add_to + delta
     h = F.linear(x, down)
     if scale is not None:
         h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), rank)
-    return F.linear(h, up)
+    if add_to is None:
+        return F.linear(h, up)
+    if add_to.is_contiguous():
+        add_to.view(-1, add_to.shape[-1]).addmm_(h.reshape(-1, rank), up.T)
+        return add_to
+    return add_to + F.linear(h, up)
 
 
 # ------------------------------------------------------------------------------------------------ gates
@@ -135,17 +142,22 @@ def _build_gate(pipe, erasure: Erasure) -> _Gate:
 
 
 @torch.no_grad()
-def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list) -> torch.Tensor:
-    """(batch, membranes) strengths w·γ for the rows of `encoder_hidden_states`."""
+def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list,
+                  pair_unconditional: bool = False) -> torch.Tensor:
+    """(batch, membranes) strengths w·γ for the rows of `encoder_hidden_states`; `recorded` holds
+    (embedding row, token overlaps, is negative prompt) for the prompts `encode_prompt` encoded."""
     batch = hidden.shape[0]
     flat = F.normalize(hidden.detach().flatten(1).float(), dim=1)
     # Token terms of rows that are recorded prompts' embeddings (exact copies, made by encode_prompt).
     tokens = torch.zeros(batch, len(gates), device=hidden.device)
-    for row, overlaps, *_ in recorded:
+    negative_rows = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    for row, overlaps, negative in recorded:
         if row.shape == hidden.shape[1:] and row.device == hidden.device:
             match = (hidden == row.to(hidden.dtype)).flatten(1).all(dim=1)
             if match.any():
                 tokens[match] = torch.maximum(tokens[match], overlaps.to(hidden.device))
+                if negative:
+                    negative_rows |= match
     columns = []
     for m, gate in enumerate(gates):
         if not gate.gated:
@@ -156,7 +168,10 @@ def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list) -> t
         else:  # another sequence length (e.g. long-prompt embeddings): no cosine term
             cosine = torch.zeros(batch, device=hidden.device)
         columns.append(gate.weight * torch.maximum(cosine, tokens[:, m]).clamp(0.0, 1.0))
-    return torch.stack(columns, dim=1)
+    result = torch.stack(columns, dim=1)
+    if pair_unconditional:
+        _pair_unconditional_rows(result, negative_rows)
+    return result
 
 
 def _overlaps(gates: list[_Gate], prompt_tokens: set[int]) -> torch.Tensor:
@@ -214,32 +229,23 @@ def _unet_pre_hook(unet, args, kwargs):
     if hidden is None:
         record.gates = None
         return None
-    gates = compute_gates(runtime.gates, hidden, record.recorded)
-    if record.unconditional_gate == "prompt":
-        _pair_unconditional_rows(gates, hidden, record.recorded)
+    gates = compute_gates(runtime.gates, hidden, record.recorded, record.unconditional_gate == "prompt")
     record.gates = gates
     runtime.active = bool(gates.any())
     return None
 
 
-def _pair_unconditional_rows(gates: torch.Tensor, hidden: torch.Tensor, recorded: list) -> None:
+def _pair_unconditional_rows(gates: torch.Tensor, negative_rows: torch.Tensor) -> None:
     """Give each unconditional row of a guidance batch the gate of its prompt, in place.
 
     Guidance computes ε_u + g·(ε_c − ε_u). A membrane acting at γ_c on the prompt's branch and γ_u on the
     unconditional one adds g·(γ_c − γ_u)·Δ to the prediction: its own effect, amplified by the guidance scale, on
     prompts it should leave alone (the empty prompt's cosine gate is high, e.g. 0.89 on the shapes model). With
     one strength on both branches, as SPM training samples and as the reference gates the whole model per
-    prompt, that term vanishes. diffusers' SD/SDXL pipelines batch [negative rows; prompt rows]; rows are known
-    by the embeddings `encode_prompt` recorded, and any other layout keeps each row's own gate."""
-    batch = hidden.shape[0]
-    if batch % 2:
-        return
-    negative = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
-    for row, _, *flag in recorded:
-        if flag and flag[0] and row.shape == hidden.shape[1:] and row.device == hidden.device:
-            negative |= (hidden == row.to(hidden.dtype)).flatten(1).all(dim=1)
-    half = batch // 2
-    if negative[:half].all() and not negative[half:].any():
+    prompt, that term vanishes. diffusers' SD/SDXL pipelines batch [negative rows; prompt rows]; any other
+    layout keeps each row's own gate."""
+    half = gates.shape[0] // 2
+    if gates.shape[0] % 2 == 0 and negative_rows[:half].all() and not negative_rows[half:].any():
         gates[:half] = gates[half:]
 
 
@@ -255,13 +261,9 @@ def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor
             # A module that sees another batch layout than the UNet input: the strongest gate of the batch,
             # so an erasure never weakens.
             scale = scale.amax(dim=0, keepdim=True).expand(x.shape[0], -1)
-        if torch.is_grad_enabled() or not isinstance(module, nn.Linear) or not output.is_contiguous():
+        if torch.is_grad_enabled():
             return output + low_rank_delta(module, x, down, up, scale.to(x.dtype))
-        # Inference on a Linear: add up·(γ ⊙ down·x) into the output in place, without a full-size temporary.
-        h = F.linear(x, down)
-        h = h * scale.to(x.dtype).view(scale.shape[0], *([1] * (h.dim() - 2)), -1)
-        output.view(-1, output.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T)
-        return output
+        return low_rank_delta(module, x, down, up, scale.to(x.dtype), add_to=output)  # in place where it can
 
     return hook
 
@@ -326,5 +328,6 @@ def prompt_gates(pipe, prompts: list[str]) -> torch.Tensor:
     if runtime is None:
         return torch.zeros(len(prompts), 0)
     hidden = encode(pipe, list(prompts), full_length=True)
-    recorded = [(row, _overlaps(runtime.gates, t)) for row, t in zip(hidden, token_sets(pipe, list(prompts)))]
+    tokens = token_sets(pipe, list(prompts))
+    recorded = [(row, _overlaps(runtime.gates, t), False) for row, t in zip(hidden, tokens)]
     return compute_gates(runtime.gates, hidden, recorded).cpu()
