@@ -13,10 +13,10 @@
 Every pipeline method is also a plain function taking the pipeline first.
 """
 
-__version__ = "0.1.0"
-
-from .config import ErasureConfig
-from .core import (
+from ._version import __version__
+from .api import (
+    export_adapter,
+    export_peft,
     erase_concept,
     erasure_gates,
     fuse_erasure,
@@ -26,9 +26,8 @@ from .core import (
     set_erasure_adapters,
     unload_erasure,
 )
-from .encode import TOKEN_POLICIES
-from .erasure import Erasure
-from .export import export_adapter
+from .config import ErasureConfig
+from .deltas import Dense, LowRank, TextMap
 from .hub import (
     model_card,
     push_erased_pipeline_to_hub,
@@ -39,28 +38,39 @@ from .hub import (
 from .methods.rece import RECEConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
+from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
 from .mixin import ErasureMixin, enable_erasure
 from .registry import available_methods, register_method
+from .text import TOKEN_POLICIES
 
 __all__ = [
+    "Dense",
     "Erasure",
     "ErasureConfig",
     "ErasureMixin",
+    "Guard",
+    "LowRank",
+    "Membrane",
     "RECEConfig",
     "SPMConfig",
     "TOKEN_POLICIES",
+    "TextMap",
     "UCEConfig",
+    "WeightEdit",
+    "__version__",
     "available_methods",
     "enable_erasure",
     "erase_concept",
     "erasure_gates",
     "export_adapter",
+    "export_peft",
     "fuse_erasure",
     "get_erasures",
     "load_erasure_adapter",
     "model_card",
     "push_erased_pipeline_to_hub",
     "push_erasure_to_hub",
+    "register_guard",
     "register_method",
     "save_erased_pipeline",
     "save_erasure_adapter",

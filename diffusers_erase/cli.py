@@ -18,6 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from . import api, hub, shapes
+from .methods.spm import SPMConfig
+from .mixin import enable_erasure
+from .registry import available_methods
+
 
 def _option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
@@ -30,14 +37,8 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _load_pipeline(model: str, dtype: str, device: str):
-    import torch
-
-    from . import enable_erasure
-
     torch_dtype = getattr(torch, dtype)
     if model == "shapes":
-        from . import shapes
-
         return enable_erasure(shapes.load_pipeline(torch_dtype=torch_dtype, device=device))
     from diffusers import DiffusionPipeline
 
@@ -54,9 +55,7 @@ def cmd_erase(args) -> int:
     print(f"erased {record.concepts} with {record.method} in {record.seconds:.2f} s "
           f"({len(record.modules)} modules, rank {record.rank}); adapter: {path}")
     if args.push_to_hub:
-        from .hub import push_erasure_to_hub
-
-        commit = push_erasure_to_hub(pipe, args.push_to_hub, include_grid=not args.no_images)
+        commit = hub.push_erasure_to_hub(pipe, args.push_to_hub, include_grid=not args.no_images)
         print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     return 0
 
@@ -70,34 +69,25 @@ def _model_for(args, header: dict) -> str:
 
 
 def cmd_export(args) -> int:
-    from .export import export_adapter
-    from .hub import read_header
-
-    header, file = read_header(args.adapter) if Path(args.adapter).exists() else (None, None)
+    header, file = hub.read_header(args.adapter) if Path(args.adapter).exists() else (None, None)
     if file is None:  # a Hub repo id: fetch (or find in the cache) the adapter file
-        from .core import _adapter_file
-
-        file = _adapter_file(args.adapter, None, None, None, None, None, None)
-        header, file = read_header(file)
+        file = api._adapter_file(args.adapter, None, None, None, None, None, None)
+        header, file = hub.read_header(file)
     pipe = _load_pipeline(_model_for(args, header), "float32", "cpu")
     if args.format == "peft":
-        from .export import export_peft
-
-        out = export_peft(pipe, args.out, adapter=file)
+        out = api.export_peft(pipe, args.out, adapter=file)
     else:
-        out = export_adapter(pipe, args.out, adapter=file, format=args.format)
+        out = api.export_adapter(pipe, args.out, adapter=file, format=args.format)
     print(f"wrote {out} ({args.format})")
     return 0
 
 
 def cmd_card(args) -> int:
-    from .hub import model_card, read_header
-
-    header, file = read_header(args.adapter_dir)
+    header, file = hub.read_header(args.adapter_dir)
     evaluation = None
     if args.eval:
         evaluation = _evaluate_adapter(_model_for(args, header), file, args.images_per_prompt, None)
-    model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id)
+    hub.model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id)
     print(f"wrote {file.parent / 'README.md'}")
     return 0
 
@@ -106,8 +96,6 @@ def _evaluate_adapter(model: str, adapter, images_per_prompt: int, grid_path):
     if model != "shapes":
         raise ValueError("--eval measures on the bundled shapes model only (its classifier knows that world); for "
                          "other models pass your own evaluation to de.model_card(..., evaluation=...).")
-    from . import shapes
-
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)
     erasures = pipe.load_erasure_adapter(adapter)
@@ -126,8 +114,6 @@ def cmd_evaluate(args) -> int:
     if args.adapter:
         result = _evaluate_adapter("shapes", args.adapter, args.images_per_prompt, out / "grid.png")
     else:
-        from . import shapes
-
         pipe = _load_pipeline("shapes", "float32", "cpu")
         pipe.set_progress_bar_config(disable=True)
         result = shapes.evaluate(pipe, images_per_prompt=args.images_per_prompt)
@@ -141,7 +127,6 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
-    from . import shapes
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)
     others = [s for s in shapes.SHAPES if s != args.concept]
@@ -158,8 +143,6 @@ def cmd_demo(args) -> int:
     if args.method == "rece":
         options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
-        from .methods.spm import SPMConfig
-
         method, preserve, options = SPMConfig.tiny(**options), [], {}
     record = pipe.erase_concept(args.concept, method=method, anchor=anchor, preserve=preserve, **options)
     print(f"2/3 erased {args.concept!r} with {args.method} (anchor {anchor!r}, preserving {len(preserve)} prompts"
@@ -179,8 +162,6 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import available_methods
-
     parser = argparse.ArgumentParser(prog="diffusers-erase", description="Concept erasure for diffusers pipelines.",
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--no-images", action="store_true", help="with --push-to-hub: no before/after images")
     erase.set_defaults(func=cmd_erase)
 
-    export = sub.add_parser("export", help="export an adapter for AUTOMATIC1111/ComfyUI (kohya, diff) or peft")
+    export = sub.add_parser("export", help="export an adapter for AUTOMATIC1111/ComfyUI (kohya, diff), diffusers (lora) or peft")
     export.add_argument("adapter", help="an adapter file, a folder holding one, or a Hub repo id")
-    export.add_argument("--format", required=True, choices=["kohya", "diff", "peft"])
+    export.add_argument("--format", required=True, choices=[*api.EXPORT_FORMATS, "peft"])
     export.add_argument("--out", required=True, help="the .safetensors file to write (a folder for peft)")
     export.add_argument("--model", help="the base pipeline (default: the Hub model named in the adapter)")
     export.set_defaults(func=cmd_export)

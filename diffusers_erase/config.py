@@ -13,13 +13,17 @@ logger = logging.getLogger(__name__)
 class ErasureConfig:
     """Options of one erasure method.
 
-    Subclasses set `method` (the registry key written into saved adapters) and add typed fields with the
-    defaults of the method's reference implementation. Fields declared with `metadata={"serialize": False}`
+    Subclasses set `method` (the registry key written into saved adapters), `paper`, `default_anchor` and
+    `default_preserve`, and add typed fields with the defaults of the method's reference implementation. Fields declared with `metadata={"serialize": False}`
     (callbacks, say) are not written to adapter files.
     """
 
     method: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # the method's paper, for model cards
+    default_anchor: ClassVar[str] = ""  # what concepts turn into when the caller gives no anchor
+    default_preserve: ClassVar[tuple[str, ...]] = ()  # preserved prompts when the caller gives none
+    # Which parameters the method's edits may touch (`api._SCOPES`): checked when an adapter file is loaded.
+    edit_scope: ClassVar[str] = "text_readers"
 
     def to_dict(self) -> dict[str, Any]:
         return {

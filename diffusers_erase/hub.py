@@ -17,19 +17,18 @@ import json
 import tempfile
 from pathlib import Path
 
-from .adapter import DEFAULT_WEIGHT_NAME, METADATA_KEY, base_model_id, read_adapter_file
+from . import api, engine
+from ._version import __version__
+from .families import FAMILIES
+from .formats import native
+from .formats.native import DEFAULT_WEIGHT_NAME, METADATA_KEY
+from .kinds import describe_record
 from .registry import get_method
+from .state import offload_disabled
 
 TEMPLATES = Path(__file__).parent / "hub_cards"
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "creativeml-openrail-m"  # SD 1.x's; pass the base model's own license
-_FAMILY_TAGS = {
-    "sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
-    "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
-    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
-}
-_PIPELINE_CLASS = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                   "sdxl": "StableDiffusionXLPipeline"}
 
 
 def _join(items, empty="–") -> str:
@@ -51,15 +50,6 @@ def _erasure_context(record: dict) -> dict:
         preserve_text = f"{record['preserve_count']} prompts (sha256 {record['preserve_sha256'][:12]}…)"
     else:
         preserve_text = _join(preserve or [])
-    if membrane:
-        what = ("A membrane (rank-1 adapter on every Linear/Conv2d of the UNet transformer blocks) running beside "
-                "the weights" + (", fused into them" if membrane.get("fused") else "") + ".")
-        gating = (f"on: strength = weight ({membrane.get('weight', 1.0)}) × the prompt's gate, which opens for "
-                  f"{_join(membrane.get('prompts', []))}" if membrane.get("gated", True)
-                  else f"off: static strength {membrane.get('weight', 1.0)}")
-    else:
-        what = "A closed-form edit of the UNet cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`)."
-        gating = ""
     options = dict(record.get("options") or {})
     return {
         "method": record["method"],
@@ -70,9 +60,8 @@ def _erasure_context(record: dict) -> dict:
         "rank": record.get("rank"),
         "module_count": len(record.get("modules", [])),
         "paper": _paper(record["method"]),
-        "what": what,
+        "what": describe_record(record),
         "membrane": bool(membrane),
-        "gating_text": gating,
         "options": sorted((k, json.dumps(v)) for k, v in options.items()),
     }
 
@@ -92,15 +81,12 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
     if not records:
         raise ValueError("The adapter holds no erasure; there is nothing to describe.")
     family = header.get("family", "sd1")
+    row = FAMILIES.get(family)
     base_model = base_model or header.get("base_model")
     methods = list(dict.fromkeys(r["method"] for r in records))
     concepts = [c for r in records for c in r.get("concepts", [])]
     has_membrane = any(r.get("membrane") for r in records)
-    lora_loadable = kind == "adapter"  # our adapter file is a plain diffusers LoRA (tested)
-    tags = ["text-to-image", "diffusers", "concept-erasure", *methods]
-    if lora_loadable:
-        tags += ["lora", "template:sd-lora"]
-    tags += _FAMILY_TAGS.get(family, [])
+    tags = ["text-to-image", "diffusers", "concept-erasure", *methods, *(row.hub_tags if row else ())]
     widget = [{"text": pair["prompt"], "output": {"url": pair["after"]}} for pair in images or []]
     card_data = ModelCardData(
         library_name="diffusers",
@@ -121,8 +107,6 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
         summary = (f"A concept-erasure adapter for {base_model or f'{family} pipelines'}: it makes the model stop "
                    f"drawing {', '.join(concepts) or 'the imported concepts'} ({', '.join(methods)}), and comes off "
                    "again with `pipe.unload_erasure()`.")
-    from . import __version__
-
     stem = Path(weight_name).stem
     return ModelCard.from_template(
         card_data,
@@ -132,13 +116,13 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
         images=images or [],
         erasures=[_erasure_context(r) for r in records],
         evaluation=evaluation,
-        pipeline_class=_PIPELINE_CLASS.get(family, "DiffusionPipeline"),
+        pipeline_class=row.pipeline_class if row else "DiffusionPipeline",
         base_model=base_model,
         repo_id=repo_id,
         weight_name=weight_name,
         default_weight_name=DEFAULT_WEIGHT_NAME,
         kohya_name=f"{stem}_kohya.safetensors",
-        lora_loadable=lora_loadable,
+        lora_name=f"{stem}_lora.safetensors",
         has_membrane=has_membrane,
         family=family,
         fingerprints=sorted((header.get("fingerprints") or {}).items()),
@@ -159,7 +143,7 @@ def read_header(path) -> tuple[dict, Path]:
         path = candidates[0]
     if not path.is_file():
         raise FileNotFoundError(f"No adapter file at {path}.")
-    _, metadata = read_adapter_file(path)
+    _, metadata = native.read_file(path)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no {METADATA_KEY!r} header; cards are made from diffusers-erase adapters.")
     return json.loads(metadata[METADATA_KEY]), path
@@ -193,10 +177,7 @@ def before_after_images(pipe, prompts: list[str], folder, *, seed: int = 0, num_
     erasures are taken off for the "before" images and put back exactly (same records, same arithmetic)."""
     import torch
 
-    from .core import offload_disabled
-    from .erasure import apply_erasures, restore_originals, state
-
-    records = list(state(pipe).erasures)
+    records = api.get_erasures(pipe)
     if not records:
         raise ValueError("This pipeline has no erasure; there is no before/after to show.")
     folder = Path(folder) / "images"
@@ -210,12 +191,12 @@ def before_after_images(pipe, prompts: list[str], folder, *, seed: int = 0, num_
             pipe(prompt, generator=generator, **call_kwargs).images[0].save(folder / f"{kind}_{i}.png")
 
     with offload_disabled(pipe):
-        restore_originals(pipe)
+        engine.uninstall(pipe)
     try:
         generate("before")
     finally:
         with offload_disabled(pipe):
-            apply_erasures(pipe, records)
+            engine.install(pipe, records)
     generate("after")
     (folder / "prompts.json").write_text(json.dumps(list(prompts)))
     return [{"prompt": p, "before": f"images/before_{i}.png", "after": f"images/after_{i}.png"}
@@ -227,13 +208,11 @@ def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: lis
                         num_inference_steps: int | None = None) -> Path:
     """Write what `push_erasure_to_hub` uploads: the adapter, README.md (the card) and, with `include_grid`,
     `images/before_i.png`, `images/after_i.png` for each prompt (default: each erased concept as its own prompt)."""
-    from .core import get_erasures, save_erasure_adapter
-
     folder = Path(folder)
-    path = save_erasure_adapter(pipe, folder)
+    path = api.save_erasure_adapter(pipe, folder)
     images = []
     if include_grid:
-        prompts = prompts or list(dict.fromkeys(c for e in get_erasures(pipe) for c in e.concepts))
+        prompts = prompts or list(dict.fromkeys(c for e in api.get_erasures(pipe) for c in e.concepts))
         if prompts:
             images = before_after_images(pipe, prompts, folder, seed=seed, num_inference_steps=num_inference_steps)
     header, _ = read_header(path)
@@ -264,15 +243,13 @@ def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo
                          license: str = DEFAULT_LICENSE) -> Path:
     """Write a full erased checkpoint (`save_pretrained`, weights with the erasures in them) with our card and
     the adapter file beside it. Membranes are written fused (a checkpoint cannot gate)."""
-    from .core import get_erasures, save_erasure_adapter
-
-    if any(e.is_gated_membrane for e in get_erasures(pipe)):
+    if any(e.edit.runs_beside_weights for e in api.get_erasures(pipe)):
         raise ValueError("The pipeline has unfused membranes, which a checkpoint cannot hold; call "
                          "`pipe.fuse_erasure()` first (membranes then act on every prompt).")
-    base_model = base_model or base_model_id(pipe)
+    base_model = base_model or api.base_model_id(pipe)
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
-    path = save_erasure_adapter(pipe, folder)
+    path = api.save_erasure_adapter(pipe, folder)
     header, _ = read_header(path)
     card = build_card(header, kind="checkpoint", repo_id=repo_id, base_model=base_model, evaluation=evaluation,
                       weight_name=path.name, license=license)

@@ -12,7 +12,7 @@ from .config import ErasureConfig
 class Method:
     name: str
     config_cls: type[ErasureConfig]
-    # handler(pipe, config, concepts, anchors, preserve) -> dict[param name, (up, down)]; it never mutates `pipe`.
+    # handler(pipe, config, concepts, anchors, preserve) -> an Edit (kinds.py); it never mutates `pipe`.
     handler: Callable
 
 
@@ -34,6 +34,7 @@ def register_method(config_cls: type[ErasureConfig]):
 
 
 def available_methods() -> list[str]:
+    """Names of the registered methods."""
     return sorted(_METHODS)
 
 

@@ -74,7 +74,7 @@ def changed(before: dict, after: dict) -> list[str]:
 
 def kv_weights(pipe) -> dict[str, torch.Tensor]:
     """The cross-attention key/value weights, cloned."""
-    from diffusers_erase.targets import cross_attention_projections
+    from diffusers_erase.families import text_readers as cross_attention_projections
 
     return {n: m.weight.detach().clone() for n, m in cross_attention_projections(pipe).items()}
 
@@ -99,3 +99,17 @@ def assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, path):
         layer = plain.unet.get_submodule(name[len("unet."):])
         fused = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
         assert torch.allclose(fused, weight, atol=1e-6, rtol=0), name
+
+
+def factors(erasure) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`{module: (up, down)}` of a record's low-rank payloads (a text map gives its (P, Q))."""
+    out = {}
+    for name, delta in erasure.edit.deltas.items():
+        pair = (delta.p, delta.q) if delta.type == "text_map" else (delta.up, delta.down)
+        out[name[: -len(".weight")]] = pair
+    return out
+
+
+def membrane_of(erasure) -> dict:
+    """A membrane's header fields: prompts, gated, weight, fused."""
+    return erasure.edit.record()["membrane"]

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
-from diffusers_erase.adapter import DEFAULT_WEIGHT_NAME
-from diffusers_erase.targets import cross_attention_projections
+from diffusers_erase.formats.native import DEFAULT_WEIGHT_NAME
+from diffusers_erase.families import text_readers as cross_attention_projections
 
 
 
@@ -48,12 +48,13 @@ def test_adapter_is_low_rank_and_self_describing(sd_pipe, tmp_path):
         header = json.loads(f.metadata()["diffusers_erase"])
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     layers = cross_attention_projections(pipe)
-    assert len(shapes) == 2 * len(layers)
-    for name, module in layers.items():
-        assert shapes[f"{name}.lora_A.weight"] == (2, module.in_features)  # rank 2: one column per concept
-        assert shapes[f"{name}.lora_B.weight"] == (module.out_features, 2)
+    # One text-space map for every layer: P (dim × 2) and Q (2 × dim), rank 2 (one column per concept).
+    assert shapes == {"0.0.P": (32, 2), "0.0.Q": (2, 32)}
     record = header["erasures"][0]
-    assert header["format_version"] == 1 and header["family"] == "sd1" and header["library_version"] == de.__version__
+    assert record["payloads"] == [{"type": "text_map", "key": "0.0", "targets": [f"{n}.weight" for n in layers]}]
+    assert record["kind"] == "weight_edit" and record["modules"] == [f"{n}.weight" for n in layers]
+    assert header["format_version"] == 2 and header["family"] == "sd1" and header["library_version"] == de.__version__
+    assert set(header["text_fingerprints"]) == {"text_encoder"}
     assert set(header["fingerprints"]) == {"unet", "text_encoder"}
     assert record["method"] == "uce" and record["concepts"] == ["cat", "tree"] and record["anchors"] == ["", ""]
     assert record["preserve"] == ["dog"] and record["token_policy"] == "eot" and record["rank"] == 2
@@ -117,9 +118,10 @@ def test_adapter_of_another_family_is_refused(sdxl_pipe, sd_pipe, tmp_path):
 
 
 def _erase_and_read(pipe, folder):
-    """Erase "cat", save the adapter and read it back as (tensors, metadata)."""
+    """Erase "cat", export it with per-layer factors (format 1, diffusers LoRA names) and read it back as
+    (tensors, metadata)."""
     de.erase_concept(pipe, "cat")
-    path = de.save_erasure_adapter(pipe, folder)
+    path = de.export_adapter(pipe, folder / "cat_lora.safetensors", format="lora")
     with safe_open(str(path), "pt") as f:
         return load_file(str(path)), f.metadata()
 
@@ -129,6 +131,7 @@ def test_adapter_with_wrong_shapes_is_refused_and_changes_nothing(sd_pipe, token
     last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
     tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])  # only the last module is wrong
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    (tmp_path / "cat_lora.safetensors").unlink()
     target = make_sd_pipeline(tokenizer_dir)
     de.erase_concept(target, "tree")  # an erasure already on the pipeline must survive the failed load
     assert_load_fails_cleanly(target, tmp_path / "bad.safetensors", r"does not fit this pipeline: .* is \d+×\d+ here")
@@ -193,9 +196,15 @@ def test_pipelines_sharing_a_unet_share_its_erasures(sd_pipe):
 
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
-def test_diffusers_load_lora_weights_reads_the_adapter_exactly(factory, tokenizer_dir, tmp_path):
-    """The adapter uses diffusers' LoRA key names, so plain `load_lora_weights` + `fuse_lora` gives our weights."""
+def test_diffusers_load_lora_weights_reads_the_lora_export_exactly(factory, tokenizer_dir, tmp_path):
+    """The `lora` export uses diffusers' LoRA key names, so plain `load_lora_weights` + `fuse_lora` gives our
+    weights; and it loads back as an adapter."""
     pipe = factory(tokenizer_dir)
     de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"])
     de.erase_concept(pipe, "house", method="rece", epochs=1, token_policy="last_subject")
-    assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, de.save_erasure_adapter(pipe, tmp_path))
+    path = de.export_adapter(pipe, tmp_path / "lora.safetensors", format="lora")
+    assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, path)
+    again = factory(tokenizer_dir)
+    de.load_erasure_adapter(again, path)
+    for name, weight in kv_weights(pipe).items():
+        assert torch.allclose(kv_weights(again)[name], weight, atol=1e-6, rtol=0), name

@@ -6,7 +6,8 @@ from conftest import changed, snapshot
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 import diffusers_erase as de
-from diffusers_erase import erasure as erasure_module
+from diffusers_erase import deltas as deltas_module
+from diffusers_erase import state as state_module
 
 
 def _fails_cleanly(pipe, error, match, *args, **kwargs):
@@ -69,37 +70,42 @@ def test_ill_conditioned_solve_is_detected(sd_pipe):
 def test_a_failure_on_the_last_layer_leaves_every_weight_as_it_was(sd_pipe, monkeypatch):
     de.erase_concept(sd_pipe, "tree")  # a first erasure, so the rollback must restore edited (not original) weights
     before, erasures = snapshot(sd_pipe), de.get_erasures(sd_pipe)
-    original_edit = erasure_module.add_low_rank_
+    original_edit = deltas_module.LowRank.apply_
     calls = []
 
-    def failing_on_last(weight, up, down, what):
+    def failing_on_last(self, weight, scale=1.0, what="edit"):
         calls.append(1)
         if len(calls) == 8:  # the tiny UNet has 8 cross-attention projections
             raise RuntimeError("injected failure")
-        original_edit(weight, up, down, what)
+        original_edit(self, weight, scale, what)
 
-    monkeypatch.setattr(erasure_module, "add_low_rank_", failing_on_last)
+    monkeypatch.setattr(deltas_module.LowRank, "apply_", failing_on_last)
     with pytest.raises(RuntimeError, match="injected"):
         de.erase_concept(sd_pipe, "cat")
     assert len(calls) == 8
     assert changed(before, snapshot(sd_pipe)) == [] and de.get_erasures(sd_pipe) == erasures
-    monkeypatch.setattr(erasure_module, "add_low_rank_", original_edit)
+    monkeypatch.setattr(deltas_module.LowRank, "apply_", original_edit)
     de.unload_erasure(sd_pipe)  # the stash of originals is intact too
     de.erase_concept(sd_pipe, "cat")
 
 
 def test_non_finite_factors_are_refused_and_nothing_stays_stashed(sd_pipe):
-    from diffusers_erase.adapter import to_state_dict
+    from diffusers_erase.api import adapter_state_dict
 
     de.erase_concept(sd_pipe, "cat")
-    tensors, metadata = to_state_dict(sd_pipe, de.get_erasures(sd_pipe))
+    tensors, metadata = adapter_state_dict(sd_pipe)
     de.unload_erasure(sd_pipe)
     before = snapshot(sd_pipe)
-    last = sorted(k for k in tensors if k.endswith("lora_B.weight"))[-1]
+    last = sorted(tensors)[-1]
     tensors[last] = tensors[last] * torch.inf
-    with pytest.raises(FloatingPointError, match="not finite"):
+    with pytest.raises(ValueError, match=f"tensor {last} holds NaN or infinite values"):
         de.load_erasure_adapter(sd_pipe, tensors, metadata=metadata)
-    assert changed(before, snapshot(sd_pipe)) == [] and erasure_module.state(sd_pipe).originals == {}
+    assert changed(before, snapshot(sd_pipe)) == [] and state_module.state(sd_pipe).originals == {}
+    # Finite factors whose sum with the weights overflows are refused when they are applied.
+    tensors = {k: torch.full_like(v, 1e36) for k, v in tensors.items()}
+    with pytest.raises(FloatingPointError, match="overflows"):
+        de.load_erasure_adapter(sd_pipe, tensors, metadata=metadata)
+    assert changed(before, snapshot(sd_pipe)) == [] and state_module.state(sd_pipe).originals == {}
 
 
 def test_fused_projections_are_refused(sd_pipe):

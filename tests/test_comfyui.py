@@ -4,7 +4,7 @@ The patches the nodes produce must reproduce what the library does to the diffus
 
 import pytest
 import torch
-from conftest import make_sd_pipeline
+from conftest import factors, make_sd_pipeline
 
 import diffusers_erase as de
 from diffusers_erase.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -92,7 +92,7 @@ def test_node_schemas():
 
 def test_key_map_covers_every_module_an_erasure_touches(comfy):
     pipe, model, _ = comfy
-    from diffusers_erase.membrane import membrane_targets
+    from diffusers_erase.families import membrane_targets
 
     names = key_map(model)
     for module in membrane_targets(pipe):
@@ -128,7 +128,7 @@ def test_gate_node_scales_a_membrane_by_the_spm_gate(comfy, tmp_path):
     patched, gate = ErasureGate().apply(model, clip, str(path), prompt, 2.0)
     assert gate == pytest.approx(expected, abs=1e-5)
     [record] = de.get_erasures(pipe)
-    for name, (up, down) in record.factors.items():
+    for name, (up, down) in factors(record).items():
         key = _ldm_key(name[len("unet."):] + ".weight")
         delta = patched.patched_weight(key) - model.model.state_dict()[key]
         assert torch.allclose(delta, (2.0 * gate * up @ down).reshape(delta.shape), atol=1e-6), name

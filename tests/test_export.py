@@ -17,8 +17,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
-from diffusers_erase.erasure import state
-from diffusers_erase.export import export_adapter, kohya_name, ldm_unet_path
+from diffusers_erase.state import state
+from diffusers_erase import families
+from diffusers_erase.api import export_adapter
+from diffusers_erase.families import ldm_unet_path
+
+
+def kohya_name(module, config, family):
+    return families.kohya_name(module, config, families.get_family(family))
 
 
 
@@ -284,7 +290,7 @@ def test_diff_file_imports_back_as_exact_low_rank_factors(factory, tokenizer_dir
 
 def test_peft_export_loads_in_peft_and_back(sd_pipe, tokenizer_dir, tmp_path):
     peft = pytest.importorskip("peft")
-    from diffusers_erase.export import export_peft
+    from diffusers_erase.api import export_peft
 
     _erase_twice(sd_pipe)
     folder = export_peft(sd_pipe, tmp_path / "peft")

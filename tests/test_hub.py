@@ -31,13 +31,13 @@ def test_card_metadata_and_sections(erased, tmp_path):
     data = loaded.data.to_dict()
     assert data["library_name"] == "diffusers" and data["base_model"] == "runwayml/stable-diffusion-v1-5"
     assert data["base_model_relation"] == "adapter" and data["license"] == "creativeml-openrail-m"
-    for tag in ("text-to-image", "diffusers", "concept-erasure", "uce", "lora", "template:sd-lora",
-                "stable-diffusion"):
+    for tag in ("text-to-image", "diffusers", "concept-erasure", "uce", "stable-diffusion"):
         assert tag in data["tags"], tag
+    assert "lora" not in data["tags"]  # format 2 is not a plain LoRA; the card shows the `lora` export instead
     text = loaded.text
     for needle in ("## What was erased", "`cat`, `tree`", "`animal`, `plant`", "`dog`", "arXiv:2308.14761",
                    "| `token_policy` | `\"last_subject\"` |", "| `lamb` | `0.3` |", "| cat | 0.0 |",
-                   'pipe.load_erasure_adapter("me/erase-cat")', "pipe.load_lora_weights", "diffusers-erase export",
+                   'pipe.load_erasure_adapter("me/erase-cat")', "pipe.load_lora_weights", "--format lora", "diffusers-erase export",
                    "## Limitations", "Erasure is not a guarantee", "`unet` "):
         assert needle in text, needle
     assert card.content == loaded.content

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_load_fails_cleanly, changed, make_sd_pipeline, snapshot
+from conftest import assert_load_fails_cleanly, changed, factors, make_sd_pipeline, membrane_of, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
-from diffusers_erase.membrane import membrane_targets, token_overlap, token_sets
+from diffusers_erase.families import membrane_targets
+from diffusers_erase.text import token_overlap, token_sets
 
 TINY = dict(iterations=3, lr=1e-2, lr_warmup_steps=1, max_denoising_steps=3, la_samples=1)
 
@@ -42,15 +43,15 @@ def test_training_is_deterministic_and_touches_no_weight(pipe, tokenizer_dir):
     record = pipe.erase_concept("cat", method="spm", seed=3, **TINY)
     assert changed(before, snapshot(pipe)) == []  # a membrane runs beside the weights
     assert flags == [p.requires_grad for p in pipe.unet.parameters()]
-    assert record.modules == list(membrane_targets(pipe)) and record.rank == 1
+    assert record.modules == [f"{n}.weight" for n in membrane_targets(pipe)] and record.rank == 1
     assert any(isinstance(m, torch.nn.Conv2d) for m in membrane_targets(pipe).values())  # proj_in/out
-    assert record.membrane == {"prompts": ["cat"], "gated": True, "weight": 1.0, "fused": False}
-    assert any(up.abs().sum() > 0 for up, _ in record.factors.values())
+    assert membrane_of(record) == {"prompts": ["cat"], "gated": True, "weight": 1.0, "fused": False}
+    assert any(up.abs().sum() > 0 for up, _ in factors(record).values())
 
     other = _quiet(make_sd_pipeline(tokenizer_dir))
     again = other.erase_concept("cat", method="spm", seed=3, **TINY)
-    for name, (up, down) in record.factors.items():
-        assert torch.equal(up, again.factors[name][0]) and torch.equal(down, again.factors[name][1]), name
+    for name, (up, down) in factors(record).items():
+        assert torch.equal(up, factors(again)[name][0]) and torch.equal(down, factors(again)[name][1]), name
 
 
 def test_static_membrane_equals_its_fused_weights_and_membranes_add_as_products(pipe, tokenizer_dir):
@@ -85,7 +86,7 @@ def test_each_sample_gets_its_own_gate_under_guidance(pipe):
         pipe.set_erasure_adapters("default", unconditional_gate="uncond")
 
     # The gate is the paper's: max(cos of the flattened embeddings, share of the erased prompt's tokens).
-    from diffusers_erase.encode import encode
+    from diffusers_erase.text import encode
 
     emb = encode(pipe, ["a red house", "cat"], full_length=True).flatten(1)
     cosine = float(F.cosine_similarity(emb[0], emb[1], dim=0))
@@ -129,21 +130,21 @@ def test_save_load_round_trip_and_transfer_to_another_pipeline(pipe, tokenizer_d
 
     other = _quiet(make_sd_pipeline(tokenizer_dir))
     loaded = other.load_erasure_adapter(tmp_path, adapter_name="cat")
-    assert loaded[0].membrane["gated"] and loaded[0].name == "cat"
+    assert membrane_of(loaded[0])["gated"] and loaded[0].name == "cat"
     assert (_images(other, ["a cat", "a dog"]) == expected).all()
 
     # A second membrane combines with the first; weights choose their strengths.
     other.erase_concept("dog", method="spm", adapter_name="dog", **TINY)
     other.set_erasure_adapters(["cat", "dog"], weights=[1.0, 0.5])
-    assert [e.membrane["weight"] for e in other.erasures] == [1.0, 0.5]
+    assert [membrane_of(e)["weight"] for e in other.erasures] == [1.0, 0.5]
     other.set_erasure_adapters(["dog"])
-    assert [e.membrane["weight"] for e in other.erasures] == [0.0, 1.0]
+    assert [membrane_of(e)["weight"] for e in other.erasures] == [0.0, 1.0]
 
 
 def _reference_spm_file(record, path, prompts="cat", alpha=1.0, drop=None, metadata=None):
     """A membrane written as the SPM reference code writes its files: kohya keys, alpha, prompts/rank/alpha."""
     tensors = {}
-    for name, (up, down) in record.factors.items():
+    for name, (up, down) in factors(record).items():
         if drop and drop in name:
             continue
         key = "lora_unet_" + name[len("unet."):].replace(".", "_")
@@ -164,10 +165,10 @@ def test_reference_format_spm_loads_and_gates(pipe, tokenizer_dir, tmp_path):
     file = _reference_spm_file(record, tmp_path / "cat_last.safetensors", alpha=2.0)
     other = _quiet(make_sd_pipeline(tokenizer_dir))
     loaded = other.load_erasure_adapter(file)
-    assert loaded[0].method == "spm" and loaded[0].membrane["prompts"] == ["cat"]
+    assert loaded[0].method == "spm" and membrane_of(loaded[0])["prompts"] == ["cat"]
     assert other.erasure_gates(["cat", "a red house"])["default"][0] == pytest.approx(1.0, abs=1e-5)
-    for name, (up, down) in loaded[0].factors.items():  # fp16 round trip of the factors
-        assert torch.allclose(up @ down, record.factors[name][0] @ record.factors[name][1], atol=1e-3), name
+    for name, (up, down) in factors(loaded[0]).items():  # fp16 round trip of the factors
+        assert torch.allclose(up @ down, factors(record)[name][0] @ factors(record)[name][1], atol=1e-3), name
 
     # Our kohya export of the membrane carries the reference's metadata fields too.
     out = de.export_adapter(other, tmp_path / "export.safetensors")
@@ -202,7 +203,7 @@ def test_bad_membrane_input(pipe, tokenizer_dir, sdxl_pipe, tmp_path):
         fresh.set_erasure_adapters(["default"], weights=[1.0, 0.5])
     with pytest.raises(ValueError, match="No membrane named 'mickey'"):
         fresh.set_erasure_adapters(["mickey"])
-    assert fresh.erasures[0].membrane["weight"] == 1.0
+    assert membrane_of(fresh.erasures[0])["weight"] == 1.0
     # SPM options are checked; SDXL training and preserve sets are refused before any work.
     with pytest.raises(ValueError, match="max_denoising_steps"):
         de.SPMConfig(max_denoising_steps=1)

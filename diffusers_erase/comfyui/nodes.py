@@ -14,16 +14,18 @@ the positive prompt (as the SPM reference does), not one per sample as `diffuser
 
 from __future__ import annotations
 
-import json
 import re
 
 import torch
 import torch.nn.functional as F
 
-from ..adapter import METADATA_KEY, read_adapter_file, split_records
-from ..export import KOHYA_UNET_PREFIX
-from ..membrane import token_overlap
+from ..families import FAMILIES, KOHYA_UNET_PREFIX, attention_prefixes
+from ..formats.layout import Layout
+from ..formats.native import read_file
+from ..formats.read import parse_any
+from ..kinds import Membrane
 from ..methods.uce import closed_form_edit
+from ..text import gate_value, token_overlap
 
 PREFIX = "diffusion_model."
 CATEGORY = "diffusers-erase"
@@ -39,23 +41,9 @@ def _layers(model) -> list[int]:
     return [int(b) for b in blocks] if isinstance(blocks, (list, tuple)) else [int(blocks)] * len(config["channel_mult"])
 
 
-def attention_prefixes(layers: list[int]) -> dict[str, str]:
-    """`{diffusers attention prefix: LDM prefix}` for every attention position of a UNet with these
-    layers_per_block (the layout of `export.ldm_unet_path`; positions without attention simply match nothing)."""
-    pairs = {"mid_block.attentions.0": "middle_block.1"}
-    for level, count in enumerate(layers):
-        for j in range(count):
-            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{1 + sum(n + 1 for n in layers[:level]) + j}.1"
-    reversed_layers = layers[::-1]
-    for level, count in enumerate(reversed_layers):
-        for j in range(count + 1):
-            pairs[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{sum(n + 1 for n in reversed_layers[:level]) + j}.1"
-    return pairs
-
-
 def key_map(model) -> dict[str, str]:
-    """Every name an erasure file may use for a UNet weight → the ComfyUI state-dict key: `unet.<diffusers path>`
-    (our adapters), `lora_unet_<diffusers path>` (SD 1.x kohya/SPM files) and `lora_unet_<LDM path>` (SDXL)."""
+    """Our module names (`unet.<diffusers path>`) and the kohya spellings of both layouts
+    (`lora_unet_<diffusers path>`, `lora_unet_<LDM path>`) → the ComfyUI state-dict key of the weight."""
     keys = [k for k in model.model.state_dict() if k.startswith(PREFIX) and k.endswith(".weight")]
     ldm_to_diffusers = {ldm: d for d, ldm in attention_prefixes(_layers(model)).items()}
     names = {}
@@ -70,57 +58,58 @@ def key_map(model) -> dict[str, str]:
     return names
 
 
-def read_erasures(path) -> list[dict]:
-    """The erasures of a file as `[{"method", "concepts", "prompts" (membranes) or None, "factors": {name: (up,
-    down)}}]`: our adapters (any number of records) and kohya files (ours or the SPM reference's: one record)."""
-    tensors, metadata = read_adapter_file(path)
-    if any(k.startswith(KOHYA_UNET_PREFIX) for k in tensors):
-        header = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
-        prompts = [p.strip() for p in str(metadata.get("prompts", "")).split(",") if p.strip()]
-        records = header.get("erasures", [])
-        if records:
-            prompts = [p for r in records for p in (r.get("membrane") or {}).get("prompts", [])]
-        groups: dict[str, dict] = {}
-        for key, value in tensors.items():
-            base, _, part = key.partition(".")
-            groups.setdefault(base, {})[part] = value.float()
-        factors = {}
-        for base, parts in groups.items():
-            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-                raise ValueError(f"{path}: {base} lacks its lora_down or lora_up weight.")
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            rank = down.shape[0]
-            scale = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-            factors[base] = (up.reshape(up.shape[0], -1) * scale, down.reshape(rank, -1))
-        concepts = [c for r in records for c in r.get("concepts", [])] or prompts
-        return [{"method": ",".join(r["method"] for r in records) or ("spm" if prompts else "imported"),
-                 "concepts": concepts, "prompts": prompts or None, "factors": factors}]
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{path} is neither a diffusers-erase adapter nor a kohya LoRA.")
-    header = json.loads(metadata[METADATA_KEY])
-    return [{"method": record["method"], "concepts": record.get("concepts", []),
-             "prompts": (membrane or {}).get("prompts") if membrane and membrane.get("gated", True) else None,
-             "factors": factors}
-            for record, membrane, factors in split_records(header, tensors, str(path))]
+def comfy_layout(model) -> Layout:
+    """The library's `Layout` of a ComfyUI MODEL, so the library's own readers parse files for it."""
+    state = model.model.state_dict()
+    config = model.model.model_config.unet_config
+    context = int(config.get("context_dim") or 768)
+    family = FAMILIES["sdxl" if context == 2048 else "sd2" if context == 1024 else "sd1"]
+    modules = {name: tuple(state[key].shape) for name, key in key_map(model).items() if name.startswith("unet.")}
+    layers = _layers(model)
+    unet_config = {"block_out_channels": [0] * len(layers), "layers_per_block": layers}
+    return Layout(family=family, unet_config=unet_config,
+                  text_readers={n: s for n, s in modules.items() if n.endswith(family.text_readers)},
+                  membrane_targets={n: s for n, s in modules.items() if len(s) in (2, 4)},  # Linear/Conv2d
+                  weight=lambda name: state[key_map(model)[name[: -len(".weight")]]],
+                  parameters={f"{n}.weight": s for n, s in modules.items()})
+
+
+def read_erasures(path, model) -> list[dict]:
+    """The erasures of any file the library reads, as `[{"method", "concepts", "prompts" (gated membranes) or
+    None, "deltas": {module: payload}}]`."""
+    tensors, metadata = read_file(path)
+    _, erasures = parse_any(comfy_layout(model), tensors, metadata, str(path))
+    out = []
+    for erasure in erasures:
+        edit = erasure.edit
+        gated = isinstance(edit, Membrane) and edit.gated and not edit.fused
+        deltas = {name[: -len(".weight")]: delta for name, delta in edit.deltas.items()}
+        out.append({"method": erasure.method, "concepts": erasure.concepts,
+                    "prompts": list(edit.prompts) if gated else None, "deltas": deltas})
+    return out
 
 
 def erasure_patches(model, erasures: list[dict], strengths: list[float]) -> dict[str, tuple]:
-    """ComfyUI `("diff", (ΔW,))` patches: Σ strength_i · up_i down_i per weight, reshaped to the weight."""
+    """ComfyUI `("diff", (ΔW,))` patches: Σ strength_i · ΔW_i per weight, reshaped to the weight. Each ΔW is
+    computed on the weight as the earlier erasures left it, so a stacked text-space map expands as it does when
+    diffusers-erase loads the file."""
     names = key_map(model)
     state = model.model.state_dict()
-    deltas: dict[str, torch.Tensor] = {}
+    patches: dict[str, torch.Tensor] = {}
     for erasure, strength in zip(erasures, strengths):
-        for name, (up, down) in erasure["factors"].items():
+        for name, delta in erasure["deltas"].items():
             if name not in names:
                 raise ValueError(f"{name} is not a weight of this model's UNet; the file was made for another "
                                  "model family or layout.")
             key = names[name]
-            weight = state[key]
-            if (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
+            weight = state[key].float()
+            current = (weight + patches[key] if key in patches else weight).reshape(weight.shape[0], -1)
+            matrix = delta.matrix(current)
+            if tuple(matrix.shape) != tuple(current.shape):
                 raise ValueError(f"{name} does not fit this model ({tuple(weight.shape)}).")
-            delta = (strength * (up @ down)).reshape(weight.shape)
-            deltas[key] = deltas[key] + delta if key in deltas else delta
-    return {key: ("diff", (delta,)) for key, delta in deltas.items()}
+            change = (strength * matrix).reshape(weight.shape)
+            patches[key] = patches[key] + change if key in patches else change
+    return {key: ("diff", (delta,)) for key, delta in patches.items()}
 
 
 def _patched(model, patches):
@@ -160,8 +149,8 @@ def comfy_gate(clip, prompt: str, erased_prompts: list[str]) -> float:
         e_emb, e_ids = _token_rows(clip, erased)
         e_tokens = {i for chunk in e_ids for i in chunk} - special
         cosine = float(F.cosine_similarity(emb.flatten(), e_emb.flatten(), dim=0)) if emb.shape == e_emb.shape else 0.0
-        best = max(best, cosine, token_overlap(tokens, e_tokens))
-    return min(1.0, max(0.0, best))
+        best = max(best, gate_value(cosine, token_overlap(tokens, e_tokens)))
+    return best
 
 
 def token_columns(clip, texts: list[str], policy: str) -> torch.Tensor:
@@ -221,7 +210,7 @@ class LoadErasureAdapter:
                              "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}}
 
     def apply(self, model, adapter, strength):
-        erasures = read_erasures(_lora_path(adapter))
+        erasures = read_erasures(_lora_path(adapter), model)
         return (_patched(model, erasure_patches(model, erasures, [strength] * len(erasures))),)
 
 
@@ -240,7 +229,7 @@ class ErasureGate:
                              "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}}
 
     def apply(self, model, clip, adapter, prompt, strength):
-        erasures = read_erasures(_lora_path(adapter))
+        erasures = read_erasures(_lora_path(adapter), model)
         gates = [comfy_gate(clip, prompt, e["prompts"]) if e["prompts"] else 1.0 for e in erasures]
         gate = max((g for g, e in zip(gates, erasures) if e["prompts"]), default=1.0)
         return (_patched(model, erasure_patches(model, erasures, [strength * g for g in gates])), gate)

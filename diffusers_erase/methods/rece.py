@@ -23,10 +23,10 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..erasure import temporarily_edited
+from ..families import text_readers
 from ..registry import register_method
-from ..targets import cross_attention_projections
-from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, layer_factors
+from ..state import temporarily_edited
+from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, text_edit
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class RECEConfig(UCEConfig):
 def projection_gram(pipe) -> torch.Tensor:
     """G = Σ_l W_lᵀ W_l over every cross-attention key/value projection (dim × dim, float32)."""
     gram = None
-    for module in cross_attention_projections(pipe).values():
+    for module in text_readers(pipe).values():
         weight = module.weight.detach().float()
         term = weight.T @ weight
         gram = term if gram is None else gram + term.to(gram.device)
@@ -131,7 +131,7 @@ def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
     if config.epoch_callback is not None:
         scores = []
         for epoch, (p_e, q_e) in enumerate(epochs):
-            with temporarily_edited(pipe, layer_factors(pipe, p_e, q_e)):
+            with temporarily_edited(pipe, text_edit(pipe, p_e, q_e).deltas):
                 scores.append(config.epoch_callback(pipe, epoch))
         p, q = epochs[min(range(len(scores)), key=scores.__getitem__)]
-    return layer_factors(pipe, p, q)
+    return text_edit(pipe, p, q)

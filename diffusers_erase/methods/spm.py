@@ -14,7 +14,7 @@ default), g the erase guidance. The anchors a are random embeddings of the shape
 direction accepted with probability 1 − cos(c_tgt, a), scaled to a norm drawn from [0.8, 1.2]·‖c_tgt‖ (reference
 `src/engine/sampling.py`). Anchoring keeps the membrane from moving the model on the rest of text space.
 
-At inference the membrane is gated per prompt (facilitated transport): see `diffusers_erase/membrane.py`.
+At inference the membrane is gated per prompt (facilitated transport): see `diffusers_erase/runtime.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ErasureConfig
+from ..deltas import LowRank
+from ..families import family_of, matrix_shape, membrane_targets
+from ..kinds import Membrane
 from ..registry import register_method
+from ..runtime import low_rank_delta
+from ..text import encode
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,8 @@ class SPMConfig(ErasureConfig):
     method: ClassVar[str] = "spm"
     paper: ClassVar[str] = ("SPM, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
                             "Applications (Lyu et al., CVPR 2024), [arXiv:2312.16145](https://arxiv.org/abs/2312.16145)")
-    membrane: ClassVar[bool] = True  # an adapter gated per prompt, not a weight edit
     default_anchor: ClassVar[str] = ""  # the reference's neutral prompt
+    edit_scope: ClassVar[str] = "membrane_blocks"
 
     rank: int = 1
     alpha: float = 1.0
@@ -116,14 +121,12 @@ class _Trainable:
     """Rank-r factors hooked onto every target module; `enabled` switches them off for the frozen predictions."""
 
     def __init__(self, targets: dict, rank: int, alpha: float, generator: torch.Generator, device):
-        from ..membrane import low_rank_delta, weight_matrix_shape
-
         self.enabled = True
         self.scale = alpha / rank
         self.factors: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         self.handles = []
         for name, module in targets.items():
-            out_features, in_features = weight_matrix_shape(module)
+            out_features, in_features = matrix_shape(module.weight)
             down = torch.empty(rank, in_features)
             torch.nn.init.kaiming_uniform_(down, a=1, generator=generator)  # as LoRA: down random, up zero
             down = torch.nn.Parameter(down.to(device))
@@ -161,16 +164,11 @@ def _lr_lambda(config: SPMConfig):
 
 @register_method(SPMConfig)
 def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
-    """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt); returns its factors
-    {module: (up · alpha/rank, down)}. The pipeline's weights and flags are left as they were."""
+    """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt), gated on the concepts;
+    its factors are `up · alpha/rank` and `down`. The pipeline's weights and flags are left as they were."""
     from diffusers import DDIMScheduler
 
-    from ..encode import encode
-    from ..membrane import membrane_targets
-    from ..targets import model_family
-
-    family = model_family(pipe)
-    if family == "sdxl":
+    if family_of(pipe).name not in ("sd1", "sd2"):
         raise ValueError("Training SPM membranes supports SD 1.x/2.x pipelines; for SDXL, load a trained "
                          "membrane (kohya SPM file) with `load_erasure_adapter`.")
     if preserve:
@@ -247,5 +245,6 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
         for param, flag in zip(unet.parameters(), flags):
             param.requires_grad_(flag)
     scale = config.alpha / config.rank
-    return {name: ((up.detach() * scale).float().cpu(), down.detach().float().cpu())
-            for name, (up, down) in membrane.factors.items()}
+    deltas = {f"{name}.weight": LowRank((up.detach() * scale).float().cpu(), down.detach().float().cpu())
+              for name, (up, down) in membrane.factors.items()}
+    return Membrane(deltas, prompts=list(concepts))

@@ -14,8 +14,9 @@ Writing M for the right-hand matrix, this is W' = W (M + s_e (C_a − C_e) C_e�
     Q = s_e C_eᵀ M⁻¹          (E × dim)
 
 so the edit is one linear map of text-embedding space shared by every layer, of rank E (the number of erased
-token columns). We factor M once (Cholesky, float64; no explicit inverse) and store each layer's edit exactly as the
-low-rank factors (W P, Q); the preserved prompts enter only through Σ c_p c_pᵀ, which is cached.
+token columns). We factor M once (Cholesky, float64; no explicit inverse) and return the map itself
+(`deltas.TextMap(P, Q)`, applied to each layer as W ← W + (W P) Q); the preserved prompts enter only through
+Σ c_p c_pᵀ, which is cached.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from typing import ClassVar
 import torch
 
 from ..config import ErasureConfig
-from ..encode import check_token_policy, concept_anchor_columns, preserve_statistics
+from ..deltas import TextMap
+from ..families import text_readers
+from ..kinds import WeightEdit
 from ..registry import register_method
-from ..targets import cross_attention_projections
+from ..text import check_token_policy, concept_anchor_columns, preserve_statistics
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class UCEConfig(ErasureConfig):
     paper: ClassVar[str] = ("UCE, Unified Concept Editing in Diffusion Models (Gandikota et al., WACV 2024), "
                             "[arXiv:2308.14761](https://arxiv.org/abs/2308.14761)")
     default_anchor: ClassVar[str] = ""  # UCE's guide for objects; pass anchor="art" for artistic styles
+    # Empty: UCE's reference preserves nothing unless told (the shapes recipe and real styles pass a list).
+    default_preserve: ClassVar[tuple[str, ...]] = ()
 
     lamb: float = 0.5
     erase_scale: float = 1.0
@@ -104,7 +109,7 @@ def closed_form_edit(
                                preserve_scale=preserve_scale)
     chol = _factor_system(c.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
     q = erase_scale * torch.cholesky_solve(c.T, chol).T  # M is symmetric: (M⁻¹ C_e)ᵀ = C_eᵀ M⁻¹
-    return (t - c).T.contiguous(), q  # float64; `layer_factors` casts
+    return (t - c).T.contiguous(), q  # float64; `text_edit` casts
 
 
 def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale):
@@ -115,21 +120,22 @@ def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale)
     return pq, torch.eye(s_ee.shape[0], device=s_ee.device, dtype=torch.float64)
 
 
-def layer_factors(pipe, p: torch.Tensor, q: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer low-rank factors (W P, Q) of the text-space edit W → W (I + P Q), in float32."""
-    p, q = p.float(), q.float()
-    if p.shape[1] > p.shape[0]:  # rank above the text width: the full map P Q is the smaller exact factorisation
-        p, q = p @ q, torch.eye(p.shape[0], device=p.device)
-    factors = {}
-    for name, module in cross_attention_projections(pipe).items():
+def text_edit(pipe, p: torch.Tensor, q: torch.Tensor) -> WeightEdit:
+    """The text-space edit W → W (I + P Q) of every layer that reads the prompt embeddings, as one shared
+    `TextMap` (float32, on the CPU)."""
+    p, q = p.float().cpu(), q.float().cpu()
+    if p.shape[1] >= p.shape[0]:  # rank at or above the text width: the full map P Q is the smaller exact form
+        p, q = p @ q, None
+    text_map = TextMap(p.contiguous(), None if q is None else q.contiguous())
+    deltas = {}
+    for name, module in text_readers(pipe).items():
         if module.in_features != p.shape[0]:
             raise ValueError(
                 f"{name} reads {module.in_features}-dim text embeddings but the text encoders give {p.shape[0]}; "
                 "the pipeline's text encoders do not match its UNet."
             )
-        weight = module.weight.detach()
-        factors[name] = (weight.float() @ p.to(weight.device), q.to(weight.device))
-    return factors
+        deltas[f"{name}.weight"] = text_map
+    return WeightEdit(deltas)
 
 
 def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve):
@@ -150,4 +156,4 @@ def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
         erase_scale=config.erase_scale,
         preserve_scale=config.preserve_scale,
     )
-    return layer_factors(pipe, p, q)
+    return text_edit(pipe, p, q)

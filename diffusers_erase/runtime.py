@@ -1,7 +1,7 @@
-"""Membranes: low-rank adapters that run beside the UNet's weights, each gated per prompt (SPM's facilitated
-transport).
+"""The runtime: hooks for every erasure that acts beside the weights, membranes (SPM's facilitated transport,
+each sample gated by its prompt) and guards (`kinds.Guard`, which attach their own hooks).
 
-A membrane is an `Erasure` with `membrane = {"prompts", "gated", "weight", "fused"}`. Unless fused, its factors
+A membrane is an erasure whose edit is a `kinds.Membrane` (prompts, gated, weight, fused). Unless fused, its factors
 never touch a weight: a forward hook on each adapted Linear/Conv2d adds, for every sample b of the batch,
 
     Σ_m  w_m · γ_m[b] · up_m (down_m x_b)
@@ -36,38 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .erasure import Erasure, get_module, state
-
-# Modules SPM adapts: every Linear and Conv2d inside the UNet's transformer blocks (Transformer2DModel), as the
-# reference's TARGET_REPLACE_MODULE_TRANSFORMER.
-_TRANSFORMER_CLASSES = ("Transformer2DModel", "SpatialTransformer")
-
-
-def membrane_targets(pipe) -> dict[str, nn.Module]:
-    """`{"unet.<path>": module}` for every Linear and Conv2d inside a transformer block of the UNet."""
-    unet = getattr(pipe, "unet", None)
-    found = {}
-    if unet is None:
-        return found
-    for block_name, block in unet.named_modules():
-        if type(block).__name__ not in _TRANSFORMER_CLASSES:
-            continue
-        for name, module in block.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                if type(module) not in (nn.Linear, nn.Conv2d):
-                    raise ValueError(
-                        f"unet.{block_name}.{name} is a {type(module).__name__}, not a plain Linear/Conv2d (a LoRA "
-                        "adapter is loaded?); call `pipe.unload_lora_weights()` before adding membranes."
-                    )
-                found[f"unet.{block_name}.{name}"] = module
-    return found
-
-
-def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a Linear, (out, in·kh·kw) of a Conv2d: the matrix `up @ down` adds to."""
-    weight = module.weight
-    return weight.shape[0], weight[0].numel()
-
+from .families import denoiser
+from .kinds import Erasure, Guard, Membrane
+from .state import get_module, state
+from .text import encode, gate_value, token_overlap, token_sets
 
 def low_rank_delta(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                    scale: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,28 +78,9 @@ class _Gate:
     weight: float
 
 
-def _special_ids(tokenizer) -> set[int]:
-    return {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-
-
-def token_sets(pipe, prompts: list[str]) -> list[set[int]]:
-    from .targets import text_components
-
-    tokenizer = text_components(pipe)[0][0]
-    special = _special_ids(tokenizer)
-    return [set(ids) - special for ids in tokenizer(list(prompts), truncation=True)["input_ids"]]
-
-
-def token_overlap(prompt_tokens: set[int], erased_tokens: set[int]) -> float:
-    """|T(p) ∩ T(e)| / |T(e)|: the share of the erased prompt's tokens that the prompt contains."""
-    return len(prompt_tokens & erased_tokens) / len(erased_tokens) if erased_tokens else 0.0
-
-
 def _build_gate(pipe, erasure: Erasure) -> _Gate:
-    from .encode import encode
-
-    prompts = list(erasure.membrane.get("prompts") or [])
-    gated = bool(erasure.membrane.get("gated", True))
+    membrane = erasure.edit
+    prompts, gated = list(membrane.prompts), membrane.gated
     if gated and not prompts:
         raise ValueError(
             f"The {erasure.method} membrane {erasure.name or ''} has no prompts to gate on; set "
@@ -138,7 +91,7 @@ def _build_gate(pipe, erasure: Erasure) -> _Gate:
         tokens = token_sets(pipe, prompts)
     else:
         embeddings, tokens = torch.zeros(0, 1), []
-    return _Gate(embeddings, tokens, gated, float(erasure.membrane.get("weight", 1.0)))
+    return _Gate(embeddings, tokens, gated, float(membrane.weight))
 
 
 @torch.no_grad()
@@ -183,12 +136,12 @@ def _overlaps(gates: list[_Gate], prompt_tokens: set[int]) -> torch.Tensor:
 
 
 def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
-    """Called by `ErasureMixin.encode_prompt`: remember which prompt each row of its embeddings came from, with
-    the token term of every attached membrane, so the UNet hook can gate each sample."""
+    """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, with
+    the token term of every attached membrane, so the denoiser hook can gate each sample."""
     record = state(pipe)
     record.recorded = []
-    runtime = getattr(pipe.unet, "_membrane_runtime", None)
-    if runtime is None:
+    runtime = record.runtime
+    if runtime is None or not runtime.gates:
         return
     try:
         bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
@@ -211,6 +164,33 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
             record.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens), negative))
 
 
+class PromptRecorder:
+    """Pipeline mixin: the token term of a gate needs the prompts, which only `encode_prompt` sees."""
+
+    def encode_prompt(self, *args, **kwargs):
+        output = super().encode_prompt(*args, **kwargs)
+        record_prompts(self, super().encode_prompt, args, kwargs, output)
+        return output
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def with_mixin(pipe, mixin: type):
+    """Give the pipeline object a subclass of its own class with `mixin` first, in place (nothing in diffusers is
+    patched). The subclass keeps the class name, so `save_pretrained` writes a `model_index.json` that plain
+    diffusers loads."""
+    cls = type(pipe)
+    if isinstance(pipe, mixin):
+        return pipe
+    key = (cls, mixin)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__,
+                                                             "__qualname__": cls.__qualname__})
+    pipe.__class__ = _SUBCLASSES[key]
+    return pipe
+
+
 # ------------------------------------------------------------------------------------------------ hooks
 
 
@@ -220,19 +200,21 @@ class _Runtime:
     active: bool = True
 
 
-def _unet_pre_hook(unet, args, kwargs):
-    hidden = kwargs.get("encoder_hidden_states")
-    if hidden is None and len(args) > 2:
-        hidden = args[2]
-    runtime = unet._membrane_runtime
-    record = unet._erasure_state
-    if hidden is None:
-        record.gates = None
+def _denoiser_pre_hook(record):
+    def hook(model, args, kwargs):
+        hidden = kwargs.get("encoder_hidden_states")
+        if hidden is None and len(args) > 2:
+            hidden = args[2]
+        runtime = record.runtime
+        if hidden is None or runtime is None or not runtime.gates:
+            record.gates = None
+            return None
+        gates = compute_gates(runtime.gates, hidden, record.recorded, record.unconditional_gate == "prompt")
+        record.gates = gates
+        runtime.active = bool(gates.any())
         return None
-    gates = compute_gates(runtime.gates, hidden, record.recorded, record.unconditional_gate == "prompt")
-    record.gates = gates
-    runtime.active = bool(gates.any())
-    return None
+
+    return hook
 
 
 def _pair_unconditional_rows(gates: torch.Tensor, negative_rows: torch.Tensor) -> None:
@@ -249,16 +231,15 @@ def _pair_unconditional_rows(gates: torch.Tensor, negative_rows: torch.Tensor) -
         gates[:half] = gates[half:]
 
 
-def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor):
+def _module_hook(record, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor):
     def hook(module, args, output):
-        runtime = unet._membrane_runtime
-        gates = unet._erasure_state.gates
-        if gates is None or not runtime.active:
+        runtime, gates = record.runtime, record.gates
+        if gates is None or runtime is None or not runtime.active:
             return output
         x = args[0]
         scale = gates[:, index]
         if scale.shape[0] != x.shape[0]:
-            # A module that sees another batch layout than the UNet input: the strongest gate of the batch,
+            # A module that sees another batch layout than the denoiser input: the strongest gate of the batch,
             # so an erasure never weakens.
             scale = scale.amax(dim=0, keepdim=True).expand(x.shape[0], -1)
         if torch.is_grad_enabled():
@@ -268,64 +249,69 @@ def _module_hook(unet, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor
     return hook
 
 
-def detach_membranes(pipe) -> None:
-    """Remove every membrane hook (the weights were never touched)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        return
+def detach(pipe) -> None:
+    """Remove every runtime hook (membranes and guards never touched a weight)."""
     record = state(pipe)
     for handle in record.hooks:
         handle.remove()
     record.hooks.clear()
     record.gates = None
     record.recorded = []
-    unet.__dict__.pop("_membrane_runtime", None)
+    record.runtime = None
 
 
-def refresh_membranes(pipe) -> None:
-    """(Re)attach the hooks of every unfused membrane on `pipe`, with their current weights and gating. Everything
-    is built first; the old hooks are swapped out only when that succeeded."""
+def _module_name(parameter: str) -> str:
+    return parameter[: -len(".weight")] if parameter.endswith(".weight") else parameter
+
+
+def refresh(pipe) -> None:
+    """(Re)attach the hooks of every erasure on `pipe` that runs beside the weights (membranes with their current
+    weights and gating, guards). Everything is built first; the old hooks are swapped out only when that
+    succeeded, and a guard that fails to attach leaves no hook behind."""
     record = state(pipe)
-    membranes = [e for e in record.erasures if e.is_gated_membrane]
-    if not membranes:
-        detach_membranes(pipe)
+    beside = [e for e in record.erasures if e.edit.runs_beside_weights]
+    # The one place that tells the kinds apart: membranes share gate and factor hooks, guards bring their own.
+    membranes = [e for e in beside if isinstance(e.edit, Membrane)]
+    guards = [e for e in beside if isinstance(e.edit, Guard)]
+    if not beside:
+        detach(pipe)
         return
     gates = [_build_gate(pipe, e) for e in membranes]
     per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for m, erasure in enumerate(membranes):
-        for name, (up, down) in erasure.factors.items():
-            per_module.setdefault(name, []).append((m, up, down))
+        for name, delta in erasure.edit.deltas.items():
+            per_module.setdefault(_module_name(name), []).append((m, delta.up, delta.down))
     hooks = []
-    unet = pipe.unet
     for name, parts in per_module.items():
         module = get_module(pipe, name)
         weight = module.weight
         down = torch.cat([d for _, _, d in parts]).to(weight.device, weight.dtype)
         up = torch.cat([u for _, u, _ in parts], dim=1).to(weight.device, weight.dtype)
         index = torch.tensor([m for m, _, d in parts for _ in range(d.shape[0])], device=weight.device)
-        hooks.append((module, _module_hook(unet, down, up, index)))
-    detach_membranes(pipe)
-    object.__setattr__(unet, "_membrane_runtime", _Runtime(gates))
-    record.hooks.append(unet.register_forward_pre_hook(_unet_pre_hook, with_kwargs=True))
-    for module, hook in hooks:
-        record.hooks.append(module.register_forward_hook(hook))
-    _enable_recording(pipe)
-
-
-def _enable_recording(pipe) -> None:
-    # The token term needs the prompts, which only encode_prompt sees: give the pipeline object our mixin.
-    from .mixin import enable_erasure
-
-    if hasattr(pipe, "encode_prompt"):
-        enable_erasure(pipe)
+        hooks.append((module, _module_hook(record, down, up, index)))
+    guard_handles = []
+    try:
+        for erasure in guards:
+            guard_handles.extend(erasure.edit.attach(pipe))
+    except BaseException:
+        for handle in guard_handles:
+            handle.remove()
+        raise
+    detach(pipe)
+    record.runtime = _Runtime(gates)
+    record.hooks.extend(guard_handles)
+    if membranes:
+        record.hooks.append(denoiser(pipe).register_forward_pre_hook(_denoiser_pre_hook(record), with_kwargs=True))
+        for module, hook in hooks:
+            record.hooks.append(module.register_forward_hook(hook))
+        if hasattr(pipe, "encode_prompt"):
+            with_mixin(pipe, PromptRecorder)
 
 
 def prompt_gates(pipe, prompts: list[str]) -> torch.Tensor:
     """(prompts, membranes) strengths w·γ that the attached membranes would get for these prompts."""
-    from .encode import encode
-
-    runtime = getattr(pipe.unet, "_membrane_runtime", None)
-    if runtime is None:
+    runtime = state(pipe).runtime
+    if runtime is None or not runtime.gates:
         return torch.zeros(len(prompts), 0)
     hidden = encode(pipe, list(prompts), full_length=True)
     tokens = token_sets(pipe, list(prompts))

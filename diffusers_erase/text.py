@@ -1,7 +1,7 @@
 """Text embeddings of concepts, anchors and preserved prompts, built exactly as the pipelines build them.
 
-The UNet reads `encode_prompt`'s output: the last hidden state of CLIP for SD 1.x/2.x, the penultimate hidden
-states of both text encoders concatenated for SDXL. Closed-form edits use a few token columns of it, chosen by a
+The denoiser reads `encode_prompt`'s output: for each text encoder of the family row (`families.py`) its last or
+penultimate hidden state, concatenated (SDXL: both encoders' penultimate states). Closed-form edits use a few token columns of it, chosen by a
 token policy:
 
 - "last_subject": the last word token (index len-2), as current UCE;
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .targets import text_components, weights_fingerprint
+from .families import text_pairs, weights_fingerprint
 
 TOKEN_POLICIES = ("last_subject", "eot", "tail", "all")
 _BATCH = 32
@@ -44,7 +44,7 @@ def _converted(pipe, prompts: list[str], tokenizer) -> list[str]:
 
 def token_lengths(pipe, prompts: list[str], what: str = "prompt") -> list[int]:
     """Real token counts (with start and end tokens); raises for a prompt that would be truncated."""
-    tokenizer = text_components(pipe)[0][0]
+    tokenizer = text_pairs(pipe)[0][0]
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(_converted(pipe, prompts, tokenizer), truncation=False)["input_ids"]]
     for prompt, n in zip(prompts, lengths):
@@ -64,12 +64,11 @@ def _uses_padding(policy: str) -> bool:
 def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | None = None) -> torch.Tensor:
     """(batch, tokens, dim) float32 embeddings as `encode_prompt` makes them; truncated after the longest prompt's
     end token unless `full_length` (`lengths`: the prompts' `token_lengths`, if already known)."""
-    pairs = text_components(pipe)
-    penultimate = len(pairs) > 1 or getattr(pipe, "text_encoder_2", None) is not None  # SDXL convention
+    pairs = text_pairs(pipe)
     device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
     longest = max(lengths or token_lengths(pipe, prompts))
     outputs = []
-    for tokenizer, encoder in pairs:
+    for tokenizer, encoder, row in pairs:
         batch = tokenizer(
             _converted(pipe, prompts, tokenizer),
             padding="max_length",
@@ -83,7 +82,7 @@ def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | 
         chunks = []
         for start in range(0, len(prompts), _BATCH):
             chunk_ids = ids[start : start + _BATCH].to(device)
-            if penultimate:
+            if row.hidden == "penultimate":
                 out = encoder(chunk_ids, output_hidden_states=True).hidden_states[-2]
             else:
                 use_mask = getattr(encoder.config, "use_attention_mask", False)
@@ -155,13 +154,13 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
     encoders' weights, the token policy and the prompts: a second erase with the same set skips the encoding.
     """
     check_token_policy(policy)
-    pairs = text_components(pipe)
+    pairs = text_pairs(pipe)
     encoders = [
-        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False)]
-        for tok, e in pairs
+        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False),
+         row.hidden]
+        for tok, e, row in pairs
     ]
-    penultimate = len(pairs) > 1 or getattr(pipe, "text_encoder_2", None) is not None
-    key = hashlib.sha256(json.dumps([encoders, penultimate, policy, list(prompts)]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
     if path is not None and path.exists():
@@ -172,7 +171,7 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
             path.unlink(missing_ok=True)
 
     lengths = token_lengths(pipe, prompts, "preserved prompt")  # fails before any encoding work
-    dim = sum(e.config.hidden_size for _, e in pairs)
+    dim = sum(e.config.hidden_size for _, e, _ in pairs)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)
@@ -192,3 +191,27 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
         os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     return gram, count
 
+
+
+# ------------------------------------------------------------------------------------------ the SPM gate terms
+
+
+def special_ids(tokenizer) -> set[int]:
+    return {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+
+
+def token_sets(pipe, prompts: list[str]) -> list[set[int]]:
+    """T(p): each prompt's token ids without start, end and padding tokens (first tokenizer)."""
+    tokenizer = text_pairs(pipe)[0][0]
+    special = special_ids(tokenizer)
+    return [set(ids) - special for ids in tokenizer(list(prompts), truncation=True)["input_ids"]]
+
+
+def token_overlap(prompt_tokens: set[int], erased_tokens: set[int]) -> float:
+    """|T(p) ∩ T(e)| / |T(e)|: the share of the erased prompt's tokens that the prompt contains."""
+    return len(prompt_tokens & erased_tokens) / len(erased_tokens) if erased_tokens else 0.0
+
+
+def gate_value(cosine: float, overlap: float) -> float:
+    """SPM facilitated transport for one (prompt, erased prompt) pair: max(cos, token overlap), clamped to [0, 1]."""
+    return min(1.0, max(0.0, cosine, overlap))

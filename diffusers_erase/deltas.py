@@ -1,0 +1,180 @@
+"""Payloads: what one edit adds to one parameter. Each knows how to apply itself, its size and its tensors.
+
+- `LowRank(up, down)`: ΔW = up @ down (a Conv2d weight is edited as its (out, in·kh·kw) matrix).
+- `Dense(delta)`: ΔW = delta, any shape (biases, full fine-tuning).
+- `TextMap(p, q)`: W → W (I + P Q) for a layer that reads a text pathway, so ΔW = (W P) Q with W the weight as it
+  is when the edit is applied. One TextMap is shared by every layer of that pathway (the closed forms of UCE and
+  RECE are one map of text-embedding space, `scaling-families.md` §4.1), so it is stored once: 2 × dim × E
+  floats for E erased embedding vectors. `q is None` means Q = I (P is then the full dim × dim map P Q).
+
+Every payload is applied as W ← W + ΔW summed in float32, and raises before touching W when ΔW or the sum is not
+finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class Delta:
+    """Base class of the payloads."""
+
+    type: str = ""
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """ΔW for `weight` (float32, on the weight's device), shaped as the weight's matrix view."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def apply_(self, weight: torch.Tensor, scale: float = 1.0, what: str = "edit") -> None:
+        """W ← W + scale·ΔW in place (float32 sum), all or nothing."""
+        add_(weight, self.matrix(weight) * scale if scale != 1.0 else self.matrix(weight), what)
+
+    def scaled(self, scale: float) -> "Delta":
+        raise NotImplementedError
+
+    def to(self, device=None, dtype=torch.float32) -> "Delta":
+        return type(self)(**{k: (None if v is None else v.to(device, dtype)) for k, v in self._fields().items()})
+
+    def _fields(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+
+
+def add_(weight: torch.Tensor, delta: torch.Tensor, what: str = "edit") -> None:
+    """weight ← weight + delta (delta float32, shaped as the weight or its matrix view), summed in float32."""
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError(f"The {what} is not finite; nothing was changed.")
+    new = weight.float() + delta.to(weight.device).reshape(weight.shape)
+    if not torch.isfinite(new).all():
+        raise FloatingPointError(f"The {what} overflows {weight.dtype}; nothing was changed (a float32 pipeline, "
+                                 "or a smaller edit, avoids this).")
+    weight.copy_(new.to(weight.dtype))
+
+
+@dataclass(eq=False)
+class LowRank(Delta):
+    up: torch.Tensor  # (out, rank)
+    down: torch.Tensor  # (rank, in[·kh·kw])
+    type = "low_rank"
+
+    def matrix(self, weight):
+        return self.up.to(weight.device, torch.float32) @ self.down.to(weight.device, torch.float32)
+
+    def apply_(self, weight, scale=1.0, what="edit"):
+        up = self.up.to(weight.device, torch.float32)
+        down = self.down.to(weight.device, torch.float32)
+        if scale != 1.0:
+            up = up * scale
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise FloatingPointError(f"The {what} is not finite; nothing was changed.")
+        if weight.dtype == torch.float32:
+            view = _matrix_view(weight)
+            # |W + up·down| ≤ max|W| + rank·max|up|·max|down|: when that bound is finite the sum cannot overflow,
+            # so add in one pass with no temporary; otherwise build the sum and check it before it lands.
+            bound = float(view.abs().max()) + up.shape[1] * float(up.abs().max()) * float(down.abs().max())
+            if bound < torch.finfo(torch.float32).max:
+                view.addmm_(up, down)
+                return
+            new = torch.addmm(view, up, down)
+            if not torch.isfinite(new).all():
+                raise FloatingPointError(f"The {what} overflows float32; nothing was changed.")
+            view.copy_(new)
+            return
+        add_(weight, up @ down, what)
+
+    def tensors(self):
+        return {"up": self.up, "down": self.down}
+
+    def scaled(self, scale):
+        return LowRank(self.up * scale, self.down)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass(eq=False)
+class Dense(Delta):
+    delta: torch.Tensor
+    type = "dense"
+
+    def matrix(self, weight):
+        return _matrix_view(self.delta.to(weight.device, torch.float32))
+
+    def tensors(self):
+        return {"delta": self.delta}
+
+    def scaled(self, scale):
+        return Dense(self.delta * scale)
+
+    @property
+    def rank(self) -> int:
+        return min(_matrix_view(self.delta).shape)
+
+
+@dataclass(eq=False)
+class TextMap(Delta):
+    p: torch.Tensor  # (dim, E)
+    q: torch.Tensor | None  # (E, dim), or None for the identity (then p is dim × dim)
+    type = "text_map"
+
+    def factors(self, weight: torch.Tensor) -> LowRank:
+        """The per-layer low-rank form (W P, Q) of this map for `weight` (out × dim)."""
+        w = weight.detach().to(torch.float32)
+        if w.shape[1] != self.p.shape[0]:
+            raise ValueError(f"the layer reads {w.shape[1]}-dim text embeddings but the map is "
+                             f"{self.p.shape[0]}-dim")
+        p = self.p.to(w.device, torch.float32)
+        q = torch.eye(p.shape[1], device=w.device) if self.q is None else self.q.to(w.device, torch.float32)
+        return LowRank(w @ p, q)
+
+    def matrix(self, weight):
+        return self.factors(weight).matrix(weight)
+
+    def apply_(self, weight, scale=1.0, what="edit"):
+        self.factors(weight).apply_(weight, scale, what)
+
+    def tensors(self):
+        return {"P": self.p} if self.q is None else {"P": self.p, "Q": self.q}
+
+    def scaled(self, scale):
+        return TextMap(self.p * scale, self.q)
+
+    @property
+    def rank(self) -> int:
+        return self.p.shape[1]
+
+    def _fields(self):
+        return {"p": self.p, "q": self.q}
+
+
+PAYLOADS: dict[str, type[Delta]] = {cls.type: cls for cls in (LowRank, Dense, TextMap)}
+
+
+def from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Delta:
+    """Rebuild a payload from its `tensors()` (names checked by the caller)."""
+    if kind == "low_rank":
+        return LowRank(tensors["up"], tensors["down"])
+    if kind == "dense":
+        return Dense(tensors["delta"])
+    if kind == "text_map":
+        return TextMap(tensors["P"], tensors.get("Q"))
+    raise ValueError(f"unknown payload type {kind!r}; known: {', '.join(PAYLOADS)}")
+
+
+def tensor_names(kind: str) -> tuple[set[str], set[str]]:
+    """(required, optional) tensor names of a payload type."""
+    return {"low_rank": ({"up", "down"}, set()), "dense": ({"delta"}, set()),
+            "text_map": ({"P"}, {"Q"})}[kind]

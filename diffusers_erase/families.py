@@ -1,0 +1,235 @@
+"""The family table: every piece of architecture knowledge the library uses, one row per model family.
+
+Methods, formats, the Hub cards and the ComfyUI nodes read these rows; nothing else hard-codes a component name,
+a layer name or a naming convention. The MMDiT families (SD3, FLUX) are added as rows here.
+
+A *text pathway* is one stream of text embeddings the denoiser reads. In a UNet the prompt embeddings reach
+only the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`), so those are the pathway's
+*readers*: every closed-form edit (UCE, RECE, ...) is one linear map of that text space applied to all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline) and SDXL (StableDiffusionXL*Pipeline)"
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One (tokenizer, text encoder) pair and how `encode_prompt` turns its output into what the denoiser reads."""
+
+    tokenizer: str  # pipeline attribute
+    encoder: str  # pipeline attribute
+    hidden: str  # "last": last hidden state (SD 1.x/2.x); "penultimate": hidden_states[-2] (SDXL)
+    causal: bool = True  # CLIP: token i sees tokens ≤ i only, so real-token columns do not depend on padding
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. `text_readers`: module-name suffixes of the denoiser layers that read the token pathway
+    (the consumers of a text-space map); `membrane_blocks`: class names of the blocks SPM adapts (every
+    Linear/Conv2d inside them); `kohya_ldm_names`: write kohya keys with the original LDM/SGM module paths."""
+
+    name: str
+    denoiser: str
+    text_encoders: tuple[TextEncoder, ...]
+    text_readers: tuple[str, ...]
+    membrane_blocks: tuple[str, ...]
+    kohya_ldm_names: bool
+    pipeline_class: str
+    hub_tags: tuple[str, ...]
+    kohya_base_model_version: str  # ss_base_model_version as kohya-ss writes it
+    modelspec_architecture: str
+
+
+_UNET_TEXT_READERS = ("attn2.to_k", "attn2.to_v")
+_UNET_BLOCKS = ("Transformer2DModel", "SpatialTransformer")
+_CLIP = TextEncoder("tokenizer", "text_encoder", "last")
+
+FAMILIES: dict[str, Family] = {
+    "sd1": Family("sd1", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
+                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v1", "stable-diffusion-v1"),
+    "sd2": Family("sd2", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
+                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v2", "stable-diffusion-v2-512"),
+    "sdxl": Family("sdxl", "unet",
+                   (TextEncoder("tokenizer", "text_encoder", "penultimate"),
+                    TextEncoder("tokenizer_2", "text_encoder_2", "penultimate")),
+                   _UNET_TEXT_READERS, _UNET_BLOCKS, True, "StableDiffusionXLPipeline",
+                   ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), "sdxl_base_v1-0",
+                   "stable-diffusion-xl-v1-base"),
+}
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)  # what an edit may touch
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown model family {name!r}; known families: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def family_of(pipe) -> Family:
+    """The row of `pipe`; raises, naming the supported families, for a pipeline without a known denoiser."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(unet, "config") or not any(
+            name.endswith(_UNET_TEXT_READERS) for name, _ in unet.named_modules()):
+        raise ValueError(
+            f"{type(pipe).__name__} has no UNet cross-attention (attn2.to_k/to_v) to edit. "
+            f"Supported families: {SUPPORTED_FAMILIES}."
+        )
+    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
+        return FAMILIES["sdxl"]
+    return FAMILIES["sd2"] if unet.config.get("cross_attention_dim") == 1024 else FAMILIES["sd1"]
+
+
+def denoiser(pipe) -> nn.Module:
+    return getattr(pipe, family_of(pipe).denoiser)
+
+
+def text_pairs(pipe) -> list[tuple]:
+    """`(tokenizer, text_encoder, TextEncoder row)` for each text encoder the denoiser reads, in concatenation order."""
+    family = family_of(pipe)
+    pairs = [(getattr(pipe, t.tokenizer, None), getattr(pipe, t.encoder, None), t) for t in family.text_encoders]
+    pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
+    if not pairs:
+        raise ValueError(f"{type(pipe).__name__} has no tokenizer/text_encoder pair; supported families: "
+                         f"{SUPPORTED_FAMILIES}.")
+    return pairs
+
+
+def _plain(module: nn.Module, name: str, kinds: tuple) -> nn.Module:
+    if type(module) not in kinds:
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, not a plain {'/'.join(k.__name__ for k in kinds)} (a LoRA adapter "
+            "is loaded?); erase before loading LoRA weights, or call `pipe.unload_lora_weights()` first."
+        )
+    return module
+
+
+def text_readers(pipe) -> dict[str, nn.Linear]:
+    """`{"<denoiser>.<module path>": Linear}` for every layer that reads the token pathway, in module order.
+
+    Raises when those are not what the model runs: fused into `to_kv`, or wrapped by a loaded LoRA."""
+    family = family_of(pipe)
+    found = {}
+    for name, module in getattr(pipe, family.denoiser).named_modules():
+        if getattr(module, "fused_projections", False) and name.endswith(".attn2"):
+            raise ValueError(
+                "The UNet's cross-attention projections are fused (to_kv), so to_k/to_v are not used; "
+                "call `pipe.unfuse_qkv_projections()` before erasing."
+            )
+        if name.endswith(family.text_readers):
+            found[f"{family.denoiser}.{name}"] = _plain(module, f"{family.denoiser}.{name}", (nn.Linear,))
+    return found
+
+
+def membrane_targets(pipe) -> dict[str, nn.Module]:
+    """`{"<denoiser>.<path>": module}` for every Linear and Conv2d inside a block SPM adapts."""
+    family = family_of(pipe)
+    found = {}
+    for block_name, block in getattr(pipe, family.denoiser).named_modules():
+        if type(block).__name__ not in family.membrane_blocks:
+            continue
+        for name, module in block.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                full = f"{family.denoiser}.{block_name}.{name}"
+                found[full] = _plain(module, full, (nn.Linear, nn.Conv2d))
+    return found
+
+
+def matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a Linear weight, (out, in·kh·kw) of a Conv2d weight: the matrix an edit adds to."""
+    return (weight.shape[0], weight[0].numel()) if weight.dim() > 1 else (weight.shape[0], 1)
+
+
+# ------------------------------------------------------------------------------------- LDM / kohya naming
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+
+
+def layers_per_block(unet_config) -> list[int]:
+    levels = len(unet_config["block_out_channels"])
+    layers = unet_config["layers_per_block"]
+    return [int(layers)] * levels if isinstance(layers, int) else [int(n) for n in layers]
+
+
+def attention_prefixes(layers: list[int]) -> dict[str, str]:
+    """`{diffusers attention prefix: LDM prefix}` for every attention position of a UNet with these layers per block.
+
+    Input blocks: index 0 is conv_in, then per level its layers and one downsampler, so level b layer j is
+    `input_blocks.{1 + Σ_{k<b}(layers_k + 1) + j}.1`; the middle attention is `middle_block.1`; output blocks count
+    layers_k + 1 per level of the reversed list (the layout ComfyUI's `unet_to_diffusers` builds from the config)."""
+    pairs = {"mid_block.attentions.0": "middle_block.1"}
+    for level, count in enumerate(layers):
+        for j in range(count):
+            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{1 + sum(n + 1 for n in layers[:level]) + j}.1"
+    reversed_layers = layers[::-1]
+    for level, count in enumerate(reversed_layers):
+        for j in range(count + 1):
+            index = sum(n + 1 for n in reversed_layers[:level]) + j
+            pairs[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{index}.1"
+    return pairs
+
+
+def ldm_unet_path(path: str, unet_config) -> str:
+    """The original (LDM/SGM) UNet path of a diffusers UNet attention path (`down_blocks.{b}.attentions.{j}.…`)."""
+    match = re.fullmatch(r"((?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.(.+)", path)
+    prefixes = attention_prefixes(layers_per_block(unet_config))
+    if not match or match[1] not in prefixes:
+        raise ValueError(f"unet.{path} is not inside a UNet attention block; it has no kohya name.")
+    return f"{prefixes[match[1]]}.{match[2]}"
+
+
+def kohya_name(module: str, unet_config, family: Family) -> str:
+    """`lora_unet_…` name of one of our modules (`unet.<diffusers path>`), in the family's kohya spelling."""
+    component, _, path = module.partition(".")
+    if component != "unet":
+        raise ValueError(f"{module} is not a UNet module; only UNet edits are exported.")
+    if family.kohya_ldm_names:
+        path = ldm_unet_path(path, unet_config)
+    return KOHYA_UNET_PREFIX + path.replace(".", "_")
+
+
+def kohya_aliases(modules, unet_config) -> dict[str, str]:
+    """`{kohya name: module}` under both spellings (diffusers path and LDM path) for each `unet.<path>` module:
+    files in the wild use either."""
+    names = {}
+    for module in modules:
+        path = module.partition(".")[2]
+        names[KOHYA_UNET_PREFIX + path.replace(".", "_")] = module
+        names[KOHYA_UNET_PREFIX + ldm_unet_path(path, unet_config).replace(".", "_")] = module
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+# Config keys that say nothing about the architecture (paths, versions, dtypes).
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash", "torch_dtype",
+                         "dtype", "architectures", "_use_default_values", "_class_name"}
+
+
+def config_fingerprint(module: nn.Module) -> str:
+    """Short hash of a model's architecture config (equal for checkpoints of the same architecture)."""
+    config = getattr(module, "config", None)
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    data = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(module: nn.Module, samples: int = 256) -> str:
+    """Short hash of a strided sample of every parameter: cheap, and it changes when a checkpoint is fine-tuned."""
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(name.encode())
+        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

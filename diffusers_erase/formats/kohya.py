@@ -1,0 +1,288 @@
+"""The AUTOMATIC1111/ComfyUI formats: kohya LoRA and full-weight `.diff` files, written from per-layer factors
+(`lora.py`) and read back into format-1 state dicts.
+
+Two formats, both one safetensors file:
+
+- ``"kohya"``: a kohya-ss LoRA. Per edited module ``<name>.lora_down.weight`` (rank × in),
+  ``<name>.lora_up.weight`` (out × rank) and ``<name>.alpha`` (= rank, so the LoRA scale alpha / rank is exactly 1
+  and the delta is ``lora_up @ lora_down``, our edit). Stacked erasures are concatenated along the rank, as in our
+  own adapter format.
+- ``"diff"``: the full weight difference ``<name>.diff`` (out × in, float32) of every edited module, which
+  ComfyUI adds as a ``("diff", ...)`` patch and A1111 as a ``network_full`` module, with no low-rank arithmetic.
+
+``<name>`` is ``lora_unet_`` + a UNet module path with ``.`` replaced by ``_``:
+
+- SD 1.x / 2.x: the diffusers path, as kohya-ss writes SD 1.x LoRAs, e.g.
+  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``.
+- SDXL: the original (SGM/LDM) path, as kohya-ss writes SDXL LoRAs, e.g.
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`` for ``down_blocks.1.attentions.0...``.
+  Both loaders map this form, and map it without guessing the block layout: A1111
+  (``extensions-builtin/Lora/networks.py``, ``load_network``) replaces ``lora_unet`` by ``diffusion_model`` and looks
+  the result up among the LDM module names ("SDXL loras seem to already have correct compvis keys"); ComfyUI
+  (``comfy/lora.py``, ``model_lora_keys_unet``) registers ``lora_unet_<LDM path>`` for every ``diffusion_model.*``
+  weight of the loaded model. The diffusers form is also accepted by both, but only through a conversion
+  (A1111's ``convert_diffusers_name_to_compvis`` hard-codes three input blocks per level; ComfyUI's
+  ``comfy.utils.unet_to_diffusers``), so the LDM form is the one that needs nothing of either loader but a rename.
+  diffusers' own ``load_lora_weights`` maps it back (``_maybe_map_sgm_blocks_to_diffusers``).
+
+The ``.diff`` file uses the same ``lora_unet_*`` names rather than ComfyUI's generic ``diffusion_model.<path>`` key:
+ComfyUI's ``load_lora`` reads ``<x>.diff`` for every ``x`` of its key map, which holds the ``lora_unet_*`` names in
+both versions of ``comfy/lora.py`` read for this (the generic ``diffusion_model.<path>`` keys only in the newer one),
+and A1111 splits a key at its first ``.``, so a dotted ``diffusion_model.…`` key would not match there at all.
+
+Every exported file carries the kohya ``ss_*`` fields A1111 uses to tell SD1/SD2/SDXL apart
+(``ss_base_model_version``, ``ss_v2``; ``extensions-builtin/Lora/network.py`` ``detect_version``), SAI ModelSpec
+``modelspec.*`` fields, and our own ``diffusers_erase`` header, so ``load_erasure_adapter`` restores the exact
+erasure records from a kohya export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..families import Family, kohya_name
+from .layout import Layout
+from .native import METADATA_KEY
+
+FORMATS = ("kohya", "diff")
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def write(ours: dict[str, torch.Tensor], family: Family, unet_config, fmt: str) -> dict[str, torch.Tensor]:
+    """kohya (`lora_down`/`lora_up`/`alpha` = rank) or `.diff` tensors from format-1 (diffusers LoRA) tensors."""
+    tensors = {}
+    for key in ours:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        down, up = ours[f"{module}.lora_A.weight"], ours[f"{module}.lora_B.weight"]
+        name = kohya_name(module, unet_config, family)
+        if fmt == "kohya":
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        else:
+            # A Conv2d's factors are conv-shaped (rank, in, kh, kw) / (out, rank, 1, 1): multiply as matrices.
+            delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+            tensors[f"{name}.diff"] = delta.reshape(up.shape[0], *down.shape[1:]).contiguous()
+    return tensors
+
+
+def header_fields(info: dict, metadata: dict[str, str], out_file: Path, fmt: str, rank: int) -> dict[str, str]:
+    """kohya `ss_*` and ModelSpec fields; `info`: family row, v_prediction, resolution, base_model."""
+    family = info["family"].name
+    header = json.loads(metadata[METADATA_KEY])
+    v_prediction = info["v_prediction"]
+    if family == "sdxl":
+        architecture = "stable-diffusion-xl-v1-base"
+        implementation = "https://github.com/Stability-AI/generative-models"  # kohya's value for SDXL LoRAs
+    elif family == "sd2":
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        implementation = "diffusers"
+    else:
+        architecture, implementation = "stable-diffusion-v1", "diffusers"
+    resolution = info["resolution"]
+    records = header["erasures"]
+    concepts = [c for record in records for c in record["concepts"]]
+    methods = list(dict.fromkeys(record["method"] for record in records))
+    membranes = [record for record in records if record.get("membrane")]
+    what = ("rank-1 membranes on the UNet transformer blocks (SPM), static here: facilitated transport (per-prompt "
+            "gating) needs diffusers-erase" if membranes else "edits of the UNet cross-attention to_k/to_v only")
+    description = (
+        f"Concept erasure ({', '.join(methods)}) of {', '.join(concepts) or 'imported edits'} by diffusers-erase "
+        f"{header.get('library_version', '')}: {what} "
+        f"({'low-rank factors, alpha = rank' if fmt == 'kohya' else 'full weight differences'}). "
+        f"Full record in the '{METADATA_KEY}' header."
+    )
+    fields = {
+        "ss_output_name": out_file.stem,
+        "ss_base_model_version": info["family"].kohya_base_model_version,
+        "ss_v2": str(family == "sd2"),
+        "ss_training_comment": description,
+        "modelspec.sai_model_spec": "1.0.0",
+        # ModelSpec has no adapter id for a full diff; "lora" is the adapter class both loaders read it as.
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": out_file.stem,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.description": description,
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.tags": ",".join(["concept-erasure", *methods]),
+    }
+    base_model = info.get("base_model")
+    if base_model:
+        fields["ss_sd_model_name"] = str(base_model)
+    if fmt == "kohya":
+        fields.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                       "ss_network_alpha": str(rank)})
+        if membranes and len(membranes) == len(records):
+            # The SPM reference's own fields, so its infer_spm.py gates the file too.
+            prompts = [p for record in membranes for p in record["membrane"].get("prompts", [])]
+            fields.update({"prompts": ",".join(prompts), "rank": str(rank), "alpha": str(rank)})
+    return fields
+
+
+def is_kohya_state_dict(tensors) -> bool:
+    return any(key.partition(".")[0].startswith(("lora_unet_", "lora_te")) for key in tensors)
+
+
+def is_diff_state_dict(tensors) -> bool:
+    return bool(tensors) and all(key.endswith(".diff") for key in tensors)
+
+
+def check_family(layout: Layout, metadata: dict[str, str], source: str) -> None:
+    family = layout.family.name
+    version = str(metadata.get("ss_base_model_version", ""))
+    architecture = str(metadata.get("modelspec.architecture", ""))
+    if version.startswith("sdxl_") or architecture.startswith("stable-diffusion-xl"):
+        found = "sdxl"
+    elif (metadata.get("ss_v2") == "True" or version.startswith("sd_v2")
+          or architecture.startswith("stable-diffusion-v2")):
+        found = "sd2"
+    elif version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
+        found = "sd1"
+    else:
+        return  # no family in the header: the shape checks decide
+    if found != family:
+        raise ValueError(f"{source} is a kohya LoRA for {found!r} (its ss_*/modelspec header), but this is a "
+                         f"{family!r} pipeline; load it into a pipeline of that family.")
+
+
+def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoRA"):
+    """Turn a kohya LoRA of erasure edits into our adapter tensors and header, for `adapter.from_state_dict`.
+
+    - Files with our `diffusers_erase` header (our exports) keep their records.
+    - SPM membranes (the SPM reference's files: `lora_unet_*` factors on the transformer blocks with `prompts`,
+      `rank`, `alpha` metadata) become one gated membrane per file.
+    - Otherwise the file must only edit cross-attention key/value projections: one weight edit, method
+      "imported".
+    Alpha is folded into `lora_up` (scale alpha / rank; exactly 1 for our exports). Anything else is refused,
+    with what to use instead."""
+    metadata = dict(metadata or {})
+    check_family(layout, metadata, source)
+    names = layout.kohya_names()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        base, _, part = key.partition(".")
+        if part not in _KOHYA_PARTS:
+            raise ValueError(f"{source} holds {key}, which is not a kohya LoRA tensor (lora_down.weight, "
+                             "lora_up.weight, alpha); only plain LoRA factors can be loaded as an erasure.")
+        groups.setdefault(base, {})[part] = value
+    foreign = sorted(base for base in groups if base not in names)
+    if foreign:
+        raise ValueError(f"{source} edits {len(foreign)} module(s) outside the UNet's transformer blocks (e.g. "
+                         f"{foreign[0]}); it is not an erasure adapter — load general LoRAs with "
+                         "`pipe.load_lora_weights`.")
+    spm_prompts = metadata.get("prompts")
+    projections = layout.text_readers
+    if METADATA_KEY not in metadata and spm_prompts is None:
+        others = sorted(names[b] for b in groups if names[b] not in projections)
+        if others:
+            raise ValueError(
+                f"{source} adapts {others[0]} (and {len(others) - 1} more) beyond the cross-attention key/value "
+                "projections but has no `prompts` metadata, so it is neither an edit nor an SPM membrane that can "
+                "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
+                "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
+                "general LoRA use `pipe.load_lora_weights`.")
+    ours: dict[str, torch.Tensor] = {}
+    for base, parts in groups.items():
+        module = names[base]
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{source} is incomplete: {base} lacks its lora_down or lora_up weight.")
+        if f"{module}.lora_A.weight" in ours:
+            raise ValueError(f"{source} holds {module} twice (under its diffusers and its LDM kohya name).")
+        down = parts["lora_down.weight"].float()
+        up = parts["lora_up.weight"].float()
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; expected Linear (2-D) or "
+                             "Conv2d (4-D) LoRA factors.")
+        rank = down.shape[0]
+        alpha = parts.get("alpha")
+        if alpha is not None:
+            scale = float(alpha.float().item()) / rank
+            if scale != 1.0:
+                up = up * scale
+        ours[f"{module}.lora_A.weight"] = down
+        ours[f"{module}.lora_B.weight"] = up
+    if not ours:
+        raise ValueError(f"{source} holds no LoRA tensors.")
+    if METADATA_KEY not in metadata:
+        ours = pad_to_one_rank(ours)
+        modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+        title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
+        rank = ours[f"{modules[0]}.lora_A.weight"].shape[0]
+        if spm_prompts is not None:
+            prompts = [p.strip() for p in str(spm_prompts).split(",") if p.strip()]
+            if not prompts:
+                raise ValueError(f"{source} has an empty `prompts` metadata field; its membrane cannot be gated.")
+            record = {"method": "spm", "name": title, "concepts": prompts, "anchors": [], "preserve": [],
+                      "options": {"source_format": "kohya-spm", "rank": metadata.get("rank"),
+                                  "alpha": metadata.get("alpha")},
+                      "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False}}
+        else:
+            record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
+                      "options": {"source_format": "kohya"}}
+        record.update({"rank": rank, "modules": modules, "seconds": 0.0})
+        metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
+                                             "erasures": [record]})
+    return ours, metadata
+
+
+def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"):
+    """A full-weight `.diff` file (as `export_adapter(format="diff")` writes) back to exact low-rank factors by SVD
+    (ΔW = U S Vᵀ, keeping singular values above 1e-6 of the largest; the edits are low rank, so this is exact up to
+    float round-off). Stacked erasures cannot be told apart in a sum, so the file becomes one "imported" record
+    that lists the concepts its header named."""
+    metadata = dict(metadata or {})
+    check_family(layout, metadata, source)
+    names = layout.kohya_names()
+    projections = layout.text_readers
+    concepts, methods = [], []
+    if METADATA_KEY in metadata:
+        for record in json.loads(metadata[METADATA_KEY]).get("erasures", []):
+            concepts += record.get("concepts", [])
+            methods.append(record.get("method"))
+            if record.get("membrane"):
+                raise ValueError(f"{source} holds membranes as full diffs; load the adapter or kohya export to "
+                                 "keep their gating.")
+    ours = {}
+    for key, delta in tensors.items():
+        base, _, part = key.partition(".")
+        if part != "diff" or base not in names:
+            raise ValueError(f"{source} holds {key}, which is not a `lora_unet_*.diff` of this pipeline.")
+        module = names[base]
+        if module not in projections:
+            raise ValueError(f"{source} changes {module}; only cross-attention key/value diffs import as an edit.")
+        matrix = delta.float().reshape(delta.shape[0], -1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
+        ours[f"{module}.lora_A.weight"] = vh[:keep].contiguous()
+        ours[f"{module}.lora_B.weight"] = (u[:, :keep] * s[:keep]).contiguous()
+    if not ours:
+        raise ValueError(f"{source} holds no diff tensors.")
+    ours = pad_to_one_rank(ours)
+    modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+    record = {"method": "imported", "name": metadata.get("ss_output_name"), "concepts": concepts, "anchors": [],
+              "preserve": [], "options": {"source_format": "diff", "methods": methods},
+              "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0], "modules": modules, "seconds": 0.0}
+    metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
+                                         "erasures": [record]})
+    return ours, metadata
+
+
+
+
+def pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One record has one rank: pad lower-rank modules with zero rows/columns (the product is unchanged)."""
+    rank = max(t.shape[0] for k, t in ours.items() if k.endswith(".lora_A.weight"))
+    padded = {}
+    for key, value in ours.items():
+        if key.endswith(".lora_A.weight") and value.shape[0] < rank:
+            value = torch.cat([value, value.new_zeros(rank - value.shape[0], *value.shape[1:])])
+        elif key.endswith(".lora_B.weight") and value.shape[1] < rank:
+            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1], *value.shape[2:])], dim=1)
+        padded[key] = value
+    return padded

@@ -1,0 +1,134 @@
+"""Per-layer low-rank factors under diffusers' LoRA key names: format 1 of our adapter, and `format="lora"` exports.
+
+    unet.<module path>.lora_A.weight   # down, rank × in   (Conv2d: rank × in × kh × kw)
+    unet.<module path>.lora_B.weight   # up,   out × rank  (Conv2d: out × rank × 1 × 1)
+
+Stacked erasures that touch the same module are concatenated along the rank (ΔW₁ + ΔW₂ = [B₁ B₂][A₁; A₂]); the
+format-1 header (records with `rank` and `modules`) says how to split them back. Plain diffusers
+`pipe.load_lora_weights(file); pipe.fuse_lora()` reproduces the edit, since those are its own key names.
+
+`expand` turns any erasure into these per-layer factors: a text map T = I + P Q becomes (W P, Q) for each layer,
+with W the layer's weight just before that erasure; every export goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import torch
+
+from ..deltas import LowRank, TextMap
+from ..kinds import Erasure
+from .native import METADATA_KEY, erasure_from_record, make_edit, quick_look, record_fields
+
+LORA_FORMAT_VERSION = 1
+
+
+def module_of(parameter: str) -> str:
+    if not parameter.endswith(".weight"):
+        raise ValueError(f"{parameter} is not a weight; LoRA factors only hold weight edits (export format='diff' "
+                         "or share the adapter file).")
+    return parameter[: -len(".weight")]
+
+
+def expand(erasures: list[Erasure], base_weight: Callable[[str], torch.Tensor]) -> list[dict[str, LowRank]]:
+    """Per-layer low-rank factors `{parameter: LowRank}` of each erasure, in order; `base_weight(parameter)` is the
+    value before the first of them. Dense payloads have no low-rank form here and are refused."""
+    running: dict[str, torch.Tensor] = {}
+    out = []
+    for erasure in erasures:
+        problem = erasure.edit.export_problem()
+        if problem:
+            raise ValueError(problem)
+        factors = {}
+        for name, delta in erasure.edit.deltas.items():
+            if isinstance(delta, TextMap):
+                factors[name] = delta.factors(running.get(name, base_weight(name)))
+            elif isinstance(delta, LowRank):
+                factors[name] = delta
+            else:
+                raise ValueError(f"The {erasure.method} edit of {name} is dense; export it with format='diff'.")
+        for name, (delta, scale) in erasure.edit.weight_deltas().items():
+            weight = running.get(name, base_weight(name)).detach().float()
+            running[name] = weight + scale * delta.matrix(weight).reshape(weight.shape)
+        out.append(factors)
+    return out
+
+
+def write(erasures: list[Erasure], expanded: list[dict[str, LowRank]], shapes: dict[str, tuple], header: dict):
+    """A format-1 state dict (tensors, metadata) of the expanded erasures; `shapes`: each parameter's shape."""
+    ups: dict[str, list[torch.Tensor]] = {}
+    downs: dict[str, list[torch.Tensor]] = {}
+    records = []
+    for erasure, factors in zip(erasures, expanded):
+        ranks = {f.rank for f in factors.values()}
+        if len(ranks) > 1:  # one record has one rank: pad with zero rows/columns (the product is unchanged)
+            factors = {n: _padded(f, max(ranks)) for n, f in factors.items()}
+        for name, factor in factors.items():
+            ups.setdefault(name, []).append(factor.up.detach().float().cpu())
+            downs.setdefault(name, []).append(factor.down.detach().float().cpu())
+        fields = record_fields(erasure)
+        fields.pop("kind")
+        records.append({**fields, "rank": max(ranks, default=0), "modules": [module_of(n) for n in factors]})
+    tensors = {}
+    for name in ups:
+        down, up = torch.cat(downs[name], dim=0), torch.cat(ups[name], dim=1)
+        shape = shapes[name]
+        if len(shape) == 4:  # a Conv2d: conv-shaped factors, as diffusers/peft LoRA files hold them
+            down = down.reshape(down.shape[0], *shape[1:])
+            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+        tensors[f"{module_of(name)}.lora_A.weight"] = down.contiguous()
+        tensors[f"{module_of(name)}.lora_B.weight"] = up.contiguous()
+    header = {**header, "format_version": LORA_FORMAT_VERSION, "erasures": records}
+    header.pop("text_fingerprints", None)
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(header), **quick_look(erasures)}
+
+
+def _padded(factor: LowRank, rank: int) -> LowRank:
+    extra = rank - factor.rank
+    if extra == 0:
+        return factor
+    return LowRank(torch.cat([factor.up, factor.up.new_zeros(factor.up.shape[0], extra)], dim=1),
+                   torch.cat([factor.down, factor.down.new_zeros(extra, factor.down.shape[1])]))
+
+
+def parse_v1(header: dict, tensors: dict[str, torch.Tensor], source: str) -> list[Erasure]:
+    """The erasures of a format-1 state dict, each module's factors sliced out of the rank-concatenated tensors
+    (Conv2d factors flattened to matrices). Checks that the tensors and the header agree."""
+    offsets: dict[str, int] = {}
+    erasures = []
+    for index, record in enumerate(header["erasures"]):
+        where = f"{source}, erasure {index}"
+        rank, modules = record.get("rank"), record.get("modules")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}: `rank` must be a positive integer, got {rank!r}.")
+        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+            raise ValueError(f"{where}: `modules` must be a non-empty list of module names, got {modules!r}.")
+        deltas = {}
+        for name in modules:
+            down_all = tensors.get(f"{name}.lora_A.weight")
+            up_all = tensors.get(f"{name}.lora_B.weight")
+            if down_all is None or up_all is None:
+                raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
+            for value, part in ((down_all, "lora_A"), (up_all, "lora_B")):
+                if not value.is_floating_point():
+                    raise ValueError(f"{source}: {name}.{part}.weight is {value.dtype}; factors are floating point.")
+            start = offsets.get(name, 0)
+            down, up = down_all[start: start + rank], up_all[:, start: start + rank]
+            down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+            if down.shape[0] != rank or up.shape[1] != rank:
+                raise ValueError(f"{source} is inconsistent with its header: {name} has fewer rank rows than the "
+                                 f"records say ({start + rank}).")
+            if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                raise ValueError(f"{source}: the factors of {name} hold NaN or infinite values.")
+            offsets[name] = start + rank
+            deltas[f"{name}.weight"] = LowRank(up.float(), down.float())
+        erasures.append(erasure_from_record(record, make_edit(record, deltas, None, where)))
+    expected = {f"{name}.lora_{ab}.weight" for name in offsets for ab in "AB"}
+    leftover = sorted(set(tensors) - expected)
+    unused = [n for n, used in offsets.items() if tensors[f"{n}.lora_A.weight"].shape[0] != used]
+    if leftover or unused:
+        raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]} or "
+                         f"unused rank rows in {unused[:3]}.")
+    return erasures

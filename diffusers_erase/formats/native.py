@@ -1,0 +1,274 @@
+"""Our adapter file: one safetensors file holding every erasure of a pipeline, with a self-describing header.
+
+Format 2 (written since 0.1 of the engine v2). The header (`__metadata__`) holds `format: pt`, `methods` and
+`concepts` for a quick look, and under `diffusers_erase` a JSON object: format version, library version, model
+family, config fingerprints of the base components, weight fingerprints of the text encoders, and one record
+per erasure (method, concepts, anchors, preserve list or its hash, options, seconds, `kind`, and its payloads).
+Each payload is a group `{"type", "key", "targets"}` whose tensors are `<key>.<name>`:
+
+    text_map   <key>.P (dim × E), <key>.Q (E × dim, absent for the identity)   targets: every layer that reads text
+    low_rank   <key>.up (out × r), <key>.down (r × in)                          targets: one parameter
+    dense      <key>.delta (the parameter's shape)                              targets: one parameter
+    guard      <key>.<name> for each name in "tensors"                          targets: none
+
+A text map is stored once for all the layers it edits, so a closed-form edit costs 2 × dim × E floats.
+Format 1 (per-layer LoRA factors, `formats/lora.py`) still reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..deltas import Delta, LowRank, TextMap, from_tensors, tensor_names
+from ..kinds import GUARDS, Erasure, Guard, Membrane, WeightEdit
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+METADATA_KEY = "diffusers_erase"
+DEFAULT_WEIGHT_NAME = "erasure_adapter.safetensors"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+_LONG_PRESERVE = 64  # longer preserve lists are recorded as a hash and a count
+
+
+def record_fields(erasure: Erasure) -> dict:
+    """The header fields every format writes for one erasure (the payloads aside)."""
+    preserve = {"preserve": erasure.preserve}
+    if erasure.preserve_summary and not erasure.preserve:
+        preserve = dict(erasure.preserve_summary)  # re-saving a loaded adapter keeps what it recorded
+    elif len(erasure.preserve) > _LONG_PRESERVE:
+        digest = hashlib.sha256(json.dumps(erasure.preserve).encode()).hexdigest()
+        preserve = {"preserve_sha256": digest, "preserve_count": len(erasure.preserve)}
+    return {
+        "method": erasure.method,
+        "name": erasure.name,
+        "concepts": erasure.concepts,
+        "anchors": erasure.anchors,
+        **preserve,
+        "token_policy": erasure.options.get("token_policy"),
+        "options": erasure.options,
+        "seconds": round(erasure.seconds, 4),
+        "kind": erasure.edit.kind,
+        **erasure.edit.record(),
+    }
+
+
+def quick_look(erasures: list[Erasure]) -> dict[str, str]:
+    return {"methods": ",".join(dict.fromkeys(e.method for e in erasures)),
+            "concepts": json.dumps([c for e in erasures for c in e.concepts])}
+
+
+def write(erasures: list[Erasure], header: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a format-2 file holding `erasures`; `header` gives the file-level fields."""
+    tensors: dict[str, torch.Tensor] = {}
+    records = []
+    for i, erasure in enumerate(erasures):
+        groups: dict[int, dict] = {}
+        for target, delta in erasure.edit.deltas.items():
+            group = groups.get(id(delta))
+            if group is None:
+                key = f"{i}.{len(groups)}"
+                group = groups[id(delta)] = {"type": delta.type, "key": key, "targets": []}
+                for name, value in delta.tensors().items():
+                    tensors[f"{key}.{name}"] = value.detach().float().cpu().contiguous()
+            group["targets"].append(target)
+        payloads = list(groups.values())
+        if isinstance(erasure.edit, Guard):
+            key = f"{i}.guard"
+            payloads.append({"type": "guard", "key": key, "targets": [], "tensors": sorted(erasure.edit.tensors)})
+            for name, value in erasure.edit.tensors.items():
+                tensors[f"{key}.{name}"] = value.detach().cpu().contiguous()
+        records.append({**record_fields(erasure), "rank": erasure.rank, "modules": erasure.modules,
+                        "payloads": payloads})
+    header = {**header, "format_version": FORMAT_VERSION, "erasures": records}
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(header), **quick_look(erasures)}
+
+
+def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; pickles are refused without being opened."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} looks like a pickle ({path.suffix}); diffusers-erase never loads pickles because they can run "
+            "code. Use a .safetensors adapter (re-save the weights with safetensors.torch.save_file)."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); adapters are .safetensors files.") from None
+    return tensors, metadata
+
+
+def read_header(metadata: dict[str, str], source: str) -> dict:
+    """The `diffusers_erase` header, checked for what every reader relies on."""
+    if METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{source} is not a diffusers-erase adapter: its safetensors header has no {METADATA_KEY!r} entry. "
+            "Save adapters with `save_erasure_adapter`."
+        )
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} has a corrupt {METADATA_KEY!r} header ({error}).") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{source}: the {METADATA_KEY!r} header must be a JSON object, got {type(header).__name__}.")
+    version = header.get("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{source}: format_version must be a positive integer, got {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} uses adapter format {version}, newer than this diffusers-erase reads ({FORMAT_VERSION}); "
+            "upgrade with `pip install -U diffusers-erase`."
+        )
+    records = header.get("erasures")
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{source} holds no erasure (its header's `erasures` is {records!r}).")
+    for index, record in enumerate(records):
+        _check_record(record, f"{source}, erasure {index}")
+    return header
+
+
+def _check_record(record, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {record!r}.")
+    if not isinstance(record.get("method"), str) or not record["method"]:
+        raise ValueError(f"{where}: `method` must be a non-empty string, got {record.get('method')!r}.")
+    for name in ("concepts", "anchors", "preserve"):
+        value = record.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: `{name}` must be a list of strings, got {value!r}.")
+    if not isinstance(record.get("options", {}), dict):
+        raise ValueError(f"{where}: `options` must be a JSON object, got {record.get('options')!r}.")
+
+
+def _membrane_fields(membrane, where: str) -> dict:
+    if not isinstance(membrane, dict):
+        raise ValueError(f"{where} has a corrupt membrane record ({membrane!r}).")
+    prompts = membrane.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{where} has a corrupt membrane prompt list ({prompts!r}).")
+    weight = membrane.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not torch.isfinite(torch.tensor(weight)):
+        raise ValueError(f"{where} has a corrupt membrane weight ({weight!r}); it must be a finite number.")
+    return {"prompts": prompts, "gated": bool(membrane.get("gated", True)), "weight": float(weight),
+            "fused": bool(membrane.get("fused", False))}
+
+
+def make_edit(record: dict, deltas: dict[str, Delta], guard_tensors: dict | None, where: str):
+    """The kind object of a record: the file says which kind it is; the kinds table builds it."""
+    kind = record.get("kind") or ("membrane" if record.get("membrane") else "weight_edit")
+    if kind == "weight_edit":
+        return WeightEdit(deltas)
+    if kind == "membrane":
+        if not all(isinstance(d, LowRank) for d in deltas.values()):
+            raise ValueError(f"{where}: a membrane holds low-rank factors only.")
+        return Membrane(deltas, **_membrane_fields(record.get("membrane"), where))
+    if kind == "guard":
+        spec = record.get("guard") or {}
+        cls = GUARDS.get(spec.get("type")) if isinstance(spec, dict) else None
+        if cls is None:
+            raise ValueError(f"{where} holds a guard of type {spec!r}, which this diffusers-erase does not know; "
+                             f"known guards: {sorted(GUARDS) or 'none'}.")
+        return cls(guard_tensors or {}, spec.get("settings") or {})
+    raise ValueError(f"{where}: unknown kind {kind!r} (weight_edit, membrane, guard).")
+
+
+def erasure_from_record(record: dict, edit) -> Erasure:
+    return Erasure(
+        method=record["method"],
+        concepts=list(record.get("concepts", [])),
+        anchors=list(record.get("anchors", [])),
+        preserve=list(record.get("preserve", [])),
+        options=dict(record.get("options", {})),
+        edit=edit,
+        seconds=float(record.get("seconds", 0.0) or 0.0),
+        name=record.get("name"),
+        preserve_summary={k: record[k] for k in ("preserve_sha256", "preserve_count") if k in record} or None,
+    )
+
+
+def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
+    """`(header, erasures)` of a format-2 state dict; checks the file against itself only (which parameters
+    exist and their shapes is the loader's business)."""
+    header = read_header(metadata, source)
+    used: set[str] = set()
+    erasures = []
+    for index, record in enumerate(header["erasures"]):
+        where = f"{source}, erasure {index}"
+        deltas, guard_tensors = {}, None
+        payloads = record.get("payloads")
+        if not isinstance(payloads, list):
+            raise ValueError(f"{where}: `payloads` must be a list, got {payloads!r}.")
+        for group in payloads:
+            deltas_or_guard = _read_group(group, tensors, used, where)
+            if group.get("type") == "guard":
+                guard_tensors = deltas_or_guard
+            else:
+                for target in group["targets"]:
+                    if target in deltas:
+                        raise ValueError(f"{where} edits {target} twice.")
+                    deltas[target] = deltas_or_guard
+        erasures.append(erasure_from_record(record, make_edit(record, deltas, guard_tensors, where)))
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]}.")
+    return header, erasures
+
+
+def _read_group(group, tensors, used: set[str], where: str):
+    if not isinstance(group, dict) or not isinstance(group.get("key"), str):
+        raise ValueError(f"{where}: corrupt payload entry {group!r}.")
+    kind, key, targets = group.get("type"), group["key"], group.get("targets")
+    if kind == "guard":
+        names = group.get("tensors") or []
+        missing = [n for n in names if f"{key}.{n}" not in tensors]
+        if missing:
+            raise ValueError(f"{where}: the guard's tensors {missing} are missing.")
+        used.update(f"{key}.{n}" for n in names)
+        return {n: tensors[f"{key}.{n}"] for n in names}
+    try:
+        required, optional = tensor_names(kind)
+    except KeyError:
+        raise ValueError(f"{where}: unknown payload type {kind!r} (text_map, low_rank, dense).") from None
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}: payload {key} must name its target parameters, got {targets!r}.")
+    if kind != "text_map" and len(targets) != 1:
+        raise ValueError(f"{where}: a {kind} payload edits one parameter, {key} names {len(targets)}.")
+    found = {n: tensors[f"{key}.{n}"] for n in required | optional if f"{key}.{n}" in tensors}
+    missing = sorted(required - set(found))
+    if missing:
+        raise ValueError(f"{source_of(where)} is incomplete: payload {key} lacks {missing}.")
+    for name, value in found.items():
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: tensor {key}.{name} is {value.dtype}; payloads are floating point.")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: tensor {key}.{name} holds NaN or infinite values.")
+    used.update(f"{key}.{n}" for n in found)
+    delta = from_tensors(kind, {n: v.float() for n, v in found.items()})
+    _check_shapes(delta, key, where)
+    return delta
+
+
+def _check_shapes(delta: Delta, key: str, where: str) -> None:
+    if isinstance(delta, LowRank):
+        ok = delta.up.dim() == 2 and delta.down.dim() == 2 and delta.up.shape[1] == delta.down.shape[0] > 0
+    elif isinstance(delta, TextMap):
+        p, q = delta.p, delta.q
+        ok = p.dim() == 2 and (q is None and p.shape[0] == p.shape[1] or
+                               q is not None and q.dim() == 2 and q.shape == (p.shape[1], p.shape[0]))
+    else:
+        ok = delta.delta.dim() >= 1
+    if not ok:
+        raise ValueError(f"{where}: payload {key} has inconsistent shapes ({ {n: tuple(t.shape) for n, t in delta.tensors().items()} }).")
+
+
+def source_of(where: str) -> str:
+    return where.rsplit(", erasure ", 1)[0]

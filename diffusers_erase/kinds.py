@@ -1,0 +1,211 @@
+"""The `Erasure` record and the three kinds of edit a method can return.
+
+- `WeightEdit`: payloads added to parameters (`deltas.py`), stashed and undone bit-exactly (UCE, RECE, ESD, ...).
+- `Membrane`: low-rank factors run beside the weights by forward hooks, each sample gated by its prompt (SPM's
+  facilitated transport, `runtime.py`); once fused it adds `weight · up @ down` to the weights like a weight edit.
+- `Guard`: acts at sampling time through removable hooks (on prompt embeddings, latents or noise predictions) and
+  changes no weight (SAFREE, SLD). A guard class registers itself with `register_guard` so saved files can
+  rebuild it.
+
+Code outside this module asks a kind what it does (`weight_deltas`, `runs_beside_weights`, `describe`, `record`)
+instead of testing which kind it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .deltas import Delta, LowRank
+
+
+class Edit:
+    """Base of the kinds. `deltas` maps `"<component>.<parameter path>"` to a payload."""
+
+    kind: ClassVar[str] = ""
+    deltas: dict[str, Delta]
+
+    def weight_deltas(self) -> dict[str, tuple[Delta, float]]:
+        """`{parameter: (payload, scale)}` to add to the weights now."""
+        return {}
+
+    @property
+    def runs_beside_weights(self) -> bool:
+        """True when hooks carry (part of) the effect: `runtime.refresh` attaches them."""
+        return False
+
+    def record(self) -> dict:
+        """The kind's own fields for the adapter header."""
+        return {}
+
+    @classmethod
+    def describe(cls, record: dict) -> str:
+        """One sentence for model cards: what an edit of this kind changes, from its adapter-header record."""
+        raise NotImplementedError
+
+    def export_problem(self) -> str | None:
+        """Why this edit cannot be written as static LoRA factors (None: it can)."""
+        return None
+
+    @property
+    def rank(self) -> int:
+        return max((getattr(d, "rank", 0) for d in self.deltas.values()), default=0)
+
+    def cpu(self) -> "Edit":
+        """The same edit with its tensors on the CPU (shared payloads stay shared)."""
+        moved: dict[int, Delta] = {}
+        deltas = {n: moved.setdefault(id(d), d.to("cpu")) for n, d in self.deltas.items()}
+        return dataclasses.replace(self, deltas=deltas)
+
+
+def _layers_text(names) -> str:
+    names = [n[: -len(".weight")] if n.endswith(".weight") else n for n in names]
+    suffixes = sorted({".".join(n.split(".")[-2:]) for n in names})
+    components = sorted({n.partition(".")[0] for n in names})
+    return f"{len(set(names))} {'/'.join(components)} layers ({', '.join(f'`{s}`' for s in suffixes[:4])}" + (
+        ", …)" if len(suffixes) > 4 else ")")
+
+
+@dataclass(eq=False)
+class WeightEdit(Edit):
+    deltas: dict[str, Delta]
+    kind: ClassVar[str] = "weight_edit"
+
+    def weight_deltas(self):
+        return {name: (delta, 1.0) for name, delta in self.deltas.items()}
+
+    @classmethod
+    def describe(cls, record):
+        types = [group.get("type") for group in record.get("payloads") or []]
+        how = " through one linear map of text-embedding space shared by all of them" if types == ["text_map"] else ""
+        return f"An edit of the weights of {_layers_text(record.get('modules') or [])}{how}."
+
+
+@dataclass(eq=False)
+class Membrane(Edit):
+    """`prompts` open the gate; `gated=False` makes it a static adapter at `weight`; `fused`: added to the weights."""
+
+    deltas: dict[str, LowRank]
+    prompts: list[str]
+    gated: bool = True
+    weight: float = 1.0
+    fused: bool = False
+    kind: ClassVar[str] = "membrane"
+
+    def weight_deltas(self):
+        return {name: (delta, self.weight) for name, delta in self.deltas.items()} if self.fused else {}
+
+    @property
+    def runs_beside_weights(self):
+        return not self.fused
+
+    def record(self):
+        return {"membrane": {"prompts": list(self.prompts), "gated": self.gated, "weight": self.weight,
+                             "fused": self.fused}}
+
+    @classmethod
+    def describe(cls, record):
+        membrane = record.get("membrane") or {}
+        weight = membrane.get("weight", 1.0)
+        text = (f"A membrane (rank-{record.get('rank')} adapter on {_layers_text(record.get('modules') or [])}) "
+                "running beside the weights" + (", fused into them" if membrane.get("fused") else ""))
+        if membrane.get("fused"):
+            return text + "."
+        if membrane.get("gated", True):
+            return text + (f"; facilitated transport: strength = weight ({weight}) × the prompt's gate, which opens "
+                           "for " + ", ".join(f"`{p}`" for p in membrane.get("prompts", [])) + ".")
+        return text + f"; gating off: static strength {weight}."
+
+    def export_problem(self):
+        if self.weight != 1.0:
+            return ("A membrane on this pipeline has a weight other than 1; exports hold the factors at weight 1 "
+                    "(set the strength in A1111/ComfyUI). Call set_erasure_adapters(..., weights=1.0) before "
+                    "fusing or exporting.")
+        return None
+
+
+class Guard(Edit):
+    """Base of sampling-time guards. A subclass sets `guard_type`, keeps its tensors in `tensors` (saved in adapter
+    files) and its plain options in `settings`, and implements `attach(pipe) -> list of removable handles`."""
+
+    kind: ClassVar[str] = "guard"
+    guard_type: ClassVar[str] = ""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, settings: dict | None = None):
+        self.deltas = {}
+        self.tensors = dict(tensors or {})
+        self.settings = dict(settings or {})
+
+    @property
+    def runs_beside_weights(self):
+        return True
+
+    def attach(self, pipe) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must implement attach(pipe)")
+
+    def record(self):
+        return {"guard": {"type": self.guard_type, "settings": self.settings}}
+
+    @classmethod
+    def describe(cls, record):
+        spec = record.get("guard") or {}
+        return f"A sampling-time guard (`{spec.get('type')}`) that changes no weight."
+
+    def export_problem(self):
+        return "A guard acts while sampling and changes no weight, so it has no LoRA form; share the adapter file."
+
+    def cpu(self):
+        return type(self)({k: v.cpu() for k, v in self.tensors.items()}, self.settings)
+
+
+GUARDS: dict[str, type[Guard]] = {}
+KINDS: dict[str, type[Edit]] = {cls.kind: cls for cls in (WeightEdit, Membrane, Guard)}
+
+
+def describe_record(record: dict) -> str:
+    """Card text of one adapter-header record, from its kind (format-1 records carry none: inferred)."""
+    kind = record.get("kind") or ("membrane" if record.get("membrane") else "weight_edit")
+    return KINDS[kind].describe(record) if kind in KINDS else f"An edit of unknown kind {kind!r}."
+
+
+def register_guard(cls: type[Guard]) -> type[Guard]:
+    if not cls.guard_type or cls.guard_type in GUARDS:
+        raise ValueError(f"{cls.__name__} needs a unique `guard_type` (got {cls.guard_type!r}).")
+    GUARDS[cls.guard_type] = cls
+    return cls
+
+
+@dataclass(eq=False)
+class Erasure:
+    """One erasure applied to a pipeline: what was erased, how, and the edit itself (`edit`, one of the kinds)."""
+
+    method: str
+    concepts: list[str]
+    anchors: list[str]
+    preserve: list[str]
+    options: dict
+    edit: Edit = field(repr=False, default=None)
+    seconds: float = 0.0
+    name: str | None = None  # adapter name (set_erasure_adapters chooses membranes by it)
+    # Set when loaded from a file that recorded a long preserve list only as {"preserve_sha256", "preserve_count"}.
+    preserve_summary: dict | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        """The parameters the edit touches, `"<component>.<parameter path>"`."""
+        return list(self.edit.deltas)
+
+    @property
+    def rank(self) -> int:
+        return self.edit.rank
+
+    @property
+    def adapter_name(self) -> str:
+        return self.name or "default"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "edit")
+        return f"Erasure({fields}, kind={self.edit.kind}, modules=<{len(self.modules)}>, rank={self.rank})"
