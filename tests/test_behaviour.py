@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import diffusers_erase as de
 
@@ -147,19 +148,54 @@ def test_spm_gate_opens_on_the_concept_and_less_elsewhere(shapes_run):
     assert gated_mse < 0.5 * static_mse, (gates, gated_mse, static_mse)
 
 
-def test_spm_membrane_transfers_to_a_fine_tuned_variant(shapes_run):
-    """The paper's transfer: a membrane trained on one checkpoint erases on another of the same family. The
-    variant is the shipped model fine-tuned for a few steps on the outlined-style subset of the world."""
+@pytest.fixture(scope="module")
+def variant_run(shapes_run):
     shapes, _, _ = shapes_run
     variant = de.enable_erasure(fine_tuned_variant(shapes))
     variant_base = shapes.evaluate(variant, concepts=list(shapes.SHAPES), images_per_prompt=IMAGES_PER_PROMPT,
                                    progress=False)
+    return variant, variant_base
+
+
+def test_spm_membrane_transfers_to_a_fine_tuned_variant(shapes_run, variant_run):
+    """The paper's transfer: a membrane trained on one checkpoint erases on another of the same family. The
+    variant is the shipped model fine-tuned for a few steps on the outlined-style subset of the world."""
+    shapes, _, _ = shapes_run
+    variant, variant_base = variant_run
     variant.load_erasure_adapter(SPM_STAR)
     after = shapes.evaluate(variant, erased=["star"], concepts=list(shapes.SHAPES), baseline=variant_base,
                             progress=False)
     assert after.erased[0].efficacy <= 0.15, after.to_markdown()
     for shape in shapes.SHAPES:
         if shape != "star":
+            assert after.scores[shape].direct >= 0.9 * variant_base.scores[shape].direct, after.to_markdown()
+    variant.unload_erasure()
+
+
+def test_uce_adapter_transfers_to_a_fine_tuned_variant_exactly(shapes_run, variant_run, tmp_path):
+    """A text-space map depends on the text encoder only: made on the shipped model, loaded on a fine-tuned UNet
+    with the same text encoder it is the edit UCE computes on that UNet, and it erases there."""
+    shapes, pipe, _ = shapes_run
+    variant, variant_base = variant_run
+    recipe = shapes.erasure_recipe("circle")
+    pipe.erase_concept("circle", token_policy="all", **recipe)
+    path = pipe.save_erasure_adapter(tmp_path)
+    pipe.unload_erasure()
+    variant.load_erasure_adapter(path)
+    try:
+        loaded = {n: p.detach().clone() for n, p in variant.unet.named_parameters() if ".attn2.to_" in n}
+        after = shapes.evaluate(variant, erased=["circle"], concepts=list(shapes.SHAPES), baseline=variant_base,
+                                progress=False)
+        variant.unload_erasure()
+        variant.erase_concept("circle", token_policy="all", **recipe)
+        for name, param in variant.unet.named_parameters():
+            if name in loaded:
+                assert torch.allclose(loaded[name], param, atol=1e-6, rtol=0), name
+    finally:
+        variant.unload_erasure()
+    assert after.erased[0].efficacy <= 0.10, after.to_markdown()
+    for shape in shapes.SHAPES:
+        if shape != "circle":
             assert after.scores[shape].direct >= 0.9 * variant_base.scores[shape].direct, after.to_markdown()
 
 

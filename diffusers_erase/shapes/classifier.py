@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import world
+from .train import load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def train_classifier(out: Path = WEIGHTS, vae_path: Path = None, steps: int = 20
 
     vae = None
     if vae_path is not None:
-        from .train import load_vae
-
         vae = load_vae(vae_path)
     workdir.mkdir(parents=True, exist_ok=True)
     cache = workdir / f"classifier_data_{train_images}_{seed}.npz"
@@ -227,8 +226,7 @@ def main(argv=None) -> None:
         model = load_classifier()
         logger.info("held-out accuracy on renders: %s", heldout_accuracy(model))
         if args.vae:
-            from .train import load_vae
-
+    
             logger.info("held-out accuracy after a VAE round trip: %s",
                         heldout_accuracy(model, vae=load_vae(args.vae)))
 

@@ -1,0 +1,91 @@
+"""Adapter format 2: closed-form edits stored once as a text-space map, applied to any checkpoint with the same
+text encoder, refused on another text encoder unless asked."""
+
+import pytest
+import torch
+from conftest import assert_load_fails_cleanly, kv_weights, make_sd_pipeline
+from safetensors.torch import load_file
+
+import diffusers_erase as de
+from diffusers_erase.api import lora_state_dict
+
+
+def _fine_tuned(pipe, seed=1):
+    """The same pipeline with its UNet weights moved (a stand-in for a fine-tune; the text encoder is kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in pipe.unet.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return pipe
+
+
+def test_loading_the_map_equals_the_per_layer_edit(tokenizer_dir, tmp_path):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"])
+    de.erase_concept(pipe, "house", method="rece", epochs=2, token_policy="last_subject")
+    expanded, metadata = lora_state_dict(pipe, de.get_erasures(pipe))  # format 1: per-layer (W P, Q)
+    per_layer, as_map = make_sd_pipeline(tokenizer_dir), make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(per_layer, expanded, metadata=metadata)
+    de.load_erasure_adapter(as_map, de.save_erasure_adapter(pipe, tmp_path))
+    for name, weight in kv_weights(per_layer).items():
+        assert torch.allclose(kv_weights(as_map)[name], weight, atol=1e-6, rtol=0), name
+
+
+def test_rece_all_policy_adapter_is_one_map(sd_pipe, tmp_path):
+    de.erase_concept(sd_pipe, "cat", method="rece", epochs=1)  # 77 columns × 2 rounds > dim: the full map P
+    tensors = load_file(str(de.save_erasure_adapter(sd_pipe, tmp_path)))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"0.0.P": (32, 32)}
+
+
+def test_the_map_transfers_to_a_fine_tuned_unet_exactly(tokenizer_dir, tmp_path):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog"])
+    path = de.save_erasure_adapter(pipe, tmp_path)
+    variant = _fine_tuned(make_sd_pipeline(tokenizer_dir))
+    de.load_erasure_adapter(variant, path)
+    direct = _fine_tuned(make_sd_pipeline(tokenizer_dir))
+    de.erase_concept(direct, "cat", anchor="animal", preserve=["dog"])
+    for name, weight in kv_weights(direct).items():
+        assert torch.allclose(kv_weights(variant)[name], weight, atol=1e-6, rtol=0), name
+
+
+def test_another_text_encoder_is_refused_unless_allowed(tokenizer_dir, tmp_path):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "cat")
+    path = de.save_erasure_adapter(pipe, tmp_path)
+    other = make_sd_pipeline(tokenizer_dir, seed=1)  # same architecture, other text-encoder weights
+    assert_load_fails_cleanly(other, path, r"made with another text_encoder .* `allow_other_text_encoder=True`")
+    de.load_erasure_adapter(other, path, allow_other_text_encoder=True)
+    assert [e.concepts for e in de.get_erasures(other)] == [["cat"]]
+
+
+def test_format_1_files_still_load(tokenizer_dir, tmp_path):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "cat")
+    path = de.export_adapter(pipe, tmp_path / "v1.safetensors", format="lora")  # format 1's exact layout
+    fresh = make_sd_pipeline(tokenizer_dir)
+    (record,) = de.load_erasure_adapter(fresh, path)
+    assert record.method == "uce" and record.edit.kind == "weight_edit" and record.rank == 1
+    for name, weight in kv_weights(pipe).items():
+        assert torch.allclose(kv_weights(fresh)[name], weight, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("payloads", None, "`payloads` must be a list"),
+    ("kind", "spell", "unknown kind 'spell'"),
+    ("concepts", "cat", "`concepts` must be a list of strings"),
+    ("method", None, "`method` must be a non-empty string"),
+])
+def test_corrupt_records_name_the_field(sd_pipe, tmp_path, field, value, match):
+    import json
+
+    from safetensors import safe_open
+
+    de.erase_concept(sd_pipe, "cat")
+    path = de.save_erasure_adapter(sd_pipe, tmp_path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    header = json.loads(metadata["diffusers_erase"])
+    header["erasures"][0][field] = value
+    metadata["diffusers_erase"] = json.dumps(header)
+    assert_load_fails_cleanly(sd_pipe, load_file(str(path)), match, metadata=metadata)
