@@ -146,10 +146,10 @@ def timed(fn, repeats: int):
 
 def bench_case(pipe, method: str, n_concepts: int, n_preserve: int, repeats: int, cache_root: Path) -> dict:
     import diffusers_erase as de
-    from diffusers_erase.encode import concept_anchor_columns, preserve_statistics
-    from diffusers_erase.erasure import apply_erasures, restore_originals
+    from diffusers_erase import engine
     from diffusers_erase.methods import uce as uce_module
     from diffusers_erase.registry import get_method
+    from diffusers_erase.text import concept_anchor_columns, preserve_statistics
 
     concepts, preserve = prompts_for(n_concepts, n_preserve)
     anchors = [""] * len(concepts)
@@ -174,9 +174,9 @@ def bench_case(pipe, method: str, n_concepts: int, n_preserve: int, repeats: int
             rece_module.encode_for_edit = uce_module.encode_for_edit
 
         def algebra():
-            factors = handler(pipe, config, concepts, anchors, preserve)
-            apply_erasures(pipe, [de.Erasure(method, concepts, anchors, preserve, {}, factors=factors)])
-            restore_originals(pipe)
+            edit = handler(pipe, config, concepts, anchors, preserve)
+            engine.install(pipe, [de.Erasure(method, concepts, anchors, preserve, {}, edit=edit)])
+            engine.uninstall(pipe)
 
         algebra_s, _ = timed(algebra, repeats)
     finally:
@@ -203,7 +203,7 @@ def bench_case(pipe, method: str, n_concepts: int, n_preserve: int, repeats: int
 
 
 def run_family(family: str, repeats: int, methods=("uce", "rece"), cases=None) -> dict:
-    from diffusers_erase.targets import cross_attention_projections
+    from diffusers_erase.families import text_readers as cross_attention_projections
 
     start = time.perf_counter()
     pipe = build_pipeline(family)

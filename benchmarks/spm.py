@@ -22,19 +22,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import diffusers_erase as de  # noqa: E402
 from erase_speed import build_pipeline  # noqa: E402
+
+import diffusers_erase as de  # noqa: E402
 
 
 def random_membrane(pipe, prompt: str, seed: int) -> tuple[dict, dict]:
     """A rank-1 membrane with random factors on every transformer-block Linear/Conv2d, as the SPM reference writes
     it (kohya keys, prompts/rank/alpha metadata)."""
-    from diffusers_erase.membrane import membrane_targets, weight_matrix_shape
+    from diffusers_erase.families import matrix_shape, membrane_targets
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in membrane_targets(pipe).items():
-        out_features, in_features = weight_matrix_shape(module)
+        out_features, in_features = matrix_shape(module.weight)
         key = "lora_unet_" + name[len("unet."):].replace(".", "_")
         tensors[f"{key}.lora_down.weight"] = torch.randn(1, in_features, generator=generator) * 0.01
         tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, 1, generator=generator) * 0.01

@@ -15,10 +15,10 @@ Every pipeline method is also a plain function taking the pipeline first.
 
 from ._version import __version__
 from .api import (
-    export_adapter,
-    export_peft,
     erase_concept,
     erasure_gates,
+    export_adapter,
+    export_peft,
     fuse_erasure,
     get_erasures,
     load_erasure_adapter,
@@ -35,10 +35,10 @@ from .hub import (
     save_erased_pipeline,
     save_erasure_folder,
 )
+from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
 from .methods.rece import RECEConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
-from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
 from .mixin import ErasureMixin, enable_erasure
 from .registry import available_methods, register_method
 from .text import TOKEN_POLICIES

@@ -5,8 +5,8 @@ friends. Each takes the pipeline first and works on any supported pipeline, with
 from __future__ import annotations
 
 import dataclasses
-import logging
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,11 +17,18 @@ from . import engine, methods, runtime  # noqa: F401  (importing `methods` regis
 from ._version import __version__
 from .config import ErasureConfig
 from .deltas import TextMap
-from .families import (config_fingerprint, family_of, matrix_shape, membrane_targets, text_pairs, text_readers,
-                       weights_fingerprint)
+from .families import (
+    config_fingerprint,
+    family_of,
+    matrix_shape,
+    membrane_targets,
+    text_pairs,
+    text_readers,
+    weights_fingerprint,
+)
 from .formats import kohya, lora, native, peft
 from .formats.layout import Layout
-from .formats.native import DEFAULT_WEIGHT_NAME, METADATA_KEY
+from .formats.native import DEFAULT_WEIGHT_NAME
 from .formats.read import parse_any
 from .kinds import Erasure, Membrane
 from .registry import get_method

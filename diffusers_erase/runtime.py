@@ -39,7 +39,8 @@ from torch import nn
 from .families import denoiser
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
-from .text import encode, gate_value, token_overlap, token_sets
+from .text import encode, token_overlap, token_sets
+
 
 def low_rank_delta(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                    scale: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:

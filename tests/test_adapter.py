@@ -17,9 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
-from diffusers_erase.formats.native import DEFAULT_WEIGHT_NAME
 from diffusers_erase.families import text_readers as cross_attention_projections
-
+from diffusers_erase.formats.native import DEFAULT_WEIGHT_NAME
 
 
 @pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])

@@ -5,8 +5,8 @@ import torch
 from conftest import changed, factors, make_sd_pipeline, snapshot
 
 import diffusers_erase as de
-from diffusers_erase.text import concept_anchor_columns, encode, prompt_columns, token_lengths
 from diffusers_erase.families import text_readers as cross_attention_projections
+from diffusers_erase.text import concept_anchor_columns, encode, prompt_columns, token_lengths
 
 
 @pytest.fixture(params=["sd", "sd2", "sdxl"])

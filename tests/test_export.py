@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
-from diffusers_erase.state import state
 from diffusers_erase import families
 from diffusers_erase.api import export_adapter
 from diffusers_erase.families import ldm_unet_path
+from diffusers_erase.state import state
 
 
 def kohya_name(module, config, family):

@@ -7,8 +7,6 @@ import torch
 from diffusers_erase.shapes import world
 from diffusers_erase.shapes.train import PIPELINE_DIR, TOKENIZER_DIR
 
-
-
 # --- world -------------------------------------------------------------------------------------
 
 def test_render_is_deterministic():

@@ -140,7 +140,7 @@ def _special_ids(clip) -> tuple[int, int, set[int]]:
 
 def comfy_gate(clip, prompt: str, erased_prompts: list[str]) -> float:
     """SPM facilitated transport for one prompt: max over erased prompts e of max(cos(flat E(p), flat E(e)),
-    |T(p) ∩ T(e)| / |T(e)|), with ComfyUI's own encodings (the formula of `diffusers_erase.membrane`)."""
+    |T(p) ∩ T(e)| / |T(e)|), with ComfyUI's own encodings (the formula of `diffusers_erase.runtime`)."""
     special = _special_ids(clip)[2]
     emb, ids = _token_rows(clip, prompt)
     tokens = {i for chunk in ids for i in chunk} - special

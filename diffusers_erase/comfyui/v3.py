@@ -6,8 +6,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .nodes import (CATEGORY, NODE_DISPLAY_NAME_MAPPINGS, ApplyClosedFormErasure, ErasureGate, LoadErasureAdapter,
-                    _lora_files)
+from .nodes import (
+    CATEGORY,
+    NODE_DISPLAY_NAME_MAPPINGS,
+    ApplyClosedFormErasure,
+    ErasureGate,
+    LoadErasureAdapter,
+    _lora_files,
+)
 
 _STRENGTH = {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 

@@ -15,8 +15,23 @@ import torch
 from . import world
 from .classifier import ShapesClassifier, classify, load_classifier
 from .evaluate import EvaluationResult, evaluate
-from .world import (ATTRIBUTES, BACKGROUNDS, COLORS, CONCEPTS, SHAPES, STYLES, SYNONYMS, Prompt, concept_attribute,
-                    concept_prompts, direct_prompts, erasure_recipe, render, sample_scene, synonym_prompts)
+from .world import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLORS,
+    CONCEPTS,
+    SHAPES,
+    STYLES,
+    SYNONYMS,
+    Prompt,
+    concept_attribute,
+    concept_prompts,
+    direct_prompts,
+    erasure_recipe,
+    render,
+    sample_scene,
+    synonym_prompts,
+)
 
 PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline"
 

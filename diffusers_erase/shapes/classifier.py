@@ -226,7 +226,7 @@ def main(argv=None) -> None:
         model = load_classifier()
         logger.info("held-out accuracy on renders: %s", heldout_accuracy(model))
         if args.vae:
-    
+
             logger.info("held-out accuracy after a VAE round trip: %s",
                         heldout_accuracy(model, vae=load_vae(args.vae)))
 
