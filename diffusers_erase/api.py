@@ -235,7 +235,8 @@ def _file_header(pipe) -> dict:
 def adapter_state_dict(pipe, erasures: list[Erasure] | None = None):
     """`(tensors, metadata)` of the adapter file (format 2) holding `erasures` (default: all on `pipe`)."""
     erasures = get_erasures(pipe) if erasures is None else erasures
-    return native.write(erasures, _file_header(pipe))
+    readers = [f"{name}.weight" for name in text_readers(pipe)]
+    return native.write(erasures, _file_header(pipe), {"text_readers": readers})
 
 
 def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None, safe_serialization: bool = True) -> Path:

@@ -22,7 +22,7 @@ from ._version import __version__
 from .families import FAMILIES
 from .formats import native
 from .formats.native import DEFAULT_WEIGHT_NAME, METADATA_KEY
-from .kinds import describe_record
+from .kinds import describe_record, record_targets
 from .registry import get_method
 from .state import offload_disabled
 
@@ -58,7 +58,7 @@ def _erasure_context(record: dict) -> dict:
         "anchors_text": _join(record.get("anchors", [])),
         "preserve_text": preserve_text,
         "rank": record.get("rank"),
-        "module_count": len(record.get("modules", [])),
+        "module_count": len(record_targets(record)),
         "paper": _paper(record["method"]),
         "what": describe_record(record),
         "membrane": bool(membrane),

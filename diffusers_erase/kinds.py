@@ -61,6 +61,26 @@ class Edit:
         return dataclasses.replace(self, deltas=deltas)
 
 
+def record_targets(record: dict) -> list[str]:
+    """The parameters an adapter-header record edits (a named set, as format 2 writes a text map's layers, counts
+    as `<set>` once per layer)."""
+    if "modules" in record:  # format 1
+        return list(record["modules"])
+    out = []
+    for group in record.get("payloads") or []:
+        targets = group.get("targets")
+        out += ([f"<{targets.get('set')}>"] * int(targets.get("count") or 0) if isinstance(targets, dict)
+                else list(targets or []))
+    return out
+
+
+def _targets_text(record: dict) -> str:
+    groups = record.get("payloads") or []
+    if groups and all(isinstance(g.get("targets"), dict) for g in groups):
+        return f"every layer that reads the text embeddings ({len(record_targets(record))} layers)"
+    return _layers_text(record_targets(record))
+
+
 def _layers_text(names) -> str:
     names = [n[: -len(".weight")] if n.endswith(".weight") else n for n in names]
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in names})
@@ -81,7 +101,7 @@ class WeightEdit(Edit):
     def describe(cls, record):
         types = [group.get("type") for group in record.get("payloads") or []]
         how = " through one linear map of text-embedding space shared by all of them" if types == ["text_map"] else ""
-        return f"An edit of the weights of {_layers_text(record.get('modules') or [])}{how}."
+        return f"An edit of the weights of {_targets_text(record)}{how}."
 
 
 @dataclass(eq=False)
@@ -110,7 +130,7 @@ class Membrane(Edit):
     def describe(cls, record):
         membrane = record.get("membrane") or {}
         weight = membrane.get("weight", 1.0)
-        text = (f"A membrane (rank-{record.get('rank')} adapter on {_layers_text(record.get('modules') or [])}) "
+        text = (f"A membrane (rank-{record.get('rank')} adapter on {_targets_text(record)}) "
                 "running beside the weights" + (", fused into them" if membrane.get("fused") else ""))
         if membrane.get("fused"):
             return text + "."

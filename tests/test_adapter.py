@@ -50,8 +50,10 @@ def test_adapter_is_low_rank_and_self_describing(sd_pipe, tmp_path):
     # One text-space map for every layer: P (dim × 2) and Q (2 × dim), rank 2 (one column per concept).
     assert shapes == {"0.0.P": (32, 2), "0.0.Q": (2, 32)}
     record = header["erasures"][0]
-    assert record["payloads"] == [{"type": "text_map", "key": "0.0", "targets": [f"{n}.weight" for n in layers]}]
-    assert record["kind"] == "weight_edit" and record["modules"] == [f"{n}.weight" for n in layers]
+    # The map applies to every layer that reads the text embeddings: the header names that set, not 8 layers.
+    assert record["payloads"] == [{"type": "text_map", "key": "0.0",
+                                   "targets": {"set": "text_readers", "count": len(layers)}}]
+    assert record["kind"] == "weight_edit"
     assert header["format_version"] == 2 and header["family"] == "sd1" and header["library_version"] == de.__version__
     assert set(header["text_fingerprints"]) == {"text_encoder"}
     assert set(header["fingerprints"]) == {"unet", "text_encoder"}

@@ -64,8 +64,13 @@ def quick_look(erasures: list[Erasure]) -> dict[str, str]:
             "concepts": json.dumps([c for e in erasures for c in e.concepts])}
 
 
-def write(erasures: list[Erasure], header: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a format-2 file holding `erasures`; `header` gives the file-level fields."""
+def write(erasures: list[Erasure], header: dict, named_sets: dict[str, list[str]] | None = None):
+    """Tensors and metadata of a format-2 file holding `erasures`; `header` gives the file-level fields.
+
+    A payload whose targets are exactly one of `named_sets` (e.g. "text_readers": every layer that reads the text
+    embeddings) records `{"set": name, "count": n}` instead of the list, and is applied to that set of the
+    pipeline that loads it: a closed-form edit then costs its tensors and a few hundred bytes of header."""
+    named = {tuple(v): k for k, v in (named_sets or {}).items()}
     tensors: dict[str, torch.Tensor] = {}
     records = []
     for i, erasure in enumerate(erasures):
@@ -79,13 +84,16 @@ def write(erasures: list[Erasure], header: dict) -> tuple[dict[str, torch.Tensor
                     tensors[f"{key}.{name}"] = value.detach().float().cpu().contiguous()
             group["targets"].append(target)
         payloads = list(groups.values())
+        for group in payloads:
+            name = named.get(tuple(group["targets"]))
+            if name is not None and len(group["targets"]) > 1:
+                group["targets"] = {"set": name, "count": len(group["targets"])}
         if isinstance(erasure.edit, Guard):
             key = f"{i}.guard"
             payloads.append({"type": "guard", "key": key, "targets": [], "tensors": sorted(erasure.edit.tensors)})
             for name, value in erasure.edit.tensors.items():
                 tensors[f"{key}.{name}"] = value.detach().cpu().contiguous()
-        records.append({**record_fields(erasure), "rank": erasure.rank, "modules": erasure.modules,
-                        "payloads": payloads})
+        records.append({**record_fields(erasure), "rank": erasure.rank, "payloads": payloads})
     header = {**header, "format_version": FORMAT_VERSION, "erasures": records}
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(header), **quick_look(erasures)}
 
@@ -195,7 +203,8 @@ def erasure_from_record(record: dict, edit) -> Erasure:
     )
 
 
-def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter"):
+def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "adapter",
+          named_sets: dict[str, list[str]] | None = None):
     """`(header, erasures)` of a format-2 state dict; checks the file against itself only (which parameters
     exist and their shapes is the loader's business)."""
     header = read_header(metadata, source)
@@ -208,6 +217,8 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: st
         if not isinstance(payloads, list):
             raise ValueError(f"{where}: `payloads` must be a list, got {payloads!r}.")
         for group in payloads:
+            if isinstance(group, dict) and isinstance(group.get("targets"), dict):
+                group = {**group, "targets": _expand(group["targets"], named_sets or {}, where)}
             deltas_or_guard = _read_group(group, tensors, used, where)
             if group.get("type") == "guard":
                 guard_tensors = deltas_or_guard
@@ -221,6 +232,17 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: st
     if leftover:
         raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]}.")
     return header, erasures
+
+
+def _expand(spec: dict, named_sets: dict[str, list[str]], where: str) -> list[str]:
+    name, count = spec.get("set"), spec.get("count")
+    if name not in named_sets:
+        raise ValueError(f"{where}: payload targets name the set {name!r}, which this pipeline does not have "
+                         f"(known: {sorted(named_sets)}).")
+    if count != len(named_sets[name]):
+        raise ValueError(f"{where} was made for a model with {count} {name}; this pipeline has "
+                         f"{len(named_sets[name])}: load it into a pipeline of the same architecture.")
+    return list(named_sets[name])
 
 
 def _read_group(group, tensors, used: set[str], where: str):

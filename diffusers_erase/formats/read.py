@@ -20,6 +20,12 @@ def parse_any(layout: Layout, tensors: dict[str, torch.Tensor], metadata: dict[s
     elif native.METADATA_KEY not in metadata and partial.is_partial_weights(tensors):
         tensors, metadata = partial.partial_weights_to_adapter(layout, tensors, metadata, source)
     header = native.read_header(metadata, source)
+    if header.get("family") != layout.family.name:
+        raise ValueError(
+            f"{source} was made for a {header.get('family')!r} pipeline, but this is a {layout.family.name!r} "
+            "pipeline; load an adapter made for the same model family."
+        )
     if header.get("format_version", 1) == 1:
         return header, lora.parse_v1(header, tensors, source)
-    return native.parse(tensors, metadata, source)
+    readers = [f"{name}.weight" for name in layout.text_readers]
+    return native.parse(tensors, metadata, source, {"text_readers": readers})
