@@ -355,12 +355,7 @@ def _scope(erasure: Erasure) -> str:
 
 def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_text_encoder: bool) -> None:
     """Check loaded erasures against `pipe` and move their payloads to its devices; `pipe` is not modified."""
-    family = family_of(pipe)
-    if header.get("family") != family.name:
-        raise ValueError(
-            f"{source} was made for a {header.get('family')!r} pipeline, but this is a {family.name!r} pipeline "
-            f"({type(pipe).__name__}); load an adapter made for the same model family."
-        )
+    family = family_of(pipe)  # the file's family was checked against it when it was parsed
     fingerprints = header.get("fingerprints") or {}
     if not isinstance(fingerprints, dict):
         raise ValueError(f"{source}: `fingerprints` must be a JSON object, got {fingerprints!r}.")

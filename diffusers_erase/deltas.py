@@ -13,22 +13,37 @@ finite.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 
-class Delta:
-    """Base class of the payloads."""
+class Delta(ABC):
+    """Base class of the payloads. `names` maps each stored tensor name to its field; `optional` names may be
+    absent (their field is then None)."""
 
-    type: str = ""
+    type: ClassVar[str]
+    names: ClassVar[dict[str, str]]
+    optional: ClassVar[frozenset[str]] = frozenset()
 
+    @abstractmethod
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW for `weight` (float32, on the weight's device), shaped as the weight's matrix view."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def consistent(self) -> bool:
+        """Whether the tensors' shapes fit together (checked when a file is read)."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        values = {name: getattr(self, field) for name, field in self.names.items()}
+        return {name: value for name, value in values.items() if value is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Delta":
+        """Rebuild a payload from its `tensors()` (names checked by the caller)."""
+        return cls(**{field: tensors.get(name) for name, field in cls.names.items()})
 
     @property
     def nbytes(self) -> int:
@@ -38,14 +53,8 @@ class Delta:
         """W ← W + scale·ΔW in place (float32 sum), all or nothing."""
         add_(weight, self.matrix(weight) * scale if scale != 1.0 else self.matrix(weight), what)
 
-    def scaled(self, scale: float) -> "Delta":
-        raise NotImplementedError
-
     def to(self, device=None, dtype=torch.float32) -> "Delta":
-        return type(self)(**{k: (None if v is None else v.to(device, dtype)) for k, v in self._fields().items()})
-
-    def _fields(self) -> dict:
-        return dict(self.__dict__)
+        return type(self).from_tensors({name: t.to(device, dtype) for name, t in self.tensors().items()})
 
 
 def _matrix_view(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +76,8 @@ def add_(weight: torch.Tensor, delta: torch.Tensor, what: str = "edit") -> None:
 class LowRank(Delta):
     up: torch.Tensor  # (out, rank)
     down: torch.Tensor  # (rank, in[·kh·kw])
-    type = "low_rank"
+    type: ClassVar[str] = "low_rank"
+    names: ClassVar[dict[str, str]] = {"up": "up", "down": "down"}
 
     def matrix(self, weight):
         return self.up.to(weight.device, torch.float32) @ self.down.to(weight.device, torch.float32)
@@ -94,11 +104,8 @@ class LowRank(Delta):
             return
         add_(weight, up @ down, what)
 
-    def tensors(self):
-        return {"up": self.up, "down": self.down}
-
-    def scaled(self, scale):
-        return LowRank(self.up * scale, self.down)
+    def consistent(self):
+        return self.up.dim() == 2 and self.down.dim() == 2 and self.up.shape[1] == self.down.shape[0] > 0
 
     @property
     def rank(self) -> int:
@@ -108,16 +115,14 @@ class LowRank(Delta):
 @dataclass(eq=False)
 class Dense(Delta):
     delta: torch.Tensor
-    type = "dense"
+    type: ClassVar[str] = "dense"
+    names: ClassVar[dict[str, str]] = {"delta": "delta"}
 
     def matrix(self, weight):
         return _matrix_view(self.delta.to(weight.device, torch.float32))
 
-    def tensors(self):
-        return {"delta": self.delta}
-
-    def scaled(self, scale):
-        return Dense(self.delta * scale)
+    def consistent(self):
+        return self.delta.dim() >= 1
 
     @property
     def rank(self) -> int:
@@ -128,7 +133,9 @@ class Dense(Delta):
 class TextMap(Delta):
     p: torch.Tensor  # (dim, E)
     q: torch.Tensor | None  # (E, dim), or None for the identity (then p is dim × dim)
-    type = "text_map"
+    type: ClassVar[str] = "text_map"
+    names: ClassVar[dict[str, str]] = {"P": "p", "Q": "q"}
+    optional: ClassVar[frozenset[str]] = frozenset({"Q"})
 
     def factors(self, weight: torch.Tensor) -> LowRank:
         """The per-layer low-rank form (W P, Q) of this map for `weight` (out × dim)."""
@@ -146,35 +153,15 @@ class TextMap(Delta):
     def apply_(self, weight, scale=1.0, what="edit"):
         self.factors(weight).apply_(weight, scale, what)
 
-    def tensors(self):
-        return {"P": self.p} if self.q is None else {"P": self.p, "Q": self.q}
-
-    def scaled(self, scale):
-        return TextMap(self.p * scale, self.q)
+    def consistent(self):
+        p, q = self.p, self.q
+        if q is None:
+            return p.dim() == 2 and p.shape[0] == p.shape[1]
+        return p.dim() == 2 and q.dim() == 2 and tuple(q.shape) == (p.shape[1], p.shape[0])
 
     @property
     def rank(self) -> int:
         return self.p.shape[1]
 
-    def _fields(self):
-        return {"p": self.p, "q": self.q}
-
 
 PAYLOADS: dict[str, type[Delta]] = {cls.type: cls for cls in (LowRank, Dense, TextMap)}
-
-
-def from_tensors(kind: str, tensors: dict[str, torch.Tensor]) -> Delta:
-    """Rebuild a payload from its `tensors()` (names checked by the caller)."""
-    if kind == "low_rank":
-        return LowRank(tensors["up"], tensors["down"])
-    if kind == "dense":
-        return Dense(tensors["delta"])
-    if kind == "text_map":
-        return TextMap(tensors["P"], tensors.get("Q"))
-    raise ValueError(f"unknown payload type {kind!r}; known: {', '.join(PAYLOADS)}")
-
-
-def tensor_names(kind: str) -> tuple[set[str], set[str]]:
-    """(required, optional) tensor names of a payload type."""
-    return {"low_rank": ({"up", "down"}, set()), "dense": ({"delta"}, set()),
-            "text_map": ({"P"}, {"Q"})}[kind]

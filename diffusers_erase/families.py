@@ -46,7 +46,9 @@ class Family:
     pipeline_class: str
     hub_tags: tuple[str, ...]
     kohya_base_model_version: str  # ss_base_model_version as kohya-ss writes it
-    modelspec_architecture: str
+    modelspec_architecture: str  # SAI ModelSpec `modelspec.architecture` of the base model
+    modelspec_implementation: str
+    modelspec_v_architecture: str | None = None  # the same for a v-prediction checkpoint, when it differs
 
 
 _UNET_TEXT_READERS = ("attn2.to_k", "attn2.to_v")
@@ -55,15 +57,17 @@ _CLIP = TextEncoder("tokenizer", "text_encoder", "last")
 
 FAMILIES: dict[str, Family] = {
     "sd1": Family("sd1", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
-                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v1", "stable-diffusion-v1"),
+                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v1", "stable-diffusion-v1", "diffusers"),
     "sd2": Family("sd2", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
-                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v2", "stable-diffusion-v2-512"),
+                  ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v2", "stable-diffusion-v2-512", "diffusers",
+                  "stable-diffusion-v2-768-v"),
     "sdxl": Family("sdxl", "unet",
                    (TextEncoder("tokenizer", "text_encoder", "penultimate"),
                     TextEncoder("tokenizer_2", "text_encoder_2", "penultimate")),
                    _UNET_TEXT_READERS, _UNET_BLOCKS, True, "StableDiffusionXLPipeline",
                    ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), "sdxl_base_v1-0",
-                   "stable-diffusion-xl-v1-base"),
+                   "stable-diffusion-xl-v1-base",
+                   "https://github.com/Stability-AI/generative-models"),  # kohya's value for SDXL LoRAs
 }
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)  # what an edit may touch

@@ -14,6 +14,7 @@ instead of testing which kind it is.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ import torch
 from .deltas import Delta, LowRank
 
 
-class Edit:
+class Edit(ABC):
     """Base of the kinds. `deltas` maps `"<component>.<parameter path>"` to a payload."""
 
     kind: ClassVar[str] = ""
@@ -42,9 +43,9 @@ class Edit:
         return {}
 
     @classmethod
+    @abstractmethod
     def describe(cls, record: dict) -> str:
         """One sentence for model cards: what an edit of this kind changes, from its adapter-header record."""
-        raise NotImplementedError
 
     def export_problem(self) -> str | None:
         """Why this edit cannot be written as static LoRA factors (None: it can)."""
@@ -163,8 +164,9 @@ class Guard(Edit):
     def runs_beside_weights(self):
         return True
 
+    @abstractmethod
     def attach(self, pipe) -> list:
-        raise NotImplementedError(f"{type(self).__name__} must implement attach(pipe)")
+        """Register the guard's hooks on `pipe`, all or none, and return their removable handles."""
 
     def record(self):
         return {"guard": {"type": self.guard_type, "settings": self.settings}}

@@ -35,6 +35,14 @@ def shapes_run():
     return shapes, pipe, baseline
 
 
+def assert_erased(shapes, after, base, concept: str, max_rate: float) -> None:
+    """`concept` shows in at most `max_rate` of its images; every other shape keeps ≥ 90% of `base`'s accuracy."""
+    assert after.erased[0].efficacy <= max_rate, after.to_markdown()
+    for shape in shapes.SHAPES:
+        if shape != concept:
+            assert after.scores[shape].direct >= 0.9 * base.scores[shape].direct, after.to_markdown()
+
+
 @pytest.mark.parametrize("method,options", METHODS, ids=[m for m, _ in METHODS])
 def test_erasing_circle_removes_it_and_keeps_other_shapes(shapes_run, method, options):
     shapes, pipe, baseline = shapes_run
@@ -91,10 +99,7 @@ def test_spm_membrane_erases_star_and_keeps_other_shapes(shapes_run):
                                 progress=False)
     finally:
         pipe.unload_erasure()
-    assert after.erased[0].efficacy <= 0.15, after.to_markdown()
-    for shape in shapes.SHAPES:
-        if shape != "star":
-            assert after.scores[shape].direct >= 0.9 * baseline.scores[shape].direct, after.to_markdown()
+    assert_erased(shapes, after, baseline, "star", max_rate=0.15)
 
 
 SPM_HEART = Path(__file__).parent / "data" / "spm_heart.safetensors"  # same recipe, --concept heart
@@ -165,10 +170,7 @@ def test_spm_membrane_transfers_to_a_fine_tuned_variant(shapes_run, variant_run)
     variant.load_erasure_adapter(SPM_STAR)
     after = shapes.evaluate(variant, erased=["star"], concepts=list(shapes.SHAPES), baseline=variant_base,
                             progress=False)
-    assert after.erased[0].efficacy <= 0.15, after.to_markdown()
-    for shape in shapes.SHAPES:
-        if shape != "star":
-            assert after.scores[shape].direct >= 0.9 * variant_base.scores[shape].direct, after.to_markdown()
+    assert_erased(shapes, after, variant_base, "star", max_rate=0.15)
     variant.unload_erasure()
 
 
@@ -193,10 +195,7 @@ def test_uce_adapter_transfers_to_a_fine_tuned_variant_exactly(shapes_run, varia
                 assert torch.allclose(loaded[name], param, atol=1e-6, rtol=0), name
     finally:
         variant.unload_erasure()
-    assert after.erased[0].efficacy <= 0.10, after.to_markdown()
-    for shape in shapes.SHAPES:
-        if shape != "circle":
-            assert after.scores[shape].direct >= 0.9 * variant_base.scores[shape].direct, after.to_markdown()
+    assert_erased(shapes, after, variant_base, "circle", max_rate=0.10)
 
 
 def fine_tuned_variant(shapes, steps: int = 30, lr: float = 1e-4, seed: int = 0):

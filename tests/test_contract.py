@@ -138,7 +138,10 @@ def test_a_failure_on_the_last_target_changes_nothing(case, monkeypatch):
 
         monkeypatch.setattr("diffusers_erase.runtime.get_module", failing_get)
     else:  # guards: fail while attaching
-        monkeypatch.setattr(ScaleGuard, "attach", lambda self, pipe: (_ for _ in ()).throw(RuntimeError("injected failure")))
+        def failing_attach(self, pipe):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(ScaleGuard, "attach", failing_attach)
     with pytest.raises(RuntimeError, match="injected"):
         de.erase_concept(pipe, "cat", method=method, **options)
     assert changed(before, snapshot(pipe)) == [] and [e.concepts for e in de.get_erasures(pipe)] == [
@@ -156,22 +159,26 @@ def test_unknown_options_are_refused_and_change_nothing(case):
     assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == []
 
 
+def _export(pipe, fmt: str, folder):
+    """Write `fmt` into `folder`; returns the file `load_erasure_adapter` reads back."""
+    if fmt == "peft":
+        return de.export_peft(pipe, folder / "peft") / "adapter_model.safetensors"
+    return de.export_adapter(pipe, folder / f"{fmt}.safetensors", format=fmt)
+
+
 def test_every_supported_export_round_trips_and_others_are_refused(case, tmp_path):
     method, options, make, exports = case
     pipe = make()
     de.erase_concept(pipe, "cat", method=method, **options)
     for fmt in ("kohya", "diff", "lora", "peft"):
-        out = tmp_path / (fmt if fmt == "peft" else f"{fmt}.safetensors")
-        export = (lambda: de.export_peft(pipe, out)) if fmt == "peft" else (
-            lambda: de.export_adapter(pipe, out, format=fmt))
         if fmt not in exports:
             if method == "scale_guard":
                 with pytest.raises(ValueError, match="no LoRA form"):
-                    export()
+                    _export(pipe, fmt, tmp_path)
             continue
-        export()
+        path = _export(pipe, fmt, tmp_path)
         fresh = make()
-        de.load_erasure_adapter(fresh, out / "adapter_model.safetensors" if fmt == "peft" else out)
+        de.load_erasure_adapter(fresh, path)
         if method == "spm":  # exports hold membranes statically: compare with the static membrane
             de.set_erasure_adapters(pipe, "default", gating=False)
             de.set_erasure_adapters(fresh, "default", gating=False)

@@ -35,6 +35,8 @@ def test_rece_all_policy_adapter_is_one_map(sd_pipe, tmp_path):
     de.erase_concept(sd_pipe, "cat", method="rece", epochs=1)  # 77 columns × 2 rounds > dim: the full map P
     tensors = load_file(str(de.save_erasure_adapter(sd_pipe, tmp_path)))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"0.0.P": (32, 32)}
+    (text_map,) = {id(d): d for d in de.get_erasures(sd_pipe)[0].edit.deltas.values()}.values()
+    assert text_map.nbytes == 32 * 32 * 4
 
 
 def test_the_map_transfers_to_a_fine_tuned_unet_exactly(tokenizer_dir, tmp_path):

@@ -64,13 +64,14 @@ def comfy_layout(model) -> Layout:
     config = model.model.model_config.unet_config
     context = int(config.get("context_dim") or 768)
     family = FAMILIES["sdxl" if context == 2048 else "sd2" if context == 1024 else "sd1"]
-    modules = {name: tuple(state[key].shape) for name, key in key_map(model).items() if name.startswith("unet.")}
+    keys = {name: key for name, key in key_map(model).items() if name.startswith("unet.")}
+    modules = {name: tuple(state[key].shape) for name, key in keys.items()}
     layers = _layers(model)
     unet_config = {"block_out_channels": [0] * len(layers), "layers_per_block": layers}
     return Layout(family=family, unet_config=unet_config,
                   text_readers={n: s for n, s in modules.items() if n.endswith(family.text_readers)},
                   membrane_targets={n: s for n, s in modules.items() if len(s) in (2, 4)},  # Linear/Conv2d
-                  weight=lambda name: state[key_map(model)[name[: -len(".weight")]]],
+                  weight=lambda name: state[keys[name[: -len(".weight")]]],
                   parameters={f"{n}.weight": s for n, s in modules.items()})
 
 

@@ -44,10 +44,11 @@ from pathlib import Path
 import torch
 
 from ..families import Family, kohya_name
+from ..kinds import describe_record
 from .layout import Layout
+from .lora import pad_to_one_rank
 from .native import METADATA_KEY
 
-FORMATS = ("kohya", "diff")
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
@@ -73,39 +74,34 @@ def write(ours: dict[str, torch.Tensor], family: Family, unet_config, fmt: str) 
 
 def header_fields(info: dict, metadata: dict[str, str], out_file: Path, fmt: str, rank: int) -> dict[str, str]:
     """kohya `ss_*` and ModelSpec fields; `info`: family row, v_prediction, resolution, base_model."""
-    family = info["family"].name
+    family = info["family"]
     header = json.loads(metadata[METADATA_KEY])
     v_prediction = info["v_prediction"]
-    if family == "sdxl":
-        architecture = "stable-diffusion-xl-v1-base"
-        implementation = "https://github.com/Stability-AI/generative-models"  # kohya's value for SDXL LoRAs
-    elif family == "sd2":
-        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-        implementation = "diffusers"
-    else:
-        architecture, implementation = "stable-diffusion-v1", "diffusers"
+    architecture = (family.modelspec_v_architecture if v_prediction and family.modelspec_v_architecture
+                    else family.modelspec_architecture)
     resolution = info["resolution"]
     records = header["erasures"]
     concepts = [c for record in records for c in record["concepts"]]
     methods = list(dict.fromkeys(record["method"] for record in records))
     membranes = [record for record in records if record.get("membrane")]
-    what = ("rank-1 membranes on the UNet transformer blocks (SPM), static here: facilitated transport (per-prompt "
-            "gating) needs diffusers-erase" if membranes else "edits of the UNet cross-attention to_k/to_v only")
+    what = " ".join(describe_record(record) for record in records)
+    if membranes:
+        what += " Static here: facilitated transport (per-prompt gating) needs diffusers-erase."
     description = (
         f"Concept erasure ({', '.join(methods)}) of {', '.join(concepts) or 'imported edits'} by diffusers-erase "
-        f"{header.get('library_version', '')}: {what} "
-        f"({'low-rank factors, alpha = rank' if fmt == 'kohya' else 'full weight differences'}). "
+        f"{header.get('library_version', '')} "
+        f"({'low-rank factors, alpha = rank' if fmt == 'kohya' else 'full weight differences'}): {what} "
         f"Full record in the '{METADATA_KEY}' header."
     )
     fields = {
         "ss_output_name": out_file.stem,
-        "ss_base_model_version": info["family"].kohya_base_model_version,
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": family.kohya_base_model_version,
+        "ss_v2": str(family.name == "sd2"),
         "ss_training_comment": description,
         "modelspec.sai_model_spec": "1.0.0",
         # ModelSpec has no adapter id for a full diff; "lora" is the adapter class both loaders read it as.
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": implementation,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": out_file.stem,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.description": description,
@@ -271,18 +267,3 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
                                          "erasures": [record]})
     return ours, metadata
-
-
-
-
-def pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One record has one rank: pad lower-rank modules with zero rows/columns (the product is unchanged)."""
-    rank = max(t.shape[0] for k, t in ours.items() if k.endswith(".lora_A.weight"))
-    padded = {}
-    for key, value in ours.items():
-        if key.endswith(".lora_A.weight") and value.shape[0] < rank:
-            value = torch.cat([value, value.new_zeros(rank - value.shape[0], *value.shape[1:])])
-        elif key.endswith(".lora_B.weight") and value.shape[1] < rank:
-            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1], *value.shape[2:])], dim=1)
-        padded[key] = value
-    return padded

@@ -25,6 +25,3 @@ class Layout:
     def kohya_names(self) -> dict[str, str]:
         """`{kohya name: module}` for every module an erasure can touch, under both kohya spellings."""
         return kohya_aliases({**self.text_readers, **self.membrane_targets}, self.unet_config)
-
-    def shape(self, module: str) -> tuple[int, ...]:
-        return {**self.membrane_targets, **self.text_readers}[module]

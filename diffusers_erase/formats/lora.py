@@ -58,39 +58,44 @@ def expand(erasures: list[Erasure], base_weight: Callable[[str], torch.Tensor]) 
 
 def write(erasures: list[Erasure], expanded: list[dict[str, LowRank]], shapes: dict[str, tuple], header: dict):
     """A format-1 state dict (tensors, metadata) of the expanded erasures; `shapes`: each parameter's shape."""
-    ups: dict[str, list[torch.Tensor]] = {}
-    downs: dict[str, list[torch.Tensor]] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
     records = []
     for erasure, factors in zip(erasures, expanded):
-        ranks = {f.rank for f in factors.values()}
-        if len(ranks) > 1:  # one record has one rank: pad with zero rows/columns (the product is unchanged)
-            factors = {n: _padded(f, max(ranks)) for n, f in factors.items()}
+        ours = {}
         for name, factor in factors.items():
-            ups.setdefault(name, []).append(factor.up.detach().float().cpu())
-            downs.setdefault(name, []).append(factor.down.detach().float().cpu())
+            ours[f"{module_of(name)}.lora_A.weight"] = factor.down.detach().float().cpu()
+            ours[f"{module_of(name)}.lora_B.weight"] = factor.up.detach().float().cpu()
+        ours = pad_to_one_rank(ours) if ours else ours
+        for key, value in ours.items():
+            parts.setdefault(key, []).append(value)
         fields = record_fields(erasure)
         fields.pop("kind")
-        records.append({**fields, "rank": max(ranks, default=0), "modules": [module_of(n) for n in factors]})
+        rank = max((f.rank for f in factors.values()), default=0)
+        records.append({**fields, "rank": rank, "modules": [module_of(n) for n in factors]})
     tensors = {}
-    for name in ups:
-        down, up = torch.cat(downs[name], dim=0), torch.cat(ups[name], dim=1)
-        shape = shapes[name]
+    for key, values in parts.items():
+        value = torch.cat(values, dim=0 if key.endswith(".lora_A.weight") else 1)
+        shape = shapes[key[: -len(".lora_A.weight")] + ".weight"]
         if len(shape) == 4:  # a Conv2d: conv-shaped factors, as diffusers/peft LoRA files hold them
-            down = down.reshape(down.shape[0], *shape[1:])
-            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
-        tensors[f"{module_of(name)}.lora_A.weight"] = down.contiguous()
-        tensors[f"{module_of(name)}.lora_B.weight"] = up.contiguous()
+            value = (value.reshape(value.shape[0], *shape[1:]) if key.endswith(".lora_A.weight")
+                     else value.reshape(*value.shape, 1, 1))
+        tensors[key] = value.contiguous()
     header = {**header, "format_version": LORA_FORMAT_VERSION, "erasures": records}
     header.pop("text_fingerprints", None)
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(header), **quick_look(erasures)}
 
 
-def _padded(factor: LowRank, rank: int) -> LowRank:
-    extra = rank - factor.rank
-    if extra == 0:
-        return factor
-    return LowRank(torch.cat([factor.up, factor.up.new_zeros(factor.up.shape[0], extra)], dim=1),
-                   torch.cat([factor.down, factor.down.new_zeros(extra, factor.down.shape[1])]))
+def pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One record has one rank: pad lower-rank modules with zero rows/columns (the product is unchanged)."""
+    rank = max(t.shape[0] for k, t in ours.items() if k.endswith(".lora_A.weight"))
+    padded = {}
+    for key, value in ours.items():
+        if key.endswith(".lora_A.weight") and value.shape[0] < rank:
+            value = torch.cat([value, value.new_zeros(rank - value.shape[0], *value.shape[1:])])
+        elif key.endswith(".lora_B.weight") and value.shape[1] < rank:
+            value = torch.cat([value, value.new_zeros(value.shape[0], rank - value.shape[1], *value.shape[2:])], dim=1)
+        padded[key] = value
+    return padded
 
 
 def parse_v1(header: dict, tensors: dict[str, torch.Tensor], source: str) -> list[Erasure]:

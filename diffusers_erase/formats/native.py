@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..deltas import Delta, LowRank, TextMap, from_tensors, tensor_names
+from ..deltas import PAYLOADS, Delta, LowRank
 from ..kinds import GUARDS, Erasure, Guard, Membrane, WeightEdit
 
 logger = logging.getLogger(__name__)
@@ -256,41 +256,25 @@ def _read_group(group, tensors, used: set[str], where: str):
             raise ValueError(f"{where}: the guard's tensors {missing} are missing.")
         used.update(f"{key}.{n}" for n in names)
         return {n: tensors[f"{key}.{n}"] for n in names}
-    try:
-        required, optional = tensor_names(kind)
-    except KeyError:
-        raise ValueError(f"{where}: unknown payload type {kind!r} (text_map, low_rank, dense).") from None
+    payload = PAYLOADS.get(kind)
+    if payload is None:
+        raise ValueError(f"{where}: unknown payload type {kind!r} ({', '.join(PAYLOADS)}).")
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{where}: payload {key} must name its target parameters, got {targets!r}.")
     if kind != "text_map" and len(targets) != 1:
         raise ValueError(f"{where}: a {kind} payload edits one parameter, {key} names {len(targets)}.")
-    found = {n: tensors[f"{key}.{n}"] for n in required | optional if f"{key}.{n}" in tensors}
-    missing = sorted(required - set(found))
+    found = {n: tensors[f"{key}.{n}"] for n in payload.names if f"{key}.{n}" in tensors}
+    missing = sorted(set(payload.names) - payload.optional - set(found))
     if missing:
-        raise ValueError(f"{source_of(where)} is incomplete: payload {key} lacks {missing}.")
+        raise ValueError(f"{where} is incomplete: payload {key} lacks {missing}.")
     for name, value in found.items():
         if not value.is_floating_point():
             raise ValueError(f"{where}: tensor {key}.{name} is {value.dtype}; payloads are floating point.")
         if not torch.isfinite(value).all():
             raise ValueError(f"{where}: tensor {key}.{name} holds NaN or infinite values.")
     used.update(f"{key}.{n}" for n in found)
-    delta = from_tensors(kind, {n: v.float() for n, v in found.items()})
-    _check_shapes(delta, key, where)
+    delta = payload.from_tensors({n: v.float() for n, v in found.items()})
+    if not delta.consistent():
+        shapes = {n: tuple(t.shape) for n, t in delta.tensors().items()}
+        raise ValueError(f"{where}: payload {key} has inconsistent shapes {shapes}.")
     return delta
-
-
-def _check_shapes(delta: Delta, key: str, where: str) -> None:
-    if isinstance(delta, LowRank):
-        ok = delta.up.dim() == 2 and delta.down.dim() == 2 and delta.up.shape[1] == delta.down.shape[0] > 0
-    elif isinstance(delta, TextMap):
-        p, q = delta.p, delta.q
-        ok = p.dim() == 2 and (q is None and p.shape[0] == p.shape[1] or
-                               q is not None and q.dim() == 2 and q.shape == (p.shape[1], p.shape[0]))
-    else:
-        ok = delta.delta.dim() >= 1
-    if not ok:
-        raise ValueError(f"{where}: payload {key} has inconsistent shapes ({ {n: tuple(t.shape) for n, t in delta.tensors().items()} }).")
-
-
-def source_of(where: str) -> str:
-    return where.rsplit(", erasure ", 1)[0]

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from .kohya import pad_to_one_rank
 from .layout import Layout
+from .lora import pad_to_one_rank
 from .native import METADATA_KEY
 from .peft import PEFT_PREFIX
 
