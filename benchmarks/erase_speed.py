@@ -52,10 +52,10 @@ SDXL_UNET = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
-              hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
-                 hidden_act="gelu", vocab_size=49408, max_position_embeddings=77)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              projection_dim=768, hidden_act="quick_gelu", vocab_size=49408, max_position_embeddings=77)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                 projection_dim=1280, hidden_act="gelu", vocab_size=49408, max_position_embeddings=77)
 
 
 def rss_bytes() -> int:
@@ -256,7 +256,8 @@ def main():
         fresh = run_family(family, args.repeats, args.methods, cases)
         if args.only and family in results:  # keep the other rows, replace the rerun ones
             rerun = {(r["method"], r["case"]) for r in fresh["rows"]}
-            fresh["rows"] = [r for r in results[family]["rows"] if (r["method"], r["case"]) not in rerun] + fresh["rows"]
+            kept = [r for r in results[family]["rows"] if (r["method"], r["case"]) not in rerun]
+            fresh["rows"] = kept + fresh["rows"]
         results[family] = fresh
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

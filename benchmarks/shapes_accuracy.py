@@ -24,7 +24,8 @@ from diffusers_erase.shapes.train import build_pipeline
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="evaluate runs/<...>/unet.pt (EMA) instead of the shipped model")
-    parser.add_argument("--pipeline", type=Path, help="evaluate an exported pipeline folder instead of the shipped model")
+    parser.add_argument("--pipeline", type=Path,
+                        help="evaluate an exported pipeline folder instead of the shipped model")
     parser.add_argument("--concepts", nargs="*", help="default: all 19 concepts")
     parser.add_argument("--images-per-prompt", type=int, default=DEFAULT_IMAGES_PER_PROMPT)
     parser.add_argument("--guidance", type=float, nargs="+", default=[DEFAULT_GUIDANCE])

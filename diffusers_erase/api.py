@@ -67,11 +67,13 @@ def _anchors_for(config: ErasureConfig, anchor, concepts: list[str]) -> list[str
     if len(anchors) == 1:
         anchors = anchors * len(concepts)
     if len(anchors) != len(concepts):
-        raise ValueError(f"Give one anchor, or one per concept: got {len(anchors)} anchors for {len(concepts)} concepts.")
+        raise ValueError(f"Give one anchor, or one per concept: got {len(anchors)} anchors for {len(concepts)} "
+                         "concepts.")
     return anchors
 
 
-def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, adapter_name=None, **options) -> Erasure:
+def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, adapter_name=None,
+                  **options) -> Erasure:
     """Erase one concept or several (in one solve) from `pipe`, in place.
 
     Args:
@@ -239,7 +241,8 @@ def adapter_state_dict(pipe, erasures: list[Erasure] | None = None):
     return native.write(erasures, _file_header(pipe), {"text_readers": readers})
 
 
-def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None, safe_serialization: bool = True) -> Path:
+def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None,
+                         safe_serialization: bool = True) -> Path:
     """Write every erasure on `pipe` to one safetensors file and return its path.
 
     Args:
@@ -250,7 +253,8 @@ def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None, s
     from safetensors.torch import save_file
 
     if not safe_serialization:
-        raise ValueError("Adapters are only written as safetensors (pickles can run code); keep safe_serialization=True.")
+        raise ValueError("Adapters are only written as safetensors (pickles can run code); keep "
+                         "safe_serialization=True.")
     erasures = get_erasures(pipe)
     if not erasures:
         raise ValueError("This pipeline has no erasure to save; call `erase_concept` or `load_erasure_adapter` first.")

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--no-images", action="store_true", help="with --push-to-hub: no before/after images")
     erase.set_defaults(func=cmd_erase)
 
-    export = sub.add_parser("export", help="export an adapter for AUTOMATIC1111/ComfyUI (kohya, diff), diffusers (lora) or peft")
+    export = sub.add_parser("export", help="export an adapter for AUTOMATIC1111/ComfyUI (kohya, diff), "
+                                           "diffusers (lora) or peft")
     export.add_argument("adapter", help="an adapter file, a folder holding one, or a Hub repo id")
     export.add_argument("--format", required=True, choices=[*api.EXPORT_FORMATS, "peft"])
     export.add_argument("--out", required=True, help="the .safetensors file to write (a folder for peft)")

@@ -13,9 +13,10 @@ logger = logging.getLogger(__name__)
 class ErasureConfig:
     """Options of one erasure method.
 
-    Subclasses set `method` (the registry key written into saved adapters), `paper`, `default_anchor` and
-    `default_preserve`, and add typed fields with the defaults of the method's reference implementation. Fields declared with `metadata={"serialize": False}`
-    (callbacks, say) are not written to adapter files.
+    Subclasses set `method` (the registry key written into saved adapters), `paper`, `default_anchor`,
+    `default_preserve` and `edit_scope`, and add typed fields with the defaults of the method's reference
+    implementation. Fields declared with `metadata={"serialize": False}` (callbacks, say) are not written to adapter
+    files.
     """
 
     method: ClassVar[str] = ""

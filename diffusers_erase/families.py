@@ -98,7 +98,8 @@ def denoiser(pipe) -> nn.Module:
 
 
 def text_pairs(pipe) -> list[tuple]:
-    """`(tokenizer, text_encoder, TextEncoder row)` for each text encoder the denoiser reads, in concatenation order."""
+    """`(tokenizer, text_encoder, TextEncoder row)` for each text encoder the denoiser reads, in concatenation
+    order."""
     family = family_of(pipe)
     pairs = [(getattr(pipe, t.tokenizer, None), getattr(pipe, t.encoder, None), t) for t in family.text_encoders]
     pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
@@ -173,7 +174,8 @@ def attention_prefixes(layers: list[int]) -> dict[str, str]:
     pairs = {"mid_block.attentions.0": "middle_block.1"}
     for level, count in enumerate(layers):
         for j in range(count):
-            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{1 + sum(n + 1 for n in layers[:level]) + j}.1"
+            index = 1 + sum(n + 1 for n in layers[:level]) + j
+            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{index}.1"
     reversed_layers = layers[::-1]
     for level, count in enumerate(reversed_layers):
         for j in range(count + 1):

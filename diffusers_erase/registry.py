@@ -42,4 +42,5 @@ def get_method(name: str) -> Method:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"Unknown erasure method {name!r}. Available methods: {', '.join(available_methods())}.") from None
+        known = ", ".join(available_methods())
+        raise ValueError(f"Unknown erasure method {name!r}. Available methods: {known}.") from None

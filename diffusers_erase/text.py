@@ -1,8 +1,8 @@
 """Text embeddings of concepts, anchors and preserved prompts, built exactly as the pipelines build them.
 
 The denoiser reads `encode_prompt`'s output: for each text encoder of the family row (`families.py`) its last or
-penultimate hidden state, concatenated (SDXL: both encoders' penultimate states). Closed-form edits use a few token columns of it, chosen by a
-token policy:
+penultimate hidden state, concatenated (SDXL: both encoders' penultimate states). Closed-form edits use a few
+token columns of it, chosen by a token policy:
 
 - "last_subject": the last word token (index len-2), as current UCE;
 - "eot": the first end-of-text token (index len-1), as TRCE stage 1;

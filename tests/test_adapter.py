@@ -177,7 +177,8 @@ def test_tensors_the_header_does_not_account_for_are_refused(sd_pipe, tokenizer_
 
 def test_modules_other_than_cross_attention_projections_are_refused(sd_pipe, tmp_path):
     header = {"format_version": 1, "family": "sd1", "erasures": [
-        {"method": "uce", "concepts": ["x"], "rank": 1, "modules": ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]}]}
+        {"method": "uce", "concepts": ["x"], "rank": 1,
+         "modules": ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]}]}
     tensors = {"text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(1, 32),
                "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(32, 1)}
     assert_load_fails_cleanly(sd_pipe, tensors, "not a cross-attention key/value projection",
@@ -191,7 +192,8 @@ def test_pipelines_sharing_a_unet_share_its_erasures(sd_pipe):
     other = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
     de.erase_concept(sd_pipe, "cat")
     de.erase_concept(other, "tree")
-    assert [e.concepts for e in de.get_erasures(sd_pipe)] == [["cat"], ["tree"]] == [e.concepts for e in de.get_erasures(other)]
+    concepts = [e.concepts for e in de.get_erasures(sd_pipe)]
+    assert concepts == [["cat"], ["tree"]] == [e.concepts for e in de.get_erasures(other)]
     de.unload_erasure(other)
     assert changed(before, snapshot(sd_pipe)) == [] and de.get_erasures(sd_pipe) == []
 

@@ -41,7 +41,8 @@ def test_matches_the_paper_formula_with_an_explicit_inverse():
     lamb, s_e, s_p = 0.5, 1.0, 1.0
     mat1 = lamb * weight + s_e * (weight @ target.T) @ erase + s_p * (weight @ keep.T) @ keep
     mat2 = lamb * torch.eye(weight.shape[1], dtype=torch.float64) + s_e * erase.T @ erase + s_p * keep.T @ keep
-    p, q = closed_form_edit(erase.float(), target.float(), keep.T @ keep, lamb=lamb, erase_scale=s_e, preserve_scale=s_p)
+    p, q = closed_form_edit(erase.float(), target.float(), keep.T @ keep, lamb=lamb, erase_scale=s_e,
+                            preserve_scale=s_p)
     assert torch.allclose(_edited(weight, p, q), mat1 @ torch.inverse(mat2), rtol=1e-4, atol=1e-4)
 
 
@@ -55,7 +56,8 @@ def test_without_regularisation_the_concept_maps_onto_the_anchor():
 
 def test_a_strong_preserve_term_keeps_preserved_outputs():
     weight, erase, target, keep = _problem(seed=3, dim=16, n_erase=1, n_keep=3)
-    p, q = closed_form_edit(erase.float(), target.float(), keep.T @ keep, lamb=1e-4, erase_scale=1.0, preserve_scale=1e3)
+    p, q = closed_form_edit(erase.float(), target.float(), keep.T @ keep, lamb=1e-4, erase_scale=1.0,
+                            preserve_scale=1e3)
     new = _edited(weight, p, q)
     assert torch.allclose(new @ keep.T, weight @ keep.T, rtol=1e-3, atol=1e-3)
     assert torch.allclose(new @ erase[0], weight @ target[0], rtol=1e-2, atol=1e-2)

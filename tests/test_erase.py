@@ -35,10 +35,12 @@ def test_embeddings_are_those_encode_prompt_gives_the_unet(pipe, policy):
     if hasattr(pipe, "text_encoder_2"):
         reference = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[0][0]
     else:
-        reference = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0][0]
+        reference = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                       do_classifier_free_guidance=False)[0][0]
     n = token_lengths(pipe, [prompt])[0]
     columns = prompt_columns(pipe, [prompt], policy)
-    expected = {"last_subject": reference[n - 2 : n - 1], "eot": reference[n - 1 : n], "tail": reference[n - 2 :], "all": reference}
+    expected = {"last_subject": reference[n - 2 : n - 1], "eot": reference[n - 1 : n], "tail": reference[n - 2 :],
+                "all": reference}
     assert torch.allclose(columns, expected[policy], atol=1e-5)
 
 

@@ -313,7 +313,8 @@ def test_partial_weight_files_as_uce_and_esd_write_them(sd_pipe, tokenizer_dir, 
     # UCE's current code saves the edited to_k/to_v weights by name (`<module>.weight`), in the model's dtype.
     de.erase_concept(sd_pipe, ["cat", "tree"], preserve=["dog"])
     edited = kv_weights(sd_pipe)
-    save_file({name[len("unet."):] + ".weight": w.to(dtype) for name, w in edited.items()}, str(tmp_path / "uce.safetensors"))
+    weights = {name[len("unet."):] + ".weight": w.to(dtype) for name, w in edited.items()}
+    save_file(weights, str(tmp_path / "uce.safetensors"))
     fresh = make_sd_pipeline(tokenizer_dir)
     [record] = de.load_erasure_adapter(fresh, tmp_path / "uce.safetensors")
     assert record.method == "imported" and record.options == {"source_format": "partial_weights"}

@@ -37,7 +37,8 @@ def test_card_metadata_and_sections(erased, tmp_path):
     text = loaded.text
     for needle in ("## What was erased", "`cat`, `tree`", "`animal`, `plant`", "`dog`", "arXiv:2308.14761",
                    "| `token_policy` | `\"last_subject\"` |", "| `lamb` | `0.3` |", "| cat | 0.0 |",
-                   'pipe.load_erasure_adapter("me/erase-cat")', "pipe.load_lora_weights", "--format lora", "diffusers-erase export",
+                   'pipe.load_erasure_adapter("me/erase-cat")', "pipe.load_lora_weights", "--format lora",
+                   "diffusers-erase export",
                    "## Limitations", "Erasure is not a guarantee", "`unet` "):
         assert needle in text, needle
     assert card.content == loaded.content

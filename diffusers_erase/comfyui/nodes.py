@@ -38,7 +38,9 @@ def _layers(model) -> list[int]:
     # ComfyUI's unet_config: num_res_blocks per level (or one int for all), channel_mult one entry per level.
     config = model.model.model_config.unet_config
     blocks = config["num_res_blocks"]
-    return [int(b) for b in blocks] if isinstance(blocks, (list, tuple)) else [int(blocks)] * len(config["channel_mult"])
+    if isinstance(blocks, (list, tuple)):
+        return [int(b) for b in blocks]
+    return [int(blocks)] * len(config["channel_mult"])
 
 
 def key_map(model) -> dict[str, str]:

@@ -111,7 +111,8 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); adapters are .safetensors files.") from None
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); adapters are .safetensors "
+                         "files.") from None
     return tensors, metadata
 
 

@@ -1,5 +1,6 @@
-"""peft LoRA folders (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<path>.lora_A/B.weight`)
-for the UNet, loadable with `peft.PeftModel.from_pretrained(pipe.unet, folder)`, and our own such export read back."""
+"""peft LoRA folders (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<path>.lora_A/B.weight`) for the UNet, loadable with
+`peft.PeftModel.from_pretrained(pipe.unet, folder)`, and our own such export read back."""
 
 from __future__ import annotations
 

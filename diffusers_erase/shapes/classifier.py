@@ -1,7 +1,7 @@
 """A small CNN that reads shape, colour, style and background off a 32x32 shapes-world image.
 
-    python -m diffusers_erase.shapes.classifier --train --vae runs/shapes/vae.pt   # 2,000 steps, 42 min on one busy core
-    python -m diffusers_erase.shapes.classifier --test                              # held-out accuracy
+    python -m diffusers_erase.shapes.classifier --train --vae runs/shapes/vae.pt  # 2,000 steps, 42 min, 1 busy core
+    python -m diffusers_erase.shapes.classifier --test                             # held-out accuracy
 
 It is trained on rendered images only, with augmentations that imitate what a generated image
 looks like (blur, rescaling, noise, colour jitter, and a round trip through the world's VAE), so
@@ -83,7 +83,7 @@ def classify(model: ShapesClassifier, images, threshold: float = DEFAULT_THRESHO
     results = []
     for start in range(0, len(x), batch_size):
         logits = model(x[start : start + batch_size])
-        probs = {name: l.softmax(-1) for name, l in logits.items()}
+        probs = {name: head.softmax(-1) for name, head in logits.items()}
         for i in range(len(next(iter(probs.values())))):
             row = {}
             for name, p in probs.items():
@@ -214,7 +214,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--test", action="store_true")
-    parser.add_argument("--vae", type=Path, help="a VAE checkpoint from diffusers_erase.shapes.train (runs/shapes/vae.pt)")
+    parser.add_argument("--vae", type=Path,
+                        help="a VAE checkpoint from diffusers_erase.shapes.train (runs/shapes/vae.pt)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

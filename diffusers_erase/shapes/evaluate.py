@@ -88,9 +88,10 @@ class EvaluationResult:
             lines += ["| erased | efficacy ↓ (before → after) | residue ↓ (before → after) | "
                       "specificity (before → after) | specificity ratio |", "|---|---|---|---|---|"]
             for e in self.erased:
+                ratio = "" if e.specificity_ratio is None else f"{e.specificity_ratio:.2f}"
                 lines.append(f"| {e.concept} | {_arrow(e.efficacy_before, e.efficacy)} | "
-                             f"{_arrow(e.residue_before, e.residue)} | {_arrow(e.specificity_before, e.specificity)} | "
-                             f"{'' if e.specificity_ratio is None else f'{e.specificity_ratio:.2f}'} |")
+                             f"{_arrow(e.residue_before, e.residue)} | "
+                             f"{_arrow(e.specificity_before, e.specificity)} | {ratio} |")
             lines.append("")
         lines += ["| concept | attribute | direct | synonym | none (direct) | other asked attributes (direct) |",
                   "|---|---|---|---|---|---|"]
@@ -185,8 +186,9 @@ def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, 
     erasures = []
     for concept in erased:
         others = [c for c in measured if c not in erased]
+        specificity = float(np.mean([scores[c].direct for c in others])) if others else float("nan")
         score = ErasureScore(concept, efficacy=scores[concept].direct, residue=scores[concept].synonym,
-                             specificity=float(np.mean([scores[c].direct for c in others])) if others else float("nan"))
+                             specificity=specificity)
         if baseline is not None:
             missing = [c for c in [concept] + others if c not in baseline.scores]
             if missing:
@@ -194,7 +196,8 @@ def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, 
             score.efficacy_before = baseline.scores[concept].direct
             score.residue_before = baseline.scores[concept].synonym
             score.specificity_before = float(np.mean([baseline.scores[c].direct for c in others]))
-            score.specificity_ratio = score.specificity / score.specificity_before if score.specificity_before else None
+            before = score.specificity_before
+            score.specificity_ratio = score.specificity / before if before else None
         erasures.append(score)
 
     result = EvaluationResult(scores=scores, erased=erasures, settings=settings, images=images)
@@ -210,7 +213,8 @@ def save_grid(result: EvaluationResult, baseline: EvaluationResult, path, images
     neighbouring concept's prompts: the prompt, then `before` images, then `after` images."""
     rows = []
     for concept in [e.concept for e in result.erased]:
-        rows += [p.text for p in world.concept_prompts(concept)[:3] + world.concept_prompts(concept, synonyms=True)[:3]]
+        prompts = world.concept_prompts(concept)[:3] + world.concept_prompts(concept, synonyms=True)[:3]
+        rows += [p.text for p in prompts]
         attribute = world.concept_attribute(concept)
         neighbour = next(c for c in world.ATTRIBUTES[attribute] if c not in [e.concept for e in result.erased])
         rows += [p.text for p in world.concept_prompts(neighbour)[:2]]

@@ -51,7 +51,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 def _bytes_to_unicode() -> dict:
     # Byte -> printable character table of GPT-2/CLIP byte-level BPE (same as in CLIP's tokenizer).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -89,7 +89,8 @@ def load_tokenizer():
     from transformers import CLIPTokenizer
 
     if not (TOKENIZER_DIR / "vocab.json").exists():
-        raise FileNotFoundError(f"no tokenizer in {TOKENIZER_DIR}; derive it with --clip-bpe path/to/bpe_simple_vocab_16e6.txt.gz")
+        raise FileNotFoundError(f"no tokenizer in {TOKENIZER_DIR}; derive it with "
+                                "--clip-bpe path/to/bpe_simple_vocab_16e6.txt.gz")
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
