@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 from . import api, engine
@@ -26,7 +27,7 @@ from .kinds import describe_record, record_targets
 from .registry import get_method
 from .state import offload_disabled
 
-TEMPLATES = Path(__file__).parent / "hub_cards"
+TEMPLATES = "diffusers_erase.hub_cards"  # the repository's hub_cards/, mapped into the package (pyproject.toml)
 CARD_NAME = "README.md"
 DEFAULT_LICENSE = "creativeml-openrail-m"  # SD 1.x's; pass the base model's own license
 
@@ -110,7 +111,7 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
     stem = Path(weight_name).stem
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATES / f"{kind}.md"),
+        template_str=(files(TEMPLATES) / f"{kind}.md").read_text(encoding="utf-8"),
         title=title,
         summary=summary,
         images=images or [],

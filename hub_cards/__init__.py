@@ -1,0 +1,1 @@
+"""Model-card templates (Jinja) rendered by `diffusers_erase.hub`; installed as `diffusers_erase.hub_cards`."""
