@@ -151,9 +151,21 @@ def read_header(path) -> tuple[dict, Path]:
 
 
 def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):
-    """(Re)generate the card of a saved adapter (a file, or a folder holding one) and, with `save`, write it as
-    README.md next to the file. Images already in the folder's `images/` (before_i.png / after_i.png, with
-    their prompts in images/prompts.json) are listed again."""
+    """(Re)generate the card of a saved adapter and, with `save`, write it as README.md next to the file. Images
+    already in the folder's `images/` (before_i.png / after_i.png, prompts in images/prompts.json) are listed again.
+
+    Args:
+        adapter (`str` or `os.PathLike`): an adapter file, or a folder holding one.
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
+        license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
+        repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
+        save (`bool`, defaults to True): write README.md next to the adapter.
+
+    Returns:
+        The `huggingface_hub.ModelCard`.
+    """
     header, path = read_header(adapter)
     images = _existing_images(path.parent)
     card = build_card(header, repo_id=repo_id, base_model=base_model, evaluation=evaluation, images=images,
@@ -208,7 +220,20 @@ def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: lis
                         evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, seed: int = 0,
                         num_inference_steps: int | None = None) -> Path:
     """Write what `push_erasure_to_hub` uploads: the adapter, README.md (the card) and, with `include_grid`,
-    `images/before_i.png`, `images/after_i.png` for each prompt (default: each erased concept as its own prompt)."""
+    `images/before_i.png`, `images/after_i.png` for each prompt.
+
+    Args:
+        folder (`str` or `os.PathLike`): where to write (created if needed).
+        include_grid (`bool`, defaults to True): generate before/after images.
+        prompts (`list[str]`, *optional*): the prompts of the images (default: each erased concept).
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
+        license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
+        repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
+        seed (`int`, defaults to 0): the images' seed (prompt i uses seed + i, before and after alike).
+        num_inference_steps (`int`, *optional*): steps per image (default: the pipeline's).
+    """
     folder = Path(folder)
     path = api.save_erasure_adapter(pipe, folder)
     images = []
@@ -227,8 +252,23 @@ def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, toke
                         commit_message: str | None = None, create_pr: bool = False, include_grid: bool = True,
                         prompts: list[str] | None = None, evaluation=None, base_model=None,
                         license: str = DEFAULT_LICENSE, num_inference_steps: int | None = None):
-    """Publish the erasures on `pipe` as an adapter repo: the adapter file, a generated card and before/after
-    images. Returns huggingface_hub's CommitInfo."""
+    """Publish the erasures on `pipe` as an adapter repo: the folder `save_erasure_folder` writes.
+
+    Args:
+        repo_id (`str`): the Hub repo to create (if needed) and upload to.
+        private (`bool`, *optional*): create the repo as private.
+        token (`str`, *optional*): Hub token (default: the logged-in one).
+        commit_message (`str`, *optional*): the upload's commit message.
+        create_pr (`bool`, defaults to False): open a pull request instead of committing to the main branch.
+        include_grid, prompts, num_inference_steps: the before/after images, as in `save_erasure_folder`.
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
+        license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
+
+    Returns:
+        huggingface_hub's `CommitInfo`.
+    """
     from huggingface_hub import create_repo, upload_folder
 
     repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
@@ -243,7 +283,16 @@ def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, toke
 def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo_id=None,
                          license: str = DEFAULT_LICENSE) -> Path:
     """Write a full erased checkpoint (`save_pretrained`, weights with the erasures in them) with our card and
-    the adapter file beside it. Membranes are written fused (a checkpoint cannot gate)."""
+    the adapter file beside it. Unfused membranes are refused (a checkpoint cannot gate): `fuse_erasure()` first.
+
+    Args:
+        folder (`str` or `os.PathLike`): where to write the pipeline.
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
+        license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
+        repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
+    """
     if any(e.edit.runs_beside_weights for e in api.get_erasures(pipe)):
         raise ValueError("The pipeline has unfused membranes, which a checkpoint cannot hold; call "
                          "`pipe.fuse_erasure()` first (membranes then act on every prompt).")
@@ -261,7 +310,22 @@ def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo
 def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = None, token: str | None = None,
                                 commit_message: str | None = None, create_pr: bool = False, evaluation=None,
                                 base_model=None, license: str = DEFAULT_LICENSE):
-    """Publish the erased pipeline as a full checkpoint (as `pipe.push_to_hub` does), with our card."""
+    """Publish the erased pipeline as a full checkpoint (as `pipe.push_to_hub` does), with our card.
+
+    Args:
+        repo_id (`str`): the Hub repo to create (if needed) and upload to.
+        private (`bool`, *optional*): create the repo as private.
+        token (`str`, *optional*): Hub token (default: the logged-in one).
+        commit_message (`str`, *optional*): the upload's commit message.
+        create_pr (`bool`, defaults to False): open a pull request instead of committing to the main branch.
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
+        license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
+
+    Returns:
+        huggingface_hub's `CommitInfo`.
+    """
     from huggingface_hub import create_repo, upload_folder
 
     repo = create_repo(repo_id, private=private, token=token, exist_ok=True)

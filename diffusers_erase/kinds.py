@@ -194,6 +194,11 @@ def describe_record(record: dict) -> str:
 
 
 def register_guard(cls: type[Guard]) -> type[Guard]:
+    """Class decorator: make a `Guard` subclass loadable from adapter files by its `guard_type`.
+
+    Args:
+        cls (`type[Guard]`): the guard class; its `guard_type` must be set and unique.
+    """
     if not cls.guard_type or cls.guard_type in GUARDS:
         raise ValueError(f"{cls.__name__} needs a unique `guard_type` (got {cls.guard_type!r}).")
     GUARDS[cls.guard_type] = cls

@@ -20,7 +20,12 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(config_cls: type[ErasureConfig]):
-    """Decorator registering `handler` under `config_cls.method`."""
+    """Decorator registering a handler `f(pipe, config, concepts, anchors, preserve) -> Edit` under
+    `config_cls.method` (the name `erase_concept(method=...)` and saved adapters use).
+
+    Args:
+        config_cls (`type[ErasureConfig]`): the method's options dataclass; it must set `method`.
+    """
     if not config_cls.method:
         raise ValueError(f"{config_cls.__name__} must set the class attribute `method`.")
 
