@@ -87,7 +87,6 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
     methods = list(dict.fromkeys(r["method"] for r in records))
     concepts = [c for r in records for c in r.get("concepts", [])]
     has_membrane = any(r.get("membrane") for r in records)
-    tags = ["text-to-image", "diffusers", "concept-erasure", *methods, *(row.hub_tags if row else ())]
     widget = [{"text": pair["prompt"], "output": {"url": pair["after"]}} for pair in images or []]
     card_data = ModelCardData(
         library_name="diffusers",
@@ -95,25 +94,17 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
         license=license,
         base_model=base_model,
         base_model_relation="adapter" if kind == "adapter" else "finetune",
-        tags=tags,
+        tags=["text-to-image", "diffusers", "concept-erasure", *methods, *(row.hub_tags if row else ())],
         widget=widget or None,
     )
     if hasattr(evaluation, "to_markdown"):
         evaluation = evaluation.to_markdown()
-    title = f"Erased: {', '.join(concepts) or 'imported edits'} ({', '.join(methods)})"
-    if kind == "checkpoint":
-        summary = (f"{base_model or 'A Stable Diffusion checkpoint'} with {', '.join(concepts) or 'imported edits'} "
-                   f"erased by diffusers-erase ({', '.join(methods)}). A complete diffusers pipeline.")
-    else:
-        summary = (f"A concept-erasure adapter for {base_model or f'{family} pipelines'}: it makes the model stop "
-                   f"drawing {', '.join(concepts) or 'the imported concepts'} ({', '.join(methods)}), and comes off "
-                   "again with `pipe.unload_erasure()`.")
     stem = Path(weight_name).stem
     return ModelCard.from_template(
         card_data,
         template_str=(files(TEMPLATES) / f"{kind}.md").read_text(encoding="utf-8"),
-        title=title,
-        summary=summary,
+        title=f"Erased: {', '.join(concepts) or 'imported edits'} ({', '.join(methods)})",
+        summary=_summary(kind, base_model, family, concepts, methods),
         images=images or [],
         erasures=[_erasure_context(r) for r in records],
         evaluation=evaluation,
@@ -131,6 +122,15 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
         format_version=header.get("format_version", 1),
         library_version=__version__,
     )
+
+
+def _summary(kind: str, base_model: str | None, family: str, concepts: list[str], methods: list[str]) -> str:
+    erased, how = ", ".join(concepts), ", ".join(methods)
+    if kind == "checkpoint":
+        return (f"{base_model or 'A Stable Diffusion checkpoint'} with {erased or 'imported edits'} erased by "
+                f"diffusers-erase ({how}). A complete diffusers pipeline.")
+    return (f"A concept-erasure adapter for {base_model or f'{family} pipelines'}: it makes the model stop drawing "
+            f"{erased or 'the imported concepts'} ({how}), and comes off again with `pipe.unload_erasure()`.")
 
 
 def read_header(path) -> tuple[dict, Path]:

@@ -110,3 +110,18 @@ def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path):
     tree = ast.parse("from .api import erase_concept")
     node = tree.body[0]
     assert _resolve("engine", PACKAGE / "engine.py", node) == ["api"]
+
+
+def test_modules_and_functions_stay_small():
+    """No module over 600 lines, no library function over 60 (the shapes world's training scripts excepted)."""
+    too_long = []
+    for module, path in _modules().items():
+        lines = path.read_text().count("\n")
+        if lines > 600:
+            too_long.append(f"{module}: {lines} lines")
+        if module.startswith("shapes"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []

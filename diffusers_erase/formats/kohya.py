@@ -46,7 +46,7 @@ import torch
 from ..families import Family, kohya_name
 from ..kinds import describe_record
 from .layout import Layout
-from .lora import pad_to_one_rank
+from .lora import format1_header, pad_to_one_rank
 from .native import METADATA_KEY
 
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -148,7 +148,7 @@ def check_family(layout: Layout, metadata: dict[str, str], source: str) -> None:
 
 
 def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoRA"):
-    """Turn a kohya LoRA of erasure edits into our adapter tensors and header, for `adapter.from_state_dict`.
+    """Turn a kohya LoRA of erasure edits into format-1 tensors and header, for `read.parse_any`.
 
     - Files with our `diffusers_erase` header (our exports) keep their records.
     - SPM membranes (the SPM reference's files: `lora_unet_*` factors on the transformer blocks with `prompts`,
@@ -160,6 +160,26 @@ def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoR
     metadata = dict(metadata or {})
     check_family(layout, metadata, source)
     names = layout.kohya_names()
+    groups = _kohya_groups(tensors, names, source)
+    spm_prompts = metadata.get("prompts")
+    if METADATA_KEY not in metadata and spm_prompts is None:
+        others = sorted(names[b] for b in groups if names[b] not in layout.text_readers)
+        if others:
+            raise ValueError(
+                f"{source} adapts {others[0]} (and {len(others) - 1} more) beyond the cross-attention key/value "
+                "projections but has no `prompts` metadata, so it is neither an edit nor an SPM membrane that can "
+                "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
+                "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
+                "general LoRA use `pipe.load_lora_weights`.")
+    ours = _kohya_factors(groups, names, source)
+    if METADATA_KEY not in metadata:
+        ours = pad_to_one_rank(ours)
+        metadata[METADATA_KEY] = format1_header(layout.family.name, _foreign_record(ours, metadata, source))
+    return ours, metadata
+
+
+def _kohya_groups(tensors, names: dict[str, str], source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """`{kohya module name: {part: tensor}}`; refuses tensors that are not LoRA parts of an erasable module."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         base, _, part = key.partition(".")
@@ -172,17 +192,11 @@ def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoR
         raise ValueError(f"{source} edits {len(foreign)} module(s) outside the UNet's transformer blocks (e.g. "
                          f"{foreign[0]}); it is not an erasure adapter — load general LoRAs with "
                          "`pipe.load_lora_weights`.")
-    spm_prompts = metadata.get("prompts")
-    projections = layout.text_readers
-    if METADATA_KEY not in metadata and spm_prompts is None:
-        others = sorted(names[b] for b in groups if names[b] not in projections)
-        if others:
-            raise ValueError(
-                f"{source} adapts {others[0]} (and {len(others) - 1} more) beyond the cross-attention key/value "
-                "projections but has no `prompts` metadata, so it is neither an edit nor an SPM membrane that can "
-                "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
-                "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
-                "general LoRA use `pipe.load_lora_weights`.")
+    return groups
+
+
+def _kohya_factors(groups, names: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+    """Format-1 tensors (`<module>.lora_A/B.weight`) of the kohya groups, alpha folded into lora_B."""
     ours: dict[str, torch.Tensor] = {}
     for base, parts in groups.items():
         module = names[base]
@@ -195,36 +209,36 @@ def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoR
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; expected Linear (2-D) or "
                              "Conv2d (4-D) LoRA factors.")
-        rank = down.shape[0]
         alpha = parts.get("alpha")
         if alpha is not None:
-            scale = float(alpha.float().item()) / rank
+            scale = float(alpha.float().item()) / down.shape[0]
             if scale != 1.0:
                 up = up * scale
         ours[f"{module}.lora_A.weight"] = down
         ours[f"{module}.lora_B.weight"] = up
     if not ours:
         raise ValueError(f"{source} holds no LoRA tensors.")
-    if METADATA_KEY not in metadata:
-        ours = pad_to_one_rank(ours)
-        modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
-        title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
-        rank = ours[f"{modules[0]}.lora_A.weight"].shape[0]
-        if spm_prompts is not None:
-            prompts = [p.strip() for p in str(spm_prompts).split(",") if p.strip()]
-            if not prompts:
-                raise ValueError(f"{source} has an empty `prompts` metadata field; its membrane cannot be gated.")
-            record = {"method": "spm", "name": title, "concepts": prompts, "anchors": [], "preserve": [],
-                      "options": {"source_format": "kohya-spm", "rank": metadata.get("rank"),
-                                  "alpha": metadata.get("alpha")},
-                      "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False}}
-        else:
-            record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
-                      "options": {"source_format": "kohya"}}
-        record.update({"rank": rank, "modules": modules, "seconds": 0.0})
-        metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
-                                             "erasures": [record]})
-    return ours, metadata
+    return ours
+
+
+def _foreign_record(ours: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> dict:
+    """The one record of a kohya file without our header: an SPM membrane (the reference's `prompts` field) or an
+    imported weight edit."""
+    modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
+    title = metadata.get("ss_output_name") or metadata.get("modelspec.title")
+    spm_prompts = metadata.get("prompts")
+    if spm_prompts is not None:
+        prompts = [p.strip() for p in str(spm_prompts).split(",") if p.strip()]
+        if not prompts:
+            raise ValueError(f"{source} has an empty `prompts` metadata field; its membrane cannot be gated.")
+        record = {"method": "spm", "name": title, "concepts": prompts, "anchors": [], "preserve": [],
+                  "options": {"source_format": "kohya-spm", "rank": metadata.get("rank"),
+                              "alpha": metadata.get("alpha")},
+                  "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False}}
+    else:
+        record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
+                  "options": {"source_format": "kohya"}}
+    return {**record, "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0], "modules": modules, "seconds": 0.0}
 
 
 def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"):
@@ -264,6 +278,5 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     record = {"method": "imported", "name": metadata.get("ss_output_name"), "concepts": concepts, "anchors": [],
               "preserve": [], "options": {"source_format": "diff", "methods": methods},
               "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0], "modules": modules, "seconds": 0.0}
-    metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
-                                         "erasures": [record]})
+    metadata[METADATA_KEY] = format1_header(layout.family.name, record)
     return ours, metadata

@@ -85,6 +85,12 @@ def write(erasures: list[Erasure], expanded: list[dict[str, LowRank]], shapes: d
     return tensors, {"format": "pt", METADATA_KEY: json.dumps(header), **quick_look(erasures)}
 
 
+def format1_header(family: str, record: dict) -> str:
+    """The `diffusers_erase` header of a converted foreign file: one record, no fingerprints to check."""
+    return json.dumps({"format_version": LORA_FORMAT_VERSION, "family": family, "fingerprints": {},
+                       "erasures": [record]})
+
+
 def pad_to_one_rank(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One record has one rank: pad lower-rank modules with zero rows/columns (the product is unchanged)."""
     rank = max(t.shape[0] for k, t in ours.items() if k.endswith(".lora_A.weight"))

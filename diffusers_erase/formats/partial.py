@@ -3,12 +3,10 @@ edit of the cross-attention key/value projections."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from .layout import Layout
-from .lora import pad_to_one_rank
+from .lora import format1_header, pad_to_one_rank
 from .native import METADATA_KEY
 from .peft import PEFT_PREFIX
 
@@ -64,8 +62,7 @@ def partial_weights_to_adapter(layout: Layout, tensors, metadata, source: str = 
               "options": {"source_format": "partial_weights"}, "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0],
               "modules": modules, "seconds": 0.0}
     metadata = dict(metadata or {})
-    metadata[METADATA_KEY] = json.dumps({"format_version": 1, "family": layout.family.name, "fingerprints": {},
-                                         "erasures": [record]})
+    metadata[METADATA_KEY] = format1_header(layout.family.name, record)
     return ours, metadata
 
 

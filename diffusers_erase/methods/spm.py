@@ -148,6 +148,12 @@ class _Trainable:
         for handle in self.handles:
             handle.remove()
 
+    def result(self, prompts: list[str]) -> Membrane:
+        """The trained factors as a membrane gated on `prompts` (alpha/rank folded into `up`, on the CPU)."""
+        deltas = {f"{name}.weight": LowRank((up.detach() * self.scale).float().cpu(), down.detach().float().cpu())
+                  for name, (up, down) in self.factors.items()}
+        return Membrane(deltas, prompts=prompts)
+
 
 def _lr_lambda(config: SPMConfig):
     # Linear warm-up, then cosine with hard restarts (as diffusers' get_cosine_with_hard_restarts_schedule).
@@ -162,12 +168,50 @@ def _lr_lambda(config: SPMConfig):
     return factor
 
 
+def _sampling_setup(pipe, config: SPMConfig):
+    """Latent shape, the DDIM sampler of the partial denoising, and the full-length DDIM schedule that maps its step
+    k to a training timestep."""
+    from diffusers import DDIMScheduler
+
+    unet = pipe.unet
+    size = config.resolution or unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+    full = DDIMScheduler.from_config(pipe.scheduler.config)
+    full.set_timesteps(full.config.num_train_timesteps)
+    return latent_shape, sampler, full
+
+
+@torch.no_grad()
+def _partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: float):
+    """x_t: the first k DDIM steps from noise, with classifier-free guidance (rows: [∅, target])."""
+    for t in sampler.timesteps[:k]:
+        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
+        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
+        latents = sampler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+    return latents
+
+
+def _loss(unet, membrane: _Trainable, latents, t, target, neutral, anchors, config: SPMConfig):
+    """L_erase + la_strength · L_anchor at x_t (see the module docstring); frozen predictions without the membrane."""
+    frozen_inputs = torch.cat([target[None], neutral[None], anchors])
+    with torch.no_grad():
+        membrane.enabled = False
+        frozen = unet(latents.expand(len(frozen_inputs), -1, -1, -1), t, frozen_inputs).sample.float()
+    eps_p, eps_n, anchor_frozen = frozen[:1], frozen[1:2], frozen[2:]
+    membrane.enabled = True
+    live_inputs = torch.cat([target[None], anchors])
+    live = unet(latents.expand(len(live_inputs), -1, -1, -1), t, live_inputs).sample.float()
+    loss = F.mse_loss(live[:1], eps_n - config.erase_guidance * (eps_p - eps_n))
+    if len(anchors):
+        loss = loss + config.la_strength * F.mse_loss(live[1:], anchor_frozen)
+    return loss
+
+
 @register_method(SPMConfig)
 def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt), gated on the concepts;
     its factors are `up · alpha/rank` and `down`. The pipeline's weights and flags are left as they were."""
-    from diffusers import DDIMScheduler
-
     if family_of(pipe).name not in ("sd1", "sd2"):
         raise ValueError("Training SPM membranes supports SD 1.x/2.x pipelines; for SDXL, load a trained "
                          "membrane (kohya SPM file) with `load_erasure_adapter`.")
@@ -177,24 +221,19 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
-    targets = membrane_targets(pipe)
 
+    # Each prompt encoded once, as the UNet reads it (full padded sequence).
     prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
     with torch.no_grad():
         table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(device, dtype)))
     pairs = [(table[c], table[a]) for c, a in zip(concepts, anchors)]
     uncond = table[""]
-
-    size = config.resolution or unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
-    latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-    full = DDIMScheduler.from_config(pipe.scheduler.config)
-    full.set_timesteps(full.config.num_train_timesteps)
+    latent_shape, sampler, full = _sampling_setup(pipe, config)
     steps = config.max_denoising_steps
 
     flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
-    membrane = _Trainable(targets, config.rank, config.alpha, generator, device)
+    membrane = _Trainable(membrane_targets(pipe), config.rank, config.alpha, generator, device)
     params = membrane.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
@@ -206,29 +245,13 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
                 latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
                 sampler.set_timesteps(steps, device=device)
                 latents = latents * sampler.init_noise_sigma
-                conditioning = torch.stack([uncond, target])
-                with torch.no_grad():  # x_t: k denoising steps with the membrane on
-                    membrane.enabled = True
-                    for t in sampler.timesteps[:k]:
-                        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
-                        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
-                        eps = eps_u + config.sampling_guidance * (eps_c - eps_u)
-                        latents = sampler.step(eps, t, latents).prev_sample
+                membrane.enabled = True
+                latents = _partial_denoise(unet, sampler, latents, k, torch.stack([uncond, target]),
+                                           config.sampling_guidance)
                 t = full.timesteps[int(k * full.config.num_train_timesteps / steps)]
                 anchors = (sample_anchors(target, config.la_samples, generator)
                            if config.la_strength > 0 and config.la_samples > 0 else target[None][:0])
-                frozen_inputs = torch.cat([target[None], neutral[None], anchors])
-                with torch.no_grad():
-                    membrane.enabled = False
-                    frozen = unet(latents.expand(len(frozen_inputs), -1, -1, -1), t, frozen_inputs).sample.float()
-                eps_p, eps_n, anchor_frozen = frozen[:1], frozen[1:2], frozen[2:]
-                membrane.enabled = True
-                live_inputs = torch.cat([target[None], anchors])
-                live = unet(latents.expand(len(live_inputs), -1, -1, -1), t, live_inputs).sample.float()
-                erase_target = eps_n - config.erase_guidance * (eps_p - eps_n)
-                loss = F.mse_loss(live[:1], erase_target)
-                if len(anchors):
-                    loss = loss + config.la_strength * F.mse_loss(live[1:], anchor_frozen)
+                loss = _loss(unet, membrane, latents, t, target, neutral, anchors, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.max_grad_norm > 0:
@@ -244,7 +267,4 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
         membrane.remove()
         for param, flag in zip(unet.parameters(), flags):
             param.requires_grad_(flag)
-    scale = config.alpha / config.rank
-    deltas = {f"{name}.weight": LowRank((up.detach() * scale).float().cpu(), down.detach().float().cpu())
-              for name, (up, down) in membrane.factors.items()}
-    return Membrane(deltas, prompts=list(concepts))
+    return membrane.result(prompts=list(concepts))
