@@ -93,8 +93,9 @@ def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | 
     return torch.cat(outputs, dim=-1)
 
 
-def _columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None) -> torch.Tensor:
-    """Token columns of one prompt's (tokens, dim) embedding under `policy`, as (n, dim)."""
+def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None) -> torch.Tensor:
+    """Token columns of one prompt's (tokens, dim) embedding under `policy`, as (n, dim); `length` counts the
+    prompt's tokens with its start and end tokens."""
     if policy == "last_subject":
         return embedding[length - 2 : length - 1]
     if policy == "eot":
@@ -121,8 +122,8 @@ def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy
     erase, target = [], []
     for concept, anchor, n_c, n_a in zip(concepts, anchors, lengths_c, lengths_a):
         count = total - max(n_c, n_a) + 2 if policy == "tail" else None
-        erase.append(_columns(embeddings[index[concept]], n_c, policy, count))
-        target.append(_columns(embeddings[index[anchor]], n_a, policy, count))
+        erase.append(policy_columns(embeddings[index[concept]], n_c, policy, count))
+        target.append(policy_columns(embeddings[index[anchor]], n_a, policy, count))
     return torch.cat(erase), torch.cat(target)
 
 
@@ -131,7 +132,7 @@ def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", 
     check_token_policy(policy)
     lengths = lengths or token_lengths(pipe, prompts, what)
     embeddings = encode(pipe, prompts, full_length=_uses_padding(policy), lengths=lengths)
-    return torch.cat([_columns(e, n, policy) for e, n in zip(embeddings, lengths)])
+    return torch.cat([policy_columns(e, n, policy) for e, n in zip(embeddings, lengths)])
 
 
 def cache_dir() -> Path | None:

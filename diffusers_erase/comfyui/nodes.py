@@ -25,7 +25,7 @@ from ..formats.native import read_file
 from ..formats.read import parse_any
 from ..kinds import Membrane
 from ..methods.uce import closed_form_edit
-from ..text import gate_value, token_overlap
+from ..text import gate_value, policy_columns, token_overlap
 
 PREFIX = "diffusion_model."
 CATEGORY = "diffusers-erase"
@@ -157,21 +157,15 @@ def comfy_gate(clip, prompt: str, erased_prompts: list[str]) -> float:
 
 
 def token_columns(clip, texts: list[str], policy: str) -> torch.Tensor:
-    """Token columns of each text as the closed-form methods use them: "last_subject" (the last word token),
-    "eot" (the end token) or "all"."""
+    """Token columns of each text as the closed-form methods pick them (`text.policy_columns`), from ComfyUI's own
+    encodings: "last_subject", "eot" or "all" ("tail" aligns a concept with its anchor, which this node does not)."""
+    if policy not in ("last_subject", "eot", "all"):
+        raise ValueError(f"token_policy {policy!r} is not available in ComfyUI; use last_subject, eot or all.")
     end_id = _special_ids(clip)[1]
     columns = []
     for text in texts:
         emb, ids = _token_rows(clip, text)
-        end = ids[0].index(end_id, 1)
-        if policy == "last_subject":
-            columns.append(emb[end - 1 : end])
-        elif policy == "eot":
-            columns.append(emb[end : end + 1])
-        elif policy == "all":
-            columns.append(emb)
-        else:
-            raise ValueError(f"token_policy {policy!r} is not available in ComfyUI; use last_subject, eot or all.")
+        columns.append(policy_columns(emb, ids[0].index(end_id, 1) + 1, policy))
     return torch.cat(columns)
 
 
