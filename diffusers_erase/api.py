@@ -22,6 +22,7 @@ from .families import (
     family_of,
     matrix_shape,
     membrane_targets,
+    module_of,
     text_pairs,
     text_readers,
     weights_fingerprint,
@@ -35,6 +36,7 @@ from .registry import get_method
 from .state import base_weight, get_parameter, offload_disabled, state
 
 EXPORT_FORMATS = ("kohya", "diff", "lora")
+logger = logging.getLogger(__name__)
 
 
 def _as_prompts(value, what: str) -> list[str]:
@@ -354,7 +356,7 @@ def _scope(erasure: Erasure) -> str:
     try:
         return get_method(erasure.method).config_cls.edit_scope
     except ValueError:  # "imported" and records of methods this version does not have: what their kind edits
-        return "membrane_blocks" if isinstance(erasure.edit, Membrane) else "text_readers"
+        return erasure.edit.default_scope
 
 
 def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_text_encoder: bool) -> None:
@@ -366,7 +368,7 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
     for component, expected in fingerprints.items():
         module = getattr(pipe, component, None)
         if module is not None and config_fingerprint(module) != expected:
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "%s was made for a %s with another config; loading it anyway (same family).", source, component)
     if any(isinstance(d, TextMap) for e in erasures for d in e.edit.deltas.values()):
         _check_text_encoders(pipe, header, source, allow_other_text_encoder)
@@ -376,7 +378,7 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
         targets = find(pipe)
         moved, cache = {}, {}
         for name, delta in erasure.edit.deltas.items():
-            module = targets.get(name[: -len(".weight")] if name.endswith(".weight") else name)
+            module = targets.get(module_of(name)) if name.endswith(".weight") else None
             if module is None:
                 raise ValueError(f"{source} edits {name}, which is not {what} of this {family.name!r} pipeline.")
             expected = matrix_shape(module.weight)

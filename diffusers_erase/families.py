@@ -149,6 +149,11 @@ def membrane_targets(pipe) -> dict[str, nn.Module]:
     return found
 
 
+def module_of(parameter: str) -> str:
+    """The module a parameter name belongs to (`unet.x.to_k.weight` → `unet.x.to_k`)."""
+    return parameter.rpartition(".")[0]
+
+
 def matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
     """(out, in) of a Linear weight, (out, in·kh·kw) of a Conv2d weight: the matrix an edit adds to."""
     return (weight.shape[0], weight[0].numel()) if weight.dim() > 1 else (weight.shape[0], 1)

@@ -27,6 +27,7 @@ class Edit(ABC):
     """Base of the kinds. `deltas` maps `"<component>.<parameter path>"` to a payload."""
 
     kind: ClassVar[str] = ""
+    default_scope: ClassVar[str] = "text_readers"  # what a file's edit of an unknown method may touch (api._SCOPES)
     deltas: dict[str, Delta]
 
     def weight_deltas(self) -> dict[str, tuple[Delta, float]]:
@@ -83,7 +84,7 @@ def _targets_text(record: dict) -> str:
 
 
 def _layers_text(names) -> str:
-    names = [n[: -len(".weight")] if n.endswith(".weight") else n for n in names]
+    names = [n.removesuffix(".weight") for n in names]  # format-1 records list modules, format 2 parameters
     suffixes = sorted({".".join(n.split(".")[-2:]) for n in names})
     components = sorted({n.partition(".")[0] for n in names})
     return f"{len(set(names))} {'/'.join(components)} layers ({', '.join(f'`{s}`' for s in suffixes[:4])}" + (
@@ -115,6 +116,7 @@ class Membrane(Edit):
     weight: float = 1.0
     fused: bool = False
     kind: ClassVar[str] = "membrane"
+    default_scope: ClassVar[str] = "membrane_blocks"
 
     def weight_deltas(self):
         return {name: (delta, self.weight) for name, delta in self.deltas.items()} if self.fused else {}

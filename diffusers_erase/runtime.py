@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import denoiser
+from .families import denoiser, module_of
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
 from .text import encode, token_overlap, token_sets
@@ -261,10 +261,6 @@ def detach(pipe) -> None:
     record.runtime = None
 
 
-def _module_name(parameter: str) -> str:
-    return parameter[: -len(".weight")] if parameter.endswith(".weight") else parameter
-
-
 def refresh(pipe) -> None:
     """(Re)attach the hooks of every erasure on `pipe` that runs beside the weights (membranes with their current
     weights and gating, guards). Everything is built first; the old hooks are swapped out only when that
@@ -281,7 +277,7 @@ def refresh(pipe) -> None:
     per_module: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for m, erasure in enumerate(membranes):
         for name, delta in erasure.edit.deltas.items():
-            per_module.setdefault(_module_name(name), []).append((m, delta.up, delta.down))
+            per_module.setdefault(module_of(name), []).append((m, delta.up, delta.down))
     hooks = []
     for name, parts in per_module.items():
         module = get_module(pipe, name)

@@ -19,7 +19,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..families import FAMILIES, KOHYA_UNET_PREFIX, attention_prefixes
+from ..families import FAMILIES, KOHYA_UNET_PREFIX, attention_prefixes, module_of
 from ..formats.layout import Layout
 from ..formats.native import read_file
 from ..formats.read import parse_any
@@ -73,7 +73,7 @@ def comfy_layout(model) -> Layout:
     return Layout(family=family, unet_config=unet_config,
                   text_readers={n: s for n, s in modules.items() if n.endswith(family.text_readers)},
                   membrane_targets={n: s for n, s in modules.items() if len(s) in (2, 4)},  # Linear/Conv2d
-                  weight=lambda name: state[keys[name[: -len(".weight")]]],
+                  weight=lambda name: state[keys[module_of(name)]],
                   parameters={f"{n}.weight": s for n, s in modules.items()})
 
 
@@ -86,7 +86,7 @@ def read_erasures(path, model) -> list[dict]:
     for erasure in erasures:
         edit = erasure.edit
         gated = isinstance(edit, Membrane) and edit.gated and not edit.fused
-        deltas = {name[: -len(".weight")]: delta for name, delta in edit.deltas.items()}
+        deltas = {module_of(name): delta for name, delta in edit.deltas.items()}
         out.append({"method": erasure.method, "concepts": erasure.concepts,
                     "prompts": list(edit.prompts) if gated else None, "deltas": deltas})
     return out

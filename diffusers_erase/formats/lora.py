@@ -29,7 +29,7 @@ def module_of(parameter: str) -> str:
     if not parameter.endswith(".weight"):
         raise ValueError(f"{parameter} is not a weight; LoRA factors only hold weight edits (export format='diff' "
                          "or share the adapter file).")
-    return parameter[: -len(".weight")]
+    return parameter.removesuffix(".weight")
 
 
 def expand(erasures: list[Erasure], base_weight: Callable[[str], torch.Tensor]) -> list[dict[str, LowRank]]:
