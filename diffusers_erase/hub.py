@@ -23,7 +23,7 @@ from ._version import __version__
 from .families import FAMILIES
 from .formats import native
 from .formats.native import DEFAULT_WEIGHT_NAME, METADATA_KEY
-from .kinds import describe_record, record_targets
+from .kinds import describe_record, record_kind, record_targets
 from .registry import get_method
 from .state import offload_disabled
 
@@ -45,7 +45,6 @@ def _paper(method: str) -> str:
 
 
 def _erasure_context(record: dict) -> dict:
-    membrane = record.get("membrane")
     preserve = record.get("preserve")
     if preserve is None and "preserve_count" in record:
         preserve_text = f"{record['preserve_count']} prompts (sha256 {record['preserve_sha256'][:12]}…)"
@@ -62,7 +61,6 @@ def _erasure_context(record: dict) -> dict:
         "module_count": len(record_targets(record)),
         "paper": _paper(record["method"]),
         "what": describe_record(record),
-        "membrane": bool(membrane),
         "options": sorted((k, json.dumps(v)) for k, v in options.items()),
     }
 
@@ -86,7 +84,7 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
     base_model = base_model or header.get("base_model")
     methods = list(dict.fromkeys(r["method"] for r in records))
     concepts = [c for r in records for c in r.get("concepts", [])]
-    has_membrane = any(r.get("membrane") for r in records)
+    has_membrane = any(record_kind(r) == "membrane" for r in records)
     widget = [{"text": pair["prompt"], "output": {"url": pair["after"]}} for pair in images or []]
     card_data = ModelCardData(
         library_name="diffusers",

@@ -14,6 +14,7 @@ instead of testing which kind it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -42,6 +43,12 @@ class Edit(ABC):
     def record(self) -> dict:
         """The kind's own fields for the adapter header."""
         return {}
+
+    @classmethod
+    @abstractmethod
+    def from_record(cls, record: dict, deltas: dict[str, Delta], tensors: dict, where: str) -> "Edit":
+        """Rebuild an edit of this kind from its adapter-header record, its payloads and (guards) its tensors;
+        `where` names the file and record in errors."""
 
     @classmethod
     @abstractmethod
@@ -100,6 +107,10 @@ class WeightEdit(Edit):
         return {name: (delta, 1.0) for name, delta in self.deltas.items()}
 
     @classmethod
+    def from_record(cls, record, deltas, tensors, where):
+        return cls(deltas)
+
+    @classmethod
     def describe(cls, record):
         types = [group.get("type") for group in record.get("payloads") or []]
         how = " through one linear map of text-embedding space shared by all of them" if types == ["text_map"] else ""
@@ -128,6 +139,22 @@ class Membrane(Edit):
     def record(self):
         return {"membrane": {"prompts": list(self.prompts), "gated": self.gated, "weight": self.weight,
                              "fused": self.fused}}
+
+    @classmethod
+    def from_record(cls, record, deltas, tensors, where):
+        if not all(isinstance(d, LowRank) for d in deltas.values()):
+            raise ValueError(f"{where}: a membrane holds low-rank factors only.")
+        membrane = record.get("membrane")
+        if not isinstance(membrane, dict):
+            raise ValueError(f"{where} has a corrupt membrane record ({membrane!r}).")
+        prompts = membrane.get("prompts") or []
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{where} has a corrupt membrane prompt list ({prompts!r}).")
+        weight = membrane.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"{where} has a corrupt membrane weight ({weight!r}); it must be a finite number.")
+        return cls(deltas, prompts, bool(membrane.get("gated", True)), float(weight),
+                   bool(membrane.get("fused", False)))
 
     @classmethod
     def describe(cls, record):
@@ -174,6 +201,15 @@ class Guard(Edit):
         return {"guard": {"type": self.guard_type, "settings": self.settings}}
 
     @classmethod
+    def from_record(cls, record, deltas, tensors, where):
+        spec = record.get("guard") or {}
+        guard = GUARDS.get(spec.get("type")) if isinstance(spec, dict) else None
+        if guard is None:
+            raise ValueError(f"{where} holds a guard of type {spec!r}, which this diffusers-erase does not know; "
+                             f"known guards: {sorted(GUARDS) or 'none'}.")
+        return guard(tensors, spec.get("settings") or {})
+
+    @classmethod
     def describe(cls, record):
         spec = record.get("guard") or {}
         return f"A sampling-time guard (`{spec.get('type')}`) that changes no weight."
@@ -189,9 +225,14 @@ GUARDS: dict[str, type[Guard]] = {}
 KINDS: dict[str, type[Edit]] = {cls.kind: cls for cls in (WeightEdit, Membrane, Guard)}
 
 
+def record_kind(record: dict) -> str:
+    """The kind a header record names (format-1 records carry none: a membrane has a `membrane` field)."""
+    return record.get("kind") or ("membrane" if record.get("membrane") else "weight_edit")
+
+
 def describe_record(record: dict) -> str:
-    """Card text of one adapter-header record, from its kind (format-1 records carry none: inferred)."""
-    kind = record.get("kind") or ("membrane" if record.get("membrane") else "weight_edit")
+    """Card text of one adapter-header record, from its kind."""
+    kind = record_kind(record)
     return KINDS[kind].describe(record) if kind in KINDS else f"An edit of unknown kind {kind!r}."
 
 

@@ -91,3 +91,29 @@ def test_corrupt_records_name_the_field(sd_pipe, tmp_path, field, value, match):
     header["erasures"][0][field] = value
     metadata["diffusers_erase"] = json.dumps(header)
     assert_load_fails_cleanly(sd_pipe, load_file(str(path)), match, metadata=metadata)
+
+
+def test_edits_of_text_encoder_and_unet_stack_and_undo_together(sd_pipe):
+    """State is keyed by `<component>.<parameter>`: a dense text-encoder edit and a low-rank UNet edit install,
+    save as their own payload types, and unload bit-exactly, together."""
+    from conftest import changed, snapshot
+
+    from diffusers_erase import engine
+    from diffusers_erase.formats import native
+
+    before = snapshot(sd_pipe)
+    # (transformers 5 names CLIP's parameters without the `text_model.` prefix that 4.x used)
+    bias = "text_encoder." + next(n for n, _ in sd_pipe.text_encoder.named_parameters()
+                                  if n.endswith("final_layer_norm.bias"))
+    to_k = next(iter(kv_weights(sd_pipe))) + ".weight"
+    out_features, in_features = sd_pipe.unet.get_parameter(to_k[len("unet."):]).shape
+    edit = de.WeightEdit({bias: de.Dense(torch.full((32,), 0.1)),
+                          to_k: de.LowRank(torch.ones(out_features, 1), torch.ones(1, in_features) * 0.01)})
+    engine.install(sd_pipe, [de.Erasure("test", ["x"], [""], [], {}, edit=edit)])
+    assert sorted(changed(before, snapshot(sd_pipe))) == sorted([bias, to_k])
+    tensors, metadata = de.api.adapter_state_dict(sd_pipe)
+    _, (record,) = native.parse(tensors, metadata, "test")
+    assert {n: d.type for n, d in record.edit.deltas.items()} == {bias: "dense", to_k: "low_rank"}
+    assert torch.equal(record.edit.deltas[bias].delta, torch.full((32,), 0.1))
+    de.unload_erasure(sd_pipe)
+    assert changed(before, snapshot(sd_pipe)) == []

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ..families import Family, kohya_name
-from ..kinds import describe_record
+from ..kinds import describe_record, record_kind
 from .layout import Layout
 from .lora import format1_header, pad_to_one_rank
 from .native import METADATA_KEY
@@ -83,7 +83,7 @@ def header_fields(info: dict, metadata: dict[str, str], out_file: Path, fmt: str
     records = header["erasures"]
     concepts = [c for record in records for c in record["concepts"]]
     methods = list(dict.fromkeys(record["method"] for record in records))
-    membranes = [record for record in records if record.get("membrane")]
+    membranes = [record for record in records if record_kind(record) == "membrane"]
     what = " ".join(describe_record(record) for record in records)
     if membranes:
         what += " Static here: facilitated transport (per-prompt gating) needs diffusers-erase."
@@ -255,7 +255,7 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
         for record in json.loads(metadata[METADATA_KEY]).get("erasures", []):
             concepts += record.get("concepts", [])
             methods.append(record.get("method"))
-            if record.get("membrane"):
+            if record_kind(record) == "membrane":
                 raise ValueError(f"{source} holds membranes as full diffs; load the adapter or kohya export to "
                                  "keep their gating.")
     ours = {}

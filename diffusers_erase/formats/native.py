@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..deltas import PAYLOADS, Delta, LowRank
-from ..kinds import GUARDS, Erasure, Guard, Membrane, WeightEdit
+from ..deltas import PAYLOADS, Delta
+from ..kinds import KINDS, Erasure, Guard, record_kind
 
 logger = logging.getLogger(__name__)
 
@@ -158,36 +158,12 @@ def _check_record(record, where: str) -> None:
         raise ValueError(f"{where}: `options` must be a JSON object, got {record.get('options')!r}.")
 
 
-def _membrane_fields(membrane, where: str) -> dict:
-    if not isinstance(membrane, dict):
-        raise ValueError(f"{where} has a corrupt membrane record ({membrane!r}).")
-    prompts = membrane.get("prompts") or []
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{where} has a corrupt membrane prompt list ({prompts!r}).")
-    weight = membrane.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not torch.isfinite(torch.tensor(weight)):
-        raise ValueError(f"{where} has a corrupt membrane weight ({weight!r}); it must be a finite number.")
-    return {"prompts": prompts, "gated": bool(membrane.get("gated", True)), "weight": float(weight),
-            "fused": bool(membrane.get("fused", False))}
-
-
 def make_edit(record: dict, deltas: dict[str, Delta], guard_tensors: dict | None, where: str):
-    """The kind object of a record: the file says which kind it is; the kinds table builds it."""
-    kind = record.get("kind") or ("membrane" if record.get("membrane") else "weight_edit")
-    if kind == "weight_edit":
-        return WeightEdit(deltas)
-    if kind == "membrane":
-        if not all(isinstance(d, LowRank) for d in deltas.values()):
-            raise ValueError(f"{where}: a membrane holds low-rank factors only.")
-        return Membrane(deltas, **_membrane_fields(record.get("membrane"), where))
-    if kind == "guard":
-        spec = record.get("guard") or {}
-        cls = GUARDS.get(spec.get("type")) if isinstance(spec, dict) else None
-        if cls is None:
-            raise ValueError(f"{where} holds a guard of type {spec!r}, which this diffusers-erase does not know; "
-                             f"known guards: {sorted(GUARDS) or 'none'}.")
-        return cls(guard_tensors or {}, spec.get("settings") or {})
-    raise ValueError(f"{where}: unknown kind {kind!r} (weight_edit, membrane, guard).")
+    """The kind object of a record: the file says which kind it is; that kind builds itself."""
+    kind = record_kind(record)
+    if kind not in KINDS:
+        raise ValueError(f"{where}: unknown kind {kind!r} ({', '.join(KINDS)}).")
+    return KINDS[kind].from_record(record, deltas, guard_tensors or {}, where)
 
 
 def erasure_from_record(record: dict, edit) -> Erasure:
