@@ -8,7 +8,7 @@
   floats for E erased embedding vectors. `q is None` means Q = I (P is then the full dim × dim map P Q).
 
 Every payload is applied as W ← W + ΔW summed in float32, and raises before touching W when ΔW or the sum is not
-finite.
+finite, or the sum leaves float16's range (no real edit does; a corrupt file or a diverged solve would).
 """
 
 from __future__ import annotations
@@ -61,15 +61,34 @@ def _matrix_view(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
 
+# No erasure moves a weight anywhere near float16's largest value; an edit that would is a corrupt file or a
+# diverged solve, and it would overflow every float16 copy of the model, so it is refused as not finite.
+WEIGHT_LIMIT = float(torch.finfo(torch.float16).max)
+
+
+def _checked(new: torch.Tensor, weight: torch.Tensor, what: str) -> torch.Tensor:
+    limit = max(WEIGHT_LIMIT, float(weight.detach().abs().max()) if weight.numel() else 0.0)
+    if not torch.isfinite(new).all() or (new.numel() and float(new.abs().max()) > limit):
+        raise FloatingPointError(
+            f"The {what} takes weights beyond ±{limit:g} or to NaN/inf; nothing was changed (a corrupt adapter, or "
+            "a diverged edit: check its inputs).")
+    if weight.dtype != torch.float32 and not torch.isfinite(new.to(weight.dtype)).all():
+        raise FloatingPointError(f"The {what} overflows {weight.dtype}; nothing was changed (a float32 pipeline, "
+                                 "or a smaller edit, avoids this).")
+    return new
+
+
 def add_(weight: torch.Tensor, delta: torch.Tensor, what: str = "edit") -> None:
     """weight ← weight + delta (delta float32, shaped as the weight or its matrix view), summed in float32."""
     if not torch.isfinite(delta).all():
         raise FloatingPointError(f"The {what} is not finite; nothing was changed.")
-    new = weight.float() + delta.to(weight.device).reshape(weight.shape)
-    if not torch.isfinite(new).all():
-        raise FloatingPointError(f"The {what} overflows {weight.dtype}; nothing was changed (a float32 pipeline, "
-                                 "or a smaller edit, avoids this).")
+    new = _checked(weight.float() + delta.to(weight.device).reshape(weight.shape), weight, what)
     weight.copy_(new.to(weight.dtype))
+
+
+def check_sum(weight: torch.Tensor, delta: "Delta", scale: float = 1.0, what: str = "edit") -> None:
+    """Raise as `apply_` would for W + scale·ΔW, without changing W (for what runs beside the weights)."""
+    _checked(weight.detach().float() + scale * delta.matrix(weight).reshape(weight.shape), weight, what)
 
 
 @dataclass(eq=False)
@@ -91,16 +110,13 @@ class LowRank(Delta):
             raise FloatingPointError(f"The {what} is not finite; nothing was changed.")
         if weight.dtype == torch.float32:
             view = _matrix_view(weight)
-            # |W + up·down| ≤ max|W| + rank·max|up|·max|down|: when that bound is finite the sum cannot overflow,
-            # so add in one pass with no temporary; otherwise build the sum and check it before it lands.
+            # |W + up·down| ≤ max|W| + rank·max|up|·max|down|: when that bound is within the limit the sum cannot
+            # leave it, so add in one pass with no temporary; otherwise build the sum and check it before it lands.
             bound = float(view.abs().max()) + up.shape[1] * float(up.abs().max()) * float(down.abs().max())
-            if bound < torch.finfo(torch.float32).max:
+            if bound <= WEIGHT_LIMIT:
                 view.addmm_(up, down)
                 return
-            new = torch.addmm(view, up, down)
-            if not torch.isfinite(new).all():
-                raise FloatingPointError(f"The {what} overflows float32; nothing was changed.")
-            view.copy_(new)
+            view.copy_(_checked(torch.addmm(view, up, down), view, what))
             return
         add_(weight, up @ down, what)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import runtime
+from .deltas import check_sum
 from .kinds import Erasure
 from .state import apply_weight_edits, get_parameter, restore_weights, state
 
@@ -13,6 +14,7 @@ from .state import apply_weight_edits, get_parameter, restore_weights, state
 @torch.no_grad()
 def install(pipe, erasures: list[Erasure]) -> None:
     """Apply `erasures` on top of what `pipe` has. On any failure the weights, records and hooks are as before."""
+    check_beside(pipe, erasures)
     record = state(pipe)
     count, stashed = len(record.erasures), set(record.originals)
     touched = {name for e in erasures for name in e.edit.weight_deltas()}
@@ -31,6 +33,15 @@ def install(pipe, erasures: list[Erasure]) -> None:
         for name in touched - stashed:
             get_parameter(pipe, name).copy_(record.originals.pop(name))
         raise
+
+
+@torch.no_grad()
+def check_beside(pipe, erasures: list[Erasure]) -> None:
+    """What hooks add must be as finite and bounded as a weight edit (at strength ≥ 1: it can be raised later)."""
+    for erasure in erasures:
+        for name, (delta, strength) in erasure.edit.beside_deltas().items():
+            check_sum(get_parameter(pipe, name), delta, max(1.0, abs(strength)),
+                      f"{erasure.method} membrane on {name}")
 
 
 @torch.no_grad()

@@ -145,7 +145,7 @@ def read_header(path) -> tuple[dict, Path]:
     _, metadata = native.read_file(path)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no {METADATA_KEY!r} header; cards are made from diffusers-erase adapters.")
-    return json.loads(metadata[METADATA_KEY]), path
+    return native.read_header(metadata, str(path)), path
 
 
 def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):

@@ -14,7 +14,6 @@ instead of testing which kind it is.
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -39,6 +38,11 @@ class Edit(ABC):
     def runs_beside_weights(self) -> bool:
         """True when hooks carry (part of) the effect: `runtime.refresh` attaches them."""
         return False
+
+    def beside_deltas(self) -> dict[str, tuple[Delta, float]]:
+        """`{parameter: (payload, strength)}` of what the hooks add beside the weights (checked at install as if
+        it were added to them)."""
+        return {}
 
     def record(self) -> dict:
         """The kind's own fields for the adapter header."""
@@ -136,6 +140,9 @@ class Membrane(Edit):
     def runs_beside_weights(self):
         return not self.fused
 
+    def beside_deltas(self):
+        return {} if self.fused else {name: (delta, self.weight) for name, delta in self.deltas.items()}
+
     def record(self):
         return {"membrane": {"prompts": list(self.prompts), "gated": self.gated, "weight": self.weight,
                              "fused": self.fused}}
@@ -144,17 +151,14 @@ class Membrane(Edit):
     def from_record(cls, record, deltas, tensors, where):
         if not all(isinstance(d, LowRank) for d in deltas.values()):
             raise ValueError(f"{where}: a membrane holds low-rank factors only.")
-        membrane = record.get("membrane")
+        membrane = record.get("membrane")  # field types were checked by the header schema (formats/schema.py)
         if not isinstance(membrane, dict):
-            raise ValueError(f"{where} has a corrupt membrane record ({membrane!r}).")
-        prompts = membrane.get("prompts") or []
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{where} has a corrupt membrane prompt list ({prompts!r}).")
-        weight = membrane.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ValueError(f"{where} has a corrupt membrane weight ({weight!r}); it must be a finite number.")
-        return cls(deltas, prompts, bool(membrane.get("gated", True)), float(weight),
-                   bool(membrane.get("fused", False)))
+            raise ValueError(f"{where} is a membrane without its `membrane` record.")
+        prompts, gated = list(membrane["prompts"]), membrane.get("gated", True)
+        if gated and not [p for p in prompts if p.strip()]:
+            raise ValueError(f"{where}: a gated membrane needs the prompts that open its gate (`membrane.prompts` "
+                             "is empty).")
+        return cls(deltas, prompts, gated, float(membrane.get("weight", 1.0)), membrane.get("fused", False))
 
     @classmethod
     def describe(cls, record):

@@ -74,8 +74,8 @@ def test_format_1_files_still_load(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("payloads", None, "`payloads` must be a list"),
-    ("kind", "spell", "unknown kind 'spell'"),
-    ("concepts", "cat", "`concepts` must be a list of strings"),
+    ("kind", "spell", r"`kind` must be one of \['guard', 'membrane', 'weight_edit'\], got 'spell'"),
+    ("concepts", "cat", "`concepts` must be a list of non-empty strings, got 'cat'"),
     ("method", None, "`method` must be a non-empty string"),
 ])
 def test_corrupt_records_name_the_field(sd_pipe, tmp_path, field, value, match):

@@ -20,7 +20,7 @@ import torch
 
 from ..deltas import LowRank, TextMap
 from ..kinds import Erasure
-from .native import METADATA_KEY, erasure_from_record, make_edit, quick_look, record_fields
+from .native import METADATA_KEY, check_tensor, erasure_from_record, make_edit, quick_look, record_fields
 
 LORA_FORMAT_VERSION = 1
 
@@ -111,11 +111,7 @@ def parse_v1(header: dict, tensors: dict[str, torch.Tensor], source: str) -> lis
     erasures = []
     for index, record in enumerate(header["erasures"]):
         where = f"{source}, erasure {index}"
-        rank, modules = record.get("rank"), record.get("modules")
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"{where}: `rank` must be a positive integer, got {rank!r}.")
-        if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
-            raise ValueError(f"{where}: `modules` must be a non-empty list of module names, got {modules!r}.")
+        rank, modules = record["rank"], record["modules"]  # types checked by schema.check_header
         deltas = {}
         for name in modules:
             down_all = tensors.get(f"{name}.lora_A.weight")
@@ -123,16 +119,17 @@ def parse_v1(header: dict, tensors: dict[str, torch.Tensor], source: str) -> lis
             if down_all is None or up_all is None:
                 raise ValueError(f"{source} is incomplete: the factors of {name} are missing.")
             for value, part in ((down_all, "lora_A"), (up_all, "lora_B")):
-                if not value.is_floating_point():
-                    raise ValueError(f"{source}: {name}.{part}.weight is {value.dtype}; factors are floating point.")
+                check_tensor(value, f"{source}: {name}.{part}.weight")
+            if down_all.dim() not in (2, 4) or up_all.dim() != down_all.dim() or (
+                    up_all.dim() == 4 and tuple(up_all.shape[2:]) != (1, 1)):
+                raise ValueError(f"{source}: {name} has factors {tuple(down_all.shape)} / {tuple(up_all.shape)}; "
+                                 "expected Linear (2-D) or Conv2d (4-D, lora_B out × rank × 1 × 1) LoRA factors.")
             start = offsets.get(name, 0)
+            if down_all.shape[0] != up_all.shape[1] or down_all.shape[0] < start + rank:
+                raise ValueError(f"{source} is inconsistent with its header: {name} has {down_all.shape[0]} rank "
+                                 f"rows (lora_B {up_all.shape[1]} columns), the records need {start + rank}.")
             down, up = down_all[start: start + rank], up_all[:, start: start + rank]
             down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-            if down.shape[0] != rank or up.shape[1] != rank:
-                raise ValueError(f"{source} is inconsistent with its header: {name} has fewer rank rows than the "
-                                 f"records say ({start + rank}).")
-            if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-                raise ValueError(f"{source}: the factors of {name} hold NaN or infinite values.")
             offsets[name] = start + rank
             deltas[f"{name}.weight"] = LowRank(up.float(), down.float())
         erasures.append(erasure_from_record(record, make_edit(record, deltas, None, where)))

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..deltas import PAYLOADS, Delta
 from ..kinds import KINDS, Erasure, Guard, record_kind
+from .schema import check_header
 
 logger = logging.getLogger(__name__)
 
@@ -129,33 +130,22 @@ def read_header(metadata: dict[str, str], source: str) -> dict:
         raise ValueError(f"{source} has a corrupt {METADATA_KEY!r} header ({error}).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{source}: the {METADATA_KEY!r} header must be a JSON object, got {type(header).__name__}.")
+    check_header(header, source)
     version = header.get("format_version", 1)
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"{source}: format_version must be a positive integer, got {version!r}.")
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{source} uses adapter format {version}, newer than this diffusers-erase reads ({FORMAT_VERSION}); "
             "upgrade with `pip install -U diffusers-erase`."
         )
-    records = header.get("erasures")
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{source} holds no erasure (its header's `erasures` is {records!r}).")
-    for index, record in enumerate(records):
-        _check_record(record, f"{source}, erasure {index}")
     return header
 
 
-def _check_record(record, where: str) -> None:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {record!r}.")
-    if not isinstance(record.get("method"), str) or not record["method"]:
-        raise ValueError(f"{where}: `method` must be a non-empty string, got {record.get('method')!r}.")
-    for name in ("concepts", "anchors", "preserve"):
-        value = record.get(name, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{where}: `{name}` must be a list of strings, got {value!r}.")
-    if not isinstance(record.get("options", {}), dict):
-        raise ValueError(f"{where}: `options` must be a JSON object, got {record.get('options')!r}.")
+def check_tensor(value: torch.Tensor, what: str) -> None:
+    """A stored factor must be floating point and finite (`what` names the file and tensor)."""
+    if not value.is_floating_point():
+        raise ValueError(f"{what} is {value.dtype}; edits are stored as floating-point tensors.")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{what} holds NaN or infinite values.")
 
 
 def make_edit(record: dict, deltas: dict[str, Delta], guard_tensors: dict | None, where: str):
@@ -204,7 +194,10 @@ def parse(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: st
                     if target in deltas:
                         raise ValueError(f"{where} edits {target} twice.")
                     deltas[target] = deltas_or_guard
-        erasures.append(erasure_from_record(record, make_edit(record, deltas, guard_tensors, where)))
+        edit = make_edit(record, deltas, guard_tensors, where)
+        if "rank" in record and record["rank"] != edit.rank:
+            raise ValueError(f"{where}: `rank` is {record['rank']!r} but its payloads have rank {edit.rank}.")
+        erasures.append(erasure_from_record(record, edit))
     leftover = sorted(set(tensors) - used)
     if leftover:
         raise ValueError(f"{source} is inconsistent with its header: unexpected tensors {leftover[:3]}.")
@@ -226,6 +219,8 @@ def _read_group(group, tensors, used: set[str], where: str):
     if not isinstance(group, dict) or not isinstance(group.get("key"), str):
         raise ValueError(f"{where}: corrupt payload entry {group!r}.")
     kind, key, targets = group.get("type"), group["key"], group.get("targets")
+    if any(name.startswith(f"{key}.") for name in used):
+        raise ValueError(f"{where}: payload key {key!r} is used twice (a duplicated record or payload entry).")
     if kind == "guard":
         names = group.get("tensors") or []
         missing = [n for n in names if f"{key}.{n}" not in tensors]
@@ -245,10 +240,7 @@ def _read_group(group, tensors, used: set[str], where: str):
     if missing:
         raise ValueError(f"{where} is incomplete: payload {key} lacks {missing}.")
     for name, value in found.items():
-        if not value.is_floating_point():
-            raise ValueError(f"{where}: tensor {key}.{name} is {value.dtype}; payloads are floating point.")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{where}: tensor {key}.{name} holds NaN or infinite values.")
+        check_tensor(value, f"{where}: tensor {key}.{name}")
     used.update(f"{key}.{n}" for n in found)
     delta = payload.from_tensors({n: v.float() for n, v in found.items()})
     if not delta.consistent():

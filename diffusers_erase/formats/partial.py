@@ -7,7 +7,7 @@ import torch
 
 from .layout import Layout
 from .lora import format1_header, pad_to_one_rank
-from .native import METADATA_KEY
+from .native import METADATA_KEY, check_tensor
 from .peft import PEFT_PREFIX
 
 
@@ -26,6 +26,7 @@ def partial_weights_to_adapter(layout: Layout, tensors, metadata, source: str = 
     projections = layout.text_readers
     ours, modules = {}, []
     for key, value in tensors.items():
+        check_tensor(value, f"{source}: {key}")
         name = key if key.startswith("unet.") else f"unet.{key}"
         module, _, part = name.rpartition(".")
         if part != "weight" or module not in projections:
