@@ -15,7 +15,7 @@ import torch
 
 from . import engine, methods, runtime  # noqa: F401  (importing `methods` registers them)
 from ._version import __version__
-from .config import ErasureConfig
+from .config import ErasureConfig, check_type
 from .deltas import TextMap
 from .families import (
     config_fingerprint,
@@ -32,22 +32,58 @@ from .formats.layout import Layout
 from .formats.native import DEFAULT_WEIGHT_NAME
 from .formats.read import parse_any
 from .kinds import Erasure, Membrane
-from .registry import get_method
+from .locate import adapter_file
+from .registry import available_methods, get_method
 from .state import base_weight, get_parameter, offload_disabled, state
 
 EXPORT_FORMATS = ("kohya", "diff", "lora")
 logger = logging.getLogger(__name__)
 
 
-def _as_prompts(value, what: str) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value or [])
-    for item in items:
+def _as_prompts(value, argument: str) -> list[str]:
+    """`value` (a string, a list/tuple of strings, or None) as a list; `argument` names it in errors."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{argument}` must be a string or a list of strings, got {type(value).__name__}: {value!r}.")
+    for item in value:
         if not isinstance(item, str):
-            raise TypeError(f"Each {what} must be a string, got {type(item).__name__}: {item!r}.")
-    return items
+            raise TypeError(f"Each entry of `{argument}` must be a string, got {type(item).__name__}: {item!r}.")
+    return list(value)
+
+
+def _check_adapter_name(pipe, adapter_name) -> None:
+    if adapter_name is None:
+        return
+    if not isinstance(adapter_name, str) or not adapter_name.strip():
+        raise TypeError(f"`adapter_name` must be a non-empty string or None, got {adapter_name!r}.")
+    if any(e.name == adapter_name for e in state(pipe).erasures):
+        raise ValueError(f"adapter_name {adapter_name!r} is already in use on this pipeline; pick another name, or "
+                         "unload_erasure() first.")
+
+
+def _check_loaded(pipe) -> None:
+    """Edits need real weights: a pipeline on the meta device (built empty, not loaded) has none."""
+    family = family_of(pipe)  # raises for unsupported pipelines
+    for name in (family.denoiser, *(t.encoder for t in family.text_encoders)):
+        module = getattr(pipe, name, None)
+        if module is not None and any(p.is_meta for p in module.parameters()):
+            raise ValueError(f"`pipe.{name}` has weights on the meta device (created empty, never loaded); load the "
+                             "weights (e.g. `from_pretrained` without `device_map='meta'`) before erasing.")
+
+
+def method_config(method, **options) -> ErasureConfig:
+    """The config object of `method` (a registered name or an `ErasureConfig`) with `options` applied; every
+    option is checked here, before any work (the CLI calls this before it loads a model)."""
+    return _resolve_config(method, options)
 
 
 def _resolve_config(method, options: dict) -> ErasureConfig:
+    if not isinstance(method, (str, ErasureConfig)):
+        raise TypeError(f"`method` must be a method name ({', '.join(available_methods())}) or an ErasureConfig, "
+                        f"got {type(method).__name__}: {method!r}.")
     if isinstance(method, ErasureConfig):
         get_method(method.method)
         config_cls, base = type(method), method
@@ -66,6 +102,8 @@ def _anchors_for(config: ErasureConfig, anchor, concepts: list[str]) -> list[str
     if anchor is None:
         return [config.default_anchor] * len(concepts)
     anchors = _as_prompts(anchor, "anchor")
+    if not anchors:
+        raise ValueError("`anchor` is an empty list; give one anchor, one per concept, or None for the default.")
     if len(anchors) == 1:
         anchors = anchors * len(concepts)
     if len(anchors) != len(concepts):
@@ -95,19 +133,20 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     """
     start = time.perf_counter()
     config = _resolve_config(method, options)
-    concepts = _as_prompts(concepts, "concept")
-    preserve = _as_prompts(preserve, "preserved prompt")
+    concepts = _as_prompts(concepts, "concepts")
+    preserve = _as_prompts(preserve, "preserve")
     if not concepts:
         raise ValueError("Give at least one concept to erase.")
     for concept in concepts:
         if not concept.strip():
-            raise ValueError(f"Concepts must be non-empty text, got {concept!r}.")
+            raise ValueError(f"Each of `concepts` must be non-empty text, got {concept!r}.")
     anchors = _anchors_for(config, anchor, concepts)
     kept = {p.strip().casefold() for p in preserve}
     clash = [c for c in concepts if c.strip().casefold() in kept]
     if clash:
         raise ValueError(f"{clash} are both erased and preserved; remove them from `preserve`.")
-    family_of(pipe)  # raises for unsupported pipelines
+    _check_loaded(pipe)
+    _check_adapter_name(pipe, adapter_name)
     preserve = preserve or list(config.default_preserve)
     handler = get_method(config.method).handler
     with offload_disabled(pipe):
@@ -152,12 +191,20 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
     """
     if unconditional_gate not in (None, "prompt", "negative_prompt"):
         raise ValueError(f"unconditional_gate must be 'prompt' or 'negative_prompt', got {unconditional_gate!r}.")
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    if gating is not None and not isinstance(gating, bool):
+        raise TypeError(f"`gating` must be True, False or None, got {gating!r}.")
+    if adapter_names is None:
+        raise TypeError("`adapter_names` must be a name or a list of names (an empty list sets every membrane to 0).")
+    names = _as_prompts(adapter_names, "adapter_names")
     if weights is None:
         weights = [1.0] * len(names)
     elif isinstance(weights, (int, float)):
-        weights = [float(weights)] * len(names)
+        weights = [weights] * len(names)
+    elif not isinstance(weights, (list, tuple)):
+        raise TypeError(f"`weights` must be a number or a list of numbers, got {type(weights).__name__}: {weights!r}.")
     weights = list(weights)
+    for weight in weights:
+        check_type("each of `weights`", weight, float)
     if len(weights) != len(names):
         raise ValueError(f"Got {len(weights)} weights for {len(names)} adapter names; give one weight per name.")
     membranes = _membranes(pipe)
@@ -203,7 +250,9 @@ def erasure_gates(pipe, prompts) -> dict[str, list[float]]:
     Args:
         prompts (`str` or `list[str]`): the prompts to score.
     """
-    prompts = _as_prompts(prompts, "prompt")
+    prompts = _as_prompts(prompts, "prompts")
+    if not prompts:
+        return {erasure.adapter_name: [] for erasure in _membranes(pipe)}
     values = runtime.prompt_gates(pipe, prompts)
     gates: dict[str, list] = {}
     for m, erasure in enumerate(_membranes(pipe)):
@@ -257,80 +306,21 @@ def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None,
     if not safe_serialization:
         raise ValueError("Adapters are only written as safetensors (pickles can run code); keep "
                          "safe_serialization=True.")
+    weight_name = DEFAULT_WEIGHT_NAME if weight_name is None else weight_name
+    if (not isinstance(weight_name, str) or Path(weight_name).name != weight_name or weight_name in (".", "..")
+            or not weight_name.endswith(".safetensors")):
+        raise ValueError(f"weight_name must be a plain file name ending in .safetensors (no folders: use "
+                         f"`save_directory`), got {weight_name!r}.")
     erasures = get_erasures(pipe)
     if not erasures:
         raise ValueError("This pipeline has no erasure to save; call `erase_concept` or `load_erasure_adapter` first.")
     tensors, metadata = adapter_state_dict(pipe, erasures)
-    path = Path(save_directory) / (weight_name or DEFAULT_WEIGHT_NAME)
+    path = Path(save_directory) / weight_name
     if path.exists() and path.is_dir():
         raise ValueError(f"{path} is a directory; pass a file name as `weight_name`.")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def _adapter_file(path_or_id: str, weight_name, subfolder, local_files_only, token, revision, cache_dir) -> Path:
-    path = Path(path_or_id)
-    if subfolder:
-        path = path / subfolder
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if weight_name:
-            return path / weight_name
-        if (path / DEFAULT_WEIGHT_NAME).is_file():
-            return path / DEFAULT_WEIGHT_NAME
-        candidates = sorted(path.glob("*.safetensors"))
-        if len(candidates) == 1:
-            return candidates[0]
-        raise ValueError(
-            f"{path} holds {len(candidates)} .safetensors files and none is {DEFAULT_WEIGHT_NAME}; "
-            "pass `weight_name`."
-        )
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-
-    hub = dict(repo_id=str(path_or_id), subfolder=subfolder, revision=revision, cache_dir=cache_dir, token=token,
-               local_files_only=bool(local_files_only))
-    try:
-        try:
-            return Path(hf_hub_download(filename=weight_name or DEFAULT_WEIGHT_NAME, **hub))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            if weight_name:
-                raise
-            # As load_lora_weights does: without a weight_name, the repo's only .safetensors file.
-            candidates = _hub_safetensors(**hub)
-            if len(candidates) != 1:
-                raise ValueError(
-                    f"The Hub repo {path_or_id!r} has no {DEFAULT_WEIGHT_NAME} and {len(candidates)} other "
-                    f".safetensors files {candidates[:5]}; pass `weight_name`."
-                ) from None
-            return Path(hf_hub_download(filename=candidates[0], **hub))
-    except HFValidationError:
-        raise ValueError(f"{path_or_id!r} is neither a local file or folder nor a valid Hub repo id.") from None
-    except ValueError:
-        raise
-    except Exception as error:  # offline, missing repo or file: say which and how to fix it
-        raise OSError(
-            f"Could not get {weight_name or DEFAULT_WEIGHT_NAME} from the Hub repo {path_or_id!r} "
-            f"({type(error).__name__}: {error}). Check the repo id and `weight_name`; offline, the file must already "
-            "be in the Hugging Face cache."
-        ) from None
-
-
-def _hub_safetensors(repo_id, subfolder, revision, cache_dir, token, local_files_only) -> list[str]:
-    """Names of the .safetensors files at the top of a Hub repo (or of its cached snapshot when offline)."""
-    from huggingface_hub import constants, list_repo_files, snapshot_download
-
-    if local_files_only or constants.HF_HUB_OFFLINE:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-        return sorted(p.name for p in (folder / (subfolder or "")).glob("*.safetensors"))
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    return sorted(
-        f[len(prefix):]
-        for f in list_repo_files(repo_id, revision=revision, token=token)
-        if f.startswith(prefix) and f.endswith(".safetensors") and "/" not in f[len(prefix):]
-    )
 
 
 def layout(pipe) -> Layout:
@@ -462,18 +452,28 @@ def load_erasure_adapter(
         The loaded `Erasure` records.
     """
     source = pretrained_model_name_or_path_or_dict
+    _check_loaded(pipe)
+    _check_adapter_name(pipe, adapter_name)
+    if not isinstance(source, (str, os.PathLike, dict)):
+        raise TypeError("`pretrained_model_name_or_path_or_dict` must be a path, a Hub repo id or a state dict, got "
+                        f"{type(source).__name__}.")
     if isinstance(source, dict):
+        label = "the given state dict"
         erasures = read_erasures(pipe, source, metadata=metadata, allow_other_text_encoder=allow_other_text_encoder)
     else:
-        file = _adapter_file(source, weight_name, subfolder, local_files_only, token, revision, cache_dir)
+        file = adapter_file(source, weight_name, subfolder, local_files_only, token, revision, cache_dir)
         if not file.is_file():
             raise FileNotFoundError(f"No adapter file at {file}.")
+        label = str(file)
         erasures = read_erasures(pipe, file, allow_other_text_encoder=allow_other_text_encoder)
     if adapter_name is not None:
         for erasure in erasures:
             erasure.name = adapter_name
     with offload_disabled(pipe):
-        engine.install(pipe, erasures)
+        try:
+            engine.install(pipe, erasures)
+        except FloatingPointError as error:  # the values are the file's: say which file
+            raise FloatingPointError(f"{label}: {error}") from None
     return erasures
 
 

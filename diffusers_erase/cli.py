@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import api, hub, shapes
+from .locate import adapter_file
 from .methods.spm import SPMConfig
 from .mixin import enable_erasure
 from .registry import available_methods
@@ -36,6 +37,26 @@ def _option(text: str) -> tuple[str, object]:
         return key, value  # a plain string such as token_policy=eot
 
 
+def _check_device(device: str) -> None:
+    """`--device` must name a device this torch can use (checked before any model is loaded)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if kind == "meta":
+        raise ValueError("--device meta holds no weights, so nothing can be erased; use cpu or cuda.")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, True):
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) has no usable {kind} device; use "
+                         "--device cpu, or install a torch build for your accelerator.")
+
+
+def _check_count(images_per_prompt: int) -> None:
+    if images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {images_per_prompt}.")
+
+
 def _load_pipeline(model: str, dtype: str, device: str):
     torch_dtype = getattr(torch, dtype)
     if model == "shapes":
@@ -47,9 +68,15 @@ def _load_pipeline(model: str, dtype: str, device: str):
 
 
 def cmd_erase(args) -> int:
+    _check_device(args.device)
+    options = dict(args.option or [])
+    api.method_config(args.method, **options)  # a typo in an option should not cost a model load
+    for concept in args.concept:
+        if not concept.strip():
+            raise ValueError(f"Each of `concepts` must be non-empty text, got {concept!r}.")
     pipe = _load_pipeline(args.model, args.dtype, args.device)
     record = pipe.erase_concept(
-        args.concept, method=args.method, anchor=args.anchor, preserve=args.preserve or None, **dict(args.option or [])
+        args.concept, method=args.method, anchor=args.anchor, preserve=args.preserve or None, **options
     )
     path = pipe.save_erasure_adapter(args.out)
     print(f"erased {record.concepts} with {record.method} in {record.seconds:.2f} s "
@@ -71,7 +98,7 @@ def _model_for(args, header: dict) -> str:
 def cmd_export(args) -> int:
     header, file = hub.read_header(args.adapter) if Path(args.adapter).exists() else (None, None)
     if file is None:  # a Hub repo id: fetch (or find in the cache) the adapter file
-        file = api._adapter_file(args.adapter, None, None, None, None, None, None)
+        file = adapter_file(args.adapter, None, None, None, None, None, None)
         header, file = hub.read_header(file)
     pipe = _load_pipeline(_model_for(args, header), "float32", "cpu")
     if args.format == "peft":
@@ -86,6 +113,7 @@ def cmd_card(args) -> int:
     header, file = hub.read_header(args.adapter_dir)
     evaluation = None
     if args.eval:
+        _check_count(args.images_per_prompt)
         evaluation = _evaluate_adapter(_model_for(args, header), file, args.images_per_prompt, None)
     hub.model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id)
     print(f"wrote {file.parent / 'README.md'}")
@@ -109,6 +137,9 @@ def _evaluate_adapter(model: str, adapter, images_per_prompt: int, grid_path):
 
 
 def cmd_evaluate(args) -> int:
+    _check_count(args.images_per_prompt)
+    if args.adapter:
+        hub.read_header(args.adapter)  # a bad file is refused before the model loads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.adapter:
@@ -127,12 +158,7 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
-    pipe = _load_pipeline("shapes", "float32", "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    others = [s for s in shapes.SHAPES if s != args.concept]
-    measured = [args.concept] + others
-    print(f"1/3 generating with the unedited model ({args.images_per_prompt} images per prompt)")
-    before = shapes.evaluate(pipe, concepts=measured, images_per_prompt=args.images_per_prompt)
+    _check_count(args.images_per_prompt)
     recipe = shapes.erasure_recipe(args.concept)  # measured on this model: docs/shapes.md
     anchor = recipe["anchor"] if args.anchor is None else args.anchor
     preserve = recipe["preserve"] if args.preserve is None else args.preserve
@@ -144,6 +170,13 @@ def cmd_demo(args) -> int:
         options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
         method, preserve, options = SPMConfig.tiny(**options), [], {}
+    api.method_config(method, **options)  # checked before the first image is made
+    pipe = _load_pipeline("shapes", "float32", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    others = [s for s in shapes.SHAPES if s != args.concept]
+    measured = [args.concept] + others
+    print(f"1/3 generating with the unedited model ({args.images_per_prompt} images per prompt)")
+    before = shapes.evaluate(pipe, concepts=measured, images_per_prompt=args.images_per_prompt)
     record = pipe.erase_concept(args.concept, method=method, anchor=anchor, preserve=preserve, **options)
     print(f"2/3 erased {args.concept!r} with {args.method} (anchor {anchor!r}, preserving {len(preserve)} prompts"
           f"{', ' + str(options) if options else ''}) in {record.seconds:.2f} s")

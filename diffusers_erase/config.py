@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import logging
+import math
+import types
+import typing
 from typing import Any, ClassVar
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,13 @@ class ErasureConfig:
     # Which parameters the method's edits may touch (`api._SCOPES`): checked when an adapter file is loaded.
     edit_scope: ClassVar[str] = "text_readers"
 
+    def __post_init__(self):
+        """Every option has the type its field declares (bools are not numbers; floats are finite); subclasses
+        add ranges after calling this."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f"{type(self).__name__}.{f.name}", getattr(self, f.name), hints[f.name])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             f.name: getattr(self, f.name)
@@ -45,3 +56,35 @@ class ErasureConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def _accepts(value, hint) -> bool | None:
+    """Whether `value` has type `hint` (None: a type this check does not cover)."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        results = [_accepts(value, h) for h in typing.get_args(hint)]
+        return None if None in results and not any(results) else any(r for r in results if r)
+    if hint is typing.Callable or typing.get_origin(hint) is collections.abc.Callable:
+        return callable(value)
+    return None
+
+
+_TYPE_WORDS = {float: "a finite number", int: "an integer", str: "a string", bool: "True or False",
+               type(None): "None"}
+
+
+def check_type(name: str, value, hint) -> None:
+    """Raise `TypeError`/`ValueError` naming `name` when `value` is not of the declared type `hint`."""
+    if _accepts(value, hint) is not False:
+        return
+    args = typing.get_args(hint) or (hint,)
+    words = " or ".join(_TYPE_WORDS.get(h, "a callable") for h in args)
+    error = ValueError if isinstance(value, float) else TypeError  # inf/nan are numbers, of the wrong value
+    raise error(f"{name} must be {words}, got {value!r}.")

@@ -145,6 +145,19 @@ def cache_dir() -> Path | None:
     return Path(HF_HOME) / "diffusers_erase" / "preserve"
 
 
+def _cached_statistics(path: Path, dim: int) -> tuple[torch.Tensor, int] | None:
+    """A cache file's (gram, count) if it is exactly what `preserve_statistics` writes for this width."""
+    try:
+        cached = load_file(str(path))
+        gram, count = cached["gram"], cached["count"]
+    except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
+        return None
+    if (gram.dtype != torch.float64 or tuple(gram.shape) != (dim, dim) or not torch.isfinite(gram).all()
+            or count.numel() != 1 or count.is_floating_point() or int(count.item()) < 0):
+        return None
+    return gram, int(count.item())
+
+
 def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Tensor, int]:
     """Σ c cᵀ over the token columns of the preserved prompts (dim × dim, float64) and the number of columns.
 
@@ -164,15 +177,14 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
     key = hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
+    dim = sum(e.config.hidden_size for _, e, _ in pairs)
     if path is not None and path.exists():
-        try:
-            cached = load_file(str(path))
-            return cached["gram"], int(cached["count"].item())
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            path.unlink(missing_ok=True)
+        cached = _cached_statistics(path, dim)
+        if cached is not None:
+            return cached
+        path.unlink(missing_ok=True)  # damaged or foreign: recomputed, never trusted
 
     lengths = token_lengths(pipe, prompts, "preserved prompt")  # fails before any encoding work
-    dim = sum(e.config.hidden_size for _, e, _ in pairs)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)

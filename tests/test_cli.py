@@ -23,7 +23,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tokenizer_dir, tmp_path, capsys):
     capsys.readouterr()
     code = main(["erase", str(tmp_path / "model"), "--concept", " ", "--out", str(tmp_path / "out")])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert code == 2 and errors == ["diffusers-erase erase: error: Concepts must be non-empty text, got ' '."]
+    assert code == 2 and errors == [
+        "diffusers-erase erase: error: Each of `concepts` must be non-empty text, got ' '."]
     with pytest.raises(SystemExit) as exit_info:
         main(["erase", str(tmp_path / "model"), "--concept", "cat", "--method", "nope", "--out", "x"])
     assert exit_info.value.code == 2

@@ -77,6 +77,7 @@ class SPMConfig(ErasureConfig):
     callback: Callable | None = field(default=None, compare=False, metadata={"serialize": False})
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("rank", "iterations", "max_denoising_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -89,6 +90,14 @@ class SPMConfig(ErasureConfig):
                 raise ValueError(f"SPMConfig.{name} must be a number ≥ 0, got {value!r}.")
         if self.lr == 0:
             raise ValueError("SPMConfig.lr must be > 0, or nothing is learnt.")
+        for name in ("lr_warmup_steps", "la_samples", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SPMConfig.{name} must be an integer ≥ 0, got {getattr(self, name)!r}.")
+        if self.lr_cycles < 1:
+            raise ValueError(f"SPMConfig.lr_cycles must be an integer ≥ 1, got {self.lr_cycles!r}.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"SPMConfig.resolution must be a multiple of 8 pixels (≥ 8) or None, got "
+                             f"{self.resolution!r}.")
 
     @classmethod
     def tiny(cls, **overrides) -> "SPMConfig":

@@ -59,6 +59,7 @@ class UCEConfig(ErasureConfig):
     token_policy: str = "last_subject"
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("lamb", "erase_scale", "preserve_scale"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or value != value:
