@@ -1,10 +1,18 @@
 """The ComfyUI nodes without ComfyUI: a stand-in MODEL (clone/add_patches over a state dict with ComfyUI's LDM key
 names, written out here by hand) and CLIP (tokenize/encode_from_tokens over the tiny pipeline's text encoder).
-The patches the nodes produce must reproduce what the library does to the diffusers pipeline."""
+The patches the nodes produce must reproduce what the library does to the diffusers pipeline. The V3 nodes and
+the package's exports are checked against `comfy_schema`, a stand-in for ComfyUI's `comfy_api.latest` and
+`load_custom_node` that applies ComfyUI's own schema checks (listed there)."""
 
+import asyncio
+import importlib
+import logging
+
+import comfy_schema
 import pytest
 import torch
 from conftest import factors, make_sd_pipeline
+from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
 from diffusers_erase.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -134,55 +142,151 @@ def test_gate_node_scales_a_membrane_by_the_spm_gate(comfy, tmp_path):
         assert torch.allclose(delta, (2.0 * gate * up @ down).reshape(delta.shape), atol=1e-6), name
 
 
-# --- the V3 node API ------------------------------------------------------------------------------------------
-# ComfyUI is not installable here, so `comfy_api.latest` is replaced by a stand-in with the constructor signatures
-# the V3 nodes call (from ComfyUI's `comfy_api/latest/_io.py`): it checks what our schemas declare and that
-# `execute` runs the V1 code, not that ComfyUI accepts the schema.
+def test_load_adapter_node_applies_our_diff_export(comfy, tmp_path):
+    pipe, model, _ = comfy
+    de.erase_concept(pipe, "cat", anchor="animal")
+    de.erase_concept(pipe, ["tree", "house"])
+    path = de.export_adapter(pipe, tmp_path / "erased.safetensors", format="diff")  # lora_unet_*.diff keys
+    assert all(key.startswith("lora_unet_") and key.endswith(".diff") for key in load_file(path))
+    (patched,) = LoadErasureAdapter().apply(model, str(path), 1.0)
+    _assert_matches_pipeline(patched, pipe, atol=1e-5)  # the file is read back by SVD: float round-off only
+
+
+def test_load_adapter_node_names_what_an_incomplete_kohya_file_lacks(comfy, tmp_path):
+    pipe, model, _ = comfy
+    de.erase_concept(pipe, "cat", anchor="animal")
+    path = de.export_adapter(pipe, tmp_path / "kohya.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    cut = sorted(k for k in tensors if k.endswith(".lora_up.weight"))[0]
+    del tensors[cut]
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata=metadata)
+    base = cut[: -len(".lora_up.weight")]
+    with pytest.raises(ValueError, match=f"is incomplete: {base} lacks its lora_down or lora_up weight"):
+        LoadErasureAdapter().apply(model, str(tmp_path / "cut.safetensors"), 1.0)
+
+
+# --- the V3 node API and what ComfyUI registers -------------------------------------------------------------
+# ComfyUI is not installable here: `comfy_schema` stands in for `comfy_api.latest` and `load_custom_node`, with
+# every check ComfyUI v0.3.64 applies when it registers a node pack (its docstring lists them, with sources).
 
 
 def _v3_module(monkeypatch):
-    import importlib
-    import sys
-    import types
-
-    class Port:
-        def __init__(self, id=None, display_name=None, optional=False, tooltip=None, lazy=None, default=None,
-                     **options):
-            self.id, self.default, self.options = id, default, options
-
-    def comfy_type(io_type):
-        return type(io_type, (), {"Input": type("Input", (Port,), {"io_type": io_type}),
-                                  "Output": type("Output", (Port,), {"io_type": io_type})})
-
-    io = types.SimpleNamespace(
-        ComfyNode=type("ComfyNode", (), {}), Schema=lambda **fields: types.SimpleNamespace(**fields),
-        NodeOutput=lambda *values: values, Model=comfy_type("MODEL"), Clip=comfy_type("CLIP"),
-        Combo=comfy_type("COMBO"), Float=comfy_type("FLOAT"), String=comfy_type("STRING"))
-    latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ComfyExtension = io, type("ComfyExtension", (), {})
-    package = types.ModuleType("comfy_api")
-    package.latest = latest
-    monkeypatch.setitem(sys.modules, "comfy_api", package)
-    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
-    monkeypatch.delitem(sys.modules, "diffusers_erase.comfyui.v3", raising=False)
+    comfy_schema.install(monkeypatch)
     return importlib.import_module("diffusers_erase.comfyui.v3")
 
 
-def test_v3_nodes_declare_the_v1_inputs_under_the_v1_ids(monkeypatch):
-    import asyncio
+def _star_import() -> dict:
+    """The names a ComfyUI custom node folder's `from diffusers_erase.comfyui import *` gets."""
+    namespace: dict = {}
+    exec("from diffusers_erase.comfyui import *", namespace)
+    namespace.pop("__builtins__")
+    return namespace
 
+
+def test_stand_in_applies_comfyuis_schema_checks():
+    io = comfy_schema.io
+
+    def schema(inputs, outputs):
+        return io.Schema(node_id="N", inputs=inputs, outputs=outputs)
+
+    checks = [  # (inputs, outputs, ComfyUI's message)
+        ([io.Model.Input("model"), io.Clip.Input("model")], [], "Input ids must be unique, but ['model'] are not."),
+        ([], [io.Model.Output("a"), io.Float.Output("a")], "Output ids must be unique, but ['a'] are not."),
+        ([io.Model.Input("model")], [io.Model.Output("model")],
+         "Ids must be unique between inputs and outputs, but {'model'} are not."),
+    ]
+    for inputs, outputs, message in checks:
+        with pytest.raises(ValueError) as error:
+            schema(inputs, outputs).validate()
+        assert str(error.value) == message
+    both = schema([io.Model.Input("x"), io.Model.Input("x")], [io.Model.Output("x"), io.Model.Output("x")])
+    with pytest.raises(ValueError) as error:
+        both.validate()
+    assert str(error.value).count("\n") == 2  # every issue, one per line
+    unnamed = schema([io.Model.Input("model")], [io.Model.Output(), io.Float.Output()])
+    unnamed.finalize()  # outputs without ids get `_{index}_{io type}_`, which cannot clash with an input's
+    assert [o.id for o in unnamed.outputs] == ["_0_MODEL_", "_1_FLOAT_"]
+    unnamed.validate()
+    output_node = io.Schema(node_id="N", is_output_node=True, is_api_node=True)
+    output_node.finalize()
+    assert output_node.hidden == ["auth_token_comfy_org", "api_key_comfy_org", "prompt", "extra_pnginfo"]
+
+    class NoExecute(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return schema([], [])
+
+    with pytest.raises(Exception, match="No execute function was defined for node class NoExecute"):
+        NoExecute.GET_SCHEMA()
+    with pytest.raises(Exception, match="No define_schema function was defined"):
+        type("NoSchema", (io.ComfyNode,), {"execute": classmethod(lambda cls: None)}).GET_SCHEMA()
+
+
+@pytest.mark.parametrize("name", ["LoadErasureAdapterV3", "ErasureGateV3", "ApplyClosedFormErasureV3"])
+def test_v3_schema_passes_comfyuis_checks(monkeypatch, name):
+    v3 = _v3_module(monkeypatch)
+    schema = getattr(v3, name).GET_SCHEMA()  # what load_custom_node calls: class check, finalize, validate
+    assert not {i.id for i in schema.inputs} & {o.id for o in schema.outputs}
+
+
+def test_comfyui_refuses_a_model_output_named_like_the_model_input(monkeypatch):
+    v3 = _v3_module(monkeypatch)
+    monkeypatch.setattr(v3, "MODEL_OUT", "model")  # the id the outputs had before
+    with pytest.raises(ValueError, match=r"Ids must be unique between inputs and outputs, but \{'model'\} are not"):
+        v3.LoadErasureAdapterV3.GET_SCHEMA()
+    assert len(v3.schema_problems()) == 3
+
+
+def test_pack_registers_its_v3_nodes_in_comfyui(monkeypatch):
+    v3 = _v3_module(monkeypatch)
+    namespace = _star_import()
+    assert list(namespace) == ["comfy_entrypoint"]  # V1 mappings would win in load_custom_node and hide V3
+    loaded, classes, names, warning = asyncio.run(comfy_schema.load_custom_node(namespace))
+    assert (loaded, warning) == (True, None)
+    assert names == NODE_DISPLAY_NAME_MAPPINGS
+    assert classes == {node.GET_SCHEMA().node_id: node for node in v3.NODES}
+
+
+def test_pack_registers_its_v1_nodes_when_comfyui_refuses_the_v3_ones(monkeypatch, caplog):
+    comfy_schema.install(monkeypatch)
+
+    def refuse(self):
+        raise ValueError("a rule of a later ComfyUI")
+
+    monkeypatch.setattr(comfy_schema.Schema, "validate", refuse)
+    with caplog.at_level(logging.WARNING, logger="diffusers_erase.comfyui"):
+        namespace = _star_import()
+    assert sorted(namespace) == ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    assert "a rule of a later ComfyUI" in caplog.text and "registering the V1 nodes" in caplog.text
+    loaded, classes, names, _ = asyncio.run(comfy_schema.load_custom_node(namespace))
+    assert loaded and classes == NODE_CLASS_MAPPINGS and names == NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_pack_registers_its_v1_nodes_without_comfy_api(monkeypatch):
+    comfy_schema.uninstall(monkeypatch)
+    namespace = _star_import()
+    assert sorted(namespace) == ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    assert asyncio.run(comfy_schema.load_custom_node(namespace))[1] == NODE_CLASS_MAPPINGS
+
+
+def test_v3_nodes_declare_the_v1_inputs_and_outputs_under_the_v1_ids(monkeypatch):
     v3 = _v3_module(monkeypatch)
     nodes = asyncio.run(asyncio.run(v3.comfy_entrypoint()).get_node_list())
-    schemas = {node.define_schema().node_id: node.define_schema() for node in nodes}
+    schemas = {node.GET_SCHEMA().node_id: node for node in nodes}
     assert set(schemas) == set(NODE_CLASS_MAPPINGS)
-    for node_id, schema in schemas.items():
-        v1 = NODE_CLASS_MAPPINGS[node_id]
+    for node_id, node in schemas.items():
+        schema, v1 = node.SCHEMA, NODE_CLASS_MAPPINGS[node_id]
         required = v1.INPUT_TYPES()["required"]
         assert [port.id for port in schema.inputs] == list(required)
         for port in schema.inputs:
             kind = required[port.id][0]
             assert port.io_type == ("COMBO" if isinstance(kind, list) else kind), port.id
-        assert tuple(port.io_type for port in schema.outputs) == v1.RETURN_TYPES
+        assert node.RETURN_TYPES == v1.RETURN_TYPES  # the outputs' types and the names the node shows
+        assert node.RETURN_NAMES == getattr(v1, "RETURN_NAMES", v1.RETURN_TYPES)
         assert schema.display_name == NODE_DISPLAY_NAME_MAPPINGS[node_id]
 
 
@@ -195,3 +299,11 @@ def test_v3_execute_applies_the_same_patches_as_v1(monkeypatch, comfy):
     assert model.patches == {} and set(v3_model.patches) == set(v1_model.patches)
     for key in v1_model.patches:
         assert torch.equal(v3_model.patched_weight(key), v1_model.patched_weight(key)), key
+
+
+def test_v3_nodes_pass_the_real_comfy_api():
+    """Only inside a ComfyUI (its root on sys.path): ComfyUI's own checks, not the stand-in's."""
+    pytest.importorskip("comfy_api.latest", reason="ComfyUI is not importable here")
+    from diffusers_erase.comfyui import v3
+
+    assert v3.schema_problems() == []

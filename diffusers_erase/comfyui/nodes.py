@@ -195,7 +195,8 @@ def _lora_path(name: str) -> str:
 
 
 class LoadErasureAdapter:
-    """Apply every erasure in a file (ours, or a kohya/SPM LoRA) statically, at `strength`."""
+    """Apply every erasure in a file statically, at `strength`: our adapters, our kohya and `.diff` exports, the
+    SPM reference's membranes (any file the library's `parse_any` reads)."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
