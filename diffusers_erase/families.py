@@ -35,7 +35,9 @@ class TextEncoder:
 class Family:
     """One model family. `text_readers`: module-name suffixes of the denoiser layers that read the token pathway
     (the consumers of a text-space map); `membrane_blocks`: class names of the blocks SPM adapts (every
-    Linear/Conv2d inside them); `kohya_ldm_names`: write kohya keys with the original LDM/SGM module paths."""
+    Linear/Conv2d inside them); `kohya_ldm_names`: write kohya keys with the original LDM/SGM module paths
+    (`lora_unet_input_blocks_4_1_…`) rather than the diffusers ones (`lora_unet_down_blocks_1_attentions_0_…`)
+    whatever the layout (`kohya_name`; `formats/kohya.py` explains the choice)."""
 
     name: str
     denoiser: str
@@ -56,6 +58,8 @@ _UNET_BLOCKS = ("Transformer2DModel", "SpatialTransformer")
 _CLIP = TextEncoder("tokenizer", "text_encoder", "last")
 
 FAMILIES: dict[str, Family] = {
+    # SD 1.x/2.x: kohya's diffusers spelling where A1111 maps it (2 layers per level, every real checkpoint), else
+    # the LDM one (`kohya_name`); SDXL: always the LDM one, as kohya-ss writes SDXL LoRAs.
     "sd1": Family("sd1", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
                   ("stable-diffusion", "stable-diffusion-diffusers"), "sd_v1", "stable-diffusion-v1", "diffusers"),
     "sd2": Family("sd2", "unet", (_CLIP,), _UNET_TEXT_READERS, _UNET_BLOCKS, False, "StableDiffusionPipeline",
@@ -165,32 +169,44 @@ KOHYA_UNET_PREFIX = "lora_unet_"
 
 
 def layers_per_block(unet_config) -> list[int]:
+    """Resnet/attention layers of each down level (`layers_per_block`: one int for all levels, or one per level)."""
     levels = len(unet_config["block_out_channels"])
     layers = unet_config["layers_per_block"]
-    return [int(layers)] * levels if isinstance(layers, int) else [int(n) for n in layers]
+    counts = [int(layers)] * levels if isinstance(layers, int) else [int(n) for n in layers]
+    if len(counts) != levels or min(counts, default=1) < 1:
+        raise ValueError(f"layers_per_block {layers!r} does not fit a UNet of {levels} levels.")
+    return counts
 
 
 def attention_prefixes(layers: list[int]) -> dict[str, str]:
-    """`{diffusers attention prefix: LDM prefix}` for every attention position of a UNet with these layers per block.
+    """`{diffusers attention prefix: LDM prefix}` for every attention position of a UNet with these layers per level.
 
-    Input blocks: index 0 is conv_in, then per level its layers and one downsampler, so level b layer j is
-    `input_blocks.{1 + Σ_{k<b}(layers_k + 1) + j}.1`; the middle attention is `middle_block.1`; output blocks count
-    layers_k + 1 per level of the reversed list (the layout ComfyUI's `unet_to_diffusers` builds from the config)."""
+    LDM numbering (`openaimodel.UNetModel`, which A1111 and ComfyUI run): `input_blocks.0` is conv_in; each level
+    then holds one input block per layer (resnet `.0`, attention `.1`) followed by one downsampler block, except the
+    last level; so level b layer j is `input_blocks.{1 + Σ_{k<b}(layers_k + 1) + j}.1`. The middle attention is
+    `middle_block.1`. Output blocks walk the levels in reverse (diffusers' `up_blocks` order), layers_k + 1 blocks
+    per level and the upsampler inside the level's last block, so up level b block j is
+    `output_blocks.{Σ_{k<b}(reversed layers_k + 1) + j}.1`. A position exists whether or not its level has
+    attention; only the levels that do are ever looked up. At 2 layers per level this is A1111's `1 + 3·b + j` /
+    `3·b + j`."""
     pairs = {"mid_block.attentions.0": "middle_block.1"}
+    index = 1
     for level, count in enumerate(layers):
         for j in range(count):
-            index = 1 + sum(n + 1 for n in layers[:level]) + j
-            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{index}.1"
-    reversed_layers = layers[::-1]
-    for level, count in enumerate(reversed_layers):
+            pairs[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{index + j}.1"
+        index += count + 1  # the level's layers, then its downsampler (absent after the last level: nothing follows)
+    index = 0
+    for level, count in enumerate(layers[::-1]):
         for j in range(count + 1):
-            index = sum(n + 1 for n in reversed_layers[:level]) + j
-            pairs[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{index}.1"
+            pairs[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{index + j}.1"
+        index += count + 1
     return pairs
 
 
 def ldm_unet_path(path: str, unet_config) -> str:
-    """The original (LDM/SGM) UNet path of a diffusers UNet attention path (`down_blocks.{b}.attentions.{j}.…`)."""
+    """The original (LDM/SGM) UNet path of a diffusers UNet attention path (`down_blocks.{b}.attentions.{j}.…`,
+    `mid_block.attentions.0.…`, `up_blocks.{b}.attentions.{j}.…`), for any layers per level and number of levels.
+    Inside the attention block both spellings agree (`proj_in`, `transformer_blocks.{t}.attn2.to_k`, ...)."""
     match = re.fullmatch(r"((?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.(.+)", path)
     prefixes = attention_prefixes(layers_per_block(unet_config))
     if not match or match[1] not in prefixes:
@@ -203,14 +219,24 @@ def kohya_name(module: str, unet_config, family: Family) -> str:
     component, _, path = module.partition(".")
     if component != "unet":
         raise ValueError(f"{module} is not a UNet module; only UNet edits are exported.")
-    if family.kohya_ldm_names:
+    if family.kohya_ldm_names or not a1111_reads_diffusers_names(unet_config):
         path = ldm_unet_path(path, unet_config)
     return KOHYA_UNET_PREFIX + path.replace(".", "_")
 
 
+def a1111_reads_diffusers_names(unet_config) -> bool:
+    """Whether AUTOMATIC1111 maps kohya names in the diffusers spelling to the right blocks of this UNet: its
+    `convert_diffusers_name_to_compvis` hard-codes 3 input blocks per level (2 layers and a downsampler), true of
+    every real SD 1.x/2.x checkpoint. There the diffusers spelling is also the one diffusers' `load_lora_weights`
+    reads without help, so it is kept; any other layout (tiny models) gets the LDM spelling, which A1111 and
+    ComfyUI map for any layout (diffusers then needs `unet_config=pipe.unet.config`)."""
+    return all(n == 2 for n in layers_per_block(unet_config))
+
+
 def kohya_aliases(modules, unet_config) -> dict[str, str]:
     """`{kohya name: module}` under both spellings (diffusers path and LDM path) for each `unet.<path>` module:
-    files in the wild use either."""
+    files in the wild use either (kohya-ss writes SD 1.x/2.x LoRAs in the diffusers one; SDXL ones, and our exports
+    of every family, in the LDM one). The two never collide: their block names differ."""
     names = {}
     for module in modules:
         path = module.partition(".")[2]

@@ -59,26 +59,28 @@ def test_kohya_round_trip_reproduces_stacked_edits(factory, tokenizer_dir, tmp_p
 
 
 def test_kohya_key_names_on_the_tiny_pipelines(sd_pipe, sdxl_pipe, tmp_path):
-    # SD 1.x: kohya's diffusers-path names, `lora_unet_` + module path with "_" — the form A1111 converts with
-    # `convert_diffusers_name_to_compvis` (AUTOMATIC1111/stable-diffusion-webui: extensions-builtin/Lora/networks.py)
-    # and ComfyUI registers via `comfy.utils.unet_to_diffusers` (comfyanonymous/ComfyUI: comfy/lora.py,
-    # model_lora_keys_unet). Tiny SD: down (cross-attn, 1 layer), down (plain); mid; up (plain), up (cross-attn, 2).
+    # Tiny layouts (1 layer per level), every family: LDM/SGM names, `lora_unet_` + the original module path with
+    # "_", as kohya writes SDXL LoRAs (real SD 1.x/2.x layouts keep kohya's diffusers spelling).
+    # A1111 maps them by replacing "lora_unet" with "diffusion_model" (AUTOMATIC1111/stable-diffusion-webui:
+    # extensions-builtin/Lora/networks.py, load_network), ComfyUI from its `diffusion_model.*` state-dict keys
+    # (comfy/lora.py, model_lora_keys_unet), for any block layout; A1111's conversion of the diffusers spelling
+    # assumes 3 input blocks per level (tests/test_a1111_keys.py).
+    # Tiny SD: down (cross-attn, 1 layer), down (plain); mid; up (plain), up (cross-attn, 2): layers_per_block 1, so
+    # down_blocks.0 → input_blocks.1, up_blocks.1 → output_blocks.2 and .3.
     tensors, _ = _read(export_adapter(_erase_twice(sd_pipe), tmp_path / "sd.safetensors"))
     layers = [
-        "down_blocks_0_attentions_0_transformer_blocks_0",
-        "mid_block_attentions_0_transformer_blocks_0",
-        "up_blocks_1_attentions_0_transformer_blocks_0",
-        "up_blocks_1_attentions_1_transformer_blocks_0",
+        "input_blocks_1_1_transformer_blocks_0",
+        "middle_block_1_transformer_blocks_0",
+        "output_blocks_2_1_transformer_blocks_0",
+        "output_blocks_3_1_transformer_blocks_0",
     ]
     expected = {f"lora_unet_{layer}_attn2_{kv}.{part}" for layer in layers for kv in ("to_k", "to_v")
                 for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert set(tensors) == expected
-    first = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    first = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
     assert tensors[f"{first}.lora_down.weight"].shape == (3, 32) and tensors[f"{first}.lora_up.weight"].shape == (4, 3)
-    assert tensors["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v.alpha"].item() == 3.0
+    assert tensors["lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.alpha"].item() == 3.0
 
-    # SDXL: LDM/SGM names, as kohya writes SDXL LoRAs; A1111 maps them by replacing "lora_unet" with
-    # "diffusion_model" (networks.py, load_network), ComfyUI from its `diffusion_model.*` state-dict keys (lora.py).
     # Tiny SDXL: layers_per_block 1, so down_blocks.1 → input_blocks.3; up_blocks.0 → output_blocks.0 and .1.
     tensors, _ = _read(export_adapter(_erase_twice(sdxl_pipe), tmp_path / "xl.safetensors"))
     layers = [
@@ -116,8 +118,9 @@ def test_ldm_names_at_real_sd15_and_sdxl_shapes():
     }
     for module, name in cases.items():
         assert kohya_name(module, sdxl, "sdxl") == name
-    assert kohya_name("unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v", sd15, "sd1") == \
-        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v"
+    for family in ("sd1", "sd2"):  # the real layout keeps kohya's SD 1.x spelling (tests/test_a1111_keys.py)
+        assert kohya_name("unet.up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v", sd15, family) == \
+            "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v"
 
 
 @pytest.mark.parametrize(("factory", "version", "architecture"), [
@@ -218,11 +221,12 @@ def test_kohya_modules_of_different_ranks_are_padded_exactly(sd_pipe, tokenizer_
             assert torch.allclose(kv_weights(fresh)[name], original[name] + delta, atol=1e-6, rtol=0), b
 
 
-@pytest.mark.parametrize("factory", [make_sd_pipeline, make_sdxl_pipeline])
-def test_diffusers_load_lora_weights_reads_the_kohya_export_exactly(factory, tokenizer_dir, tmp_path):
-    """A third reading of the key names: diffusers' own kohya converter (incl. SGM names for SDXL)."""
-    pipe = _erase_twice(factory(tokenizer_dir))
-    assert_plain_lora_load_matches(pipe, factory, tokenizer_dir, export_adapter(pipe, tmp_path / "k.safetensors"))
+def test_diffusers_load_lora_weights_reads_the_kohya_export_exactly(tokenizer_dir, tmp_path):
+    """A third reading of the key names: diffusers' own kohya converter, with its SGM → diffusers block mapping.
+    SD 1.x needs `unet_config=pipe.unet.config` for that mapping: tests/test_a1111_keys.py."""
+    pipe = _erase_twice(make_sdxl_pipeline(tokenizer_dir))
+    assert_plain_lora_load_matches(pipe, make_sdxl_pipeline, tokenizer_dir,
+                                   export_adapter(pipe, tmp_path / "k.safetensors"))
 
 
 def test_bad_exports_are_refused(sd_pipe, tmp_path):

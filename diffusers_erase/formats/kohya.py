@@ -10,20 +10,38 @@ Two formats, both one safetensors file:
 - ``"diff"``: the full weight difference ``<name>.diff`` (out × in, float32) of every edited module, which
   ComfyUI adds as a ``("diff", ...)`` patch and A1111 as a ``network_full`` module, with no low-rank arithmetic.
 
-``<name>`` is ``lora_unet_`` + a UNet module path with ``.`` replaced by ``_``:
+``<name>`` is ``lora_unet_`` + a UNet module path with ``.`` replaced by ``_``, in one of two spellings
+(``families.kohya_name``):
 
-- SD 1.x / 2.x: the diffusers path, as kohya-ss writes SD 1.x LoRAs, e.g.
-  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k``.
-- SDXL: the original (SGM/LDM) path, as kohya-ss writes SDXL LoRAs, e.g.
-  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`` for ``down_blocks.1.attentions.0...``.
-  Both loaders map this form, and map it without guessing the block layout: A1111
-  (``extensions-builtin/Lora/networks.py``, ``load_network``) replaces ``lora_unet`` by ``diffusion_model`` and looks
-  the result up among the LDM module names ("SDXL loras seem to already have correct compvis keys"); ComfyUI
-  (``comfy/lora.py``, ``model_lora_keys_unet``) registers ``lora_unet_<LDM path>`` for every ``diffusion_model.*``
-  weight of the loaded model. The diffusers form is also accepted by both, but only through a conversion
-  (A1111's ``convert_diffusers_name_to_compvis`` hard-codes three input blocks per level; ComfyUI's
-  ``comfy.utils.unet_to_diffusers``), so the LDM form is the one that needs nothing of either loader but a rename.
-  diffusers' own ``load_lora_weights`` maps it back (``_maybe_map_sgm_blocks_to_diffusers``).
+- the diffusers path (``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k``), as kohya-ss writes
+  SD 1.x/2.x LoRAs, for SD 1.x/2.x UNets with 2 layers per level (every real checkpoint): A1111's converter, ComfyUI
+  and plain diffusers ``load_lora_weights`` all map it exactly;
+- the original (LDM/SGM) path (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``, block index computed
+  from the UNet config by ``families.ldm_unet_path`` for any layers per level), for SDXL (as kohya-ss writes SDXL
+  LoRAs) and for any other SD 1.x/2.x layout (tiny and custom UNets), the only spelling both UIs map there:
+
+- A1111 (``extensions-builtin/Lora/networks.py``, ``load_network``, v1.10.x): a key is split at its first ``.``,
+  the name goes through ``convert_diffusers_name_to_compvis`` and is looked up among the ``diffusion_model_*``
+  module names of the loaded model; failing that, ``lora_unet`` is replaced by ``diffusion_model`` and looked up
+  again ("SDXL loras seem to already have correct compvis keys"), for any model version. An LDM name passes the
+  converter unchanged (none of its patterns match), so only the second lookup applies: exact.
+  The diffusers spelling (what kohya-ss writes for SD 1.x) goes through the converter, which hard-codes three
+  input blocks per level (``input_blocks_{1 + 3·b + j}``, ``output_blocks_{3·b + j}``): right for the real
+  SD 1.5/2.x/SDXL layouts (2 layers per level), wrong from the second level on for any other (a UNet with one
+  layer per level: keys dropped, keys applied to another layer of the same shape without a word, and shape
+  errors that A1111 catches and only counts).
+- ComfyUI (``comfy/lora.py``, ``model_lora_keys_unet``) registers ``lora_unet_<LDM path>`` for every
+  ``diffusion_model.*`` weight of every model, and the diffusers spelling through ``comfy.utils.unet_to_diffusers``.
+- diffusers' ``load_lora_weights`` maps LDM names back with ``_maybe_map_sgm_blocks_to_diffusers``, which counts
+  ``layers_per_block + 1`` blocks per level (right for any uniform ``layers_per_block``), but only when it is given
+  the UNet config: the SDXL pipeline passes it itself; for an SD 1.x/2.x export in the LDM spelling (a non-standard
+  layout) call ``pipe.load_lora_weights(file, unet_config=pipe.unet.config)`` (without it diffusers raises, naming
+  ``down_blocks.1.1…`` target modules), or export ``format="lora"`` (diffusers' own key names).
+
+Importing accepts both spellings (``families.kohya_aliases``), so kohya-ss SD 1.x LoRAs, the SPM reference's files
+and our older exports still load. The SPM reference's own ``infer_spm.py`` builds its layers under diffusers-path
+names and loads them with a strict ``load_state_dict``: it reads our SD 1.x membrane exports of real checkpoints,
+and those of other layouts only after a rename to that spelling.
 
 The ``.diff`` file uses the same ``lora_unet_*`` names rather than ComfyUI's generic ``diffusion_model.<path>`` key:
 ComfyUI's ``load_lora`` reads ``<x>.diff`` for every ``x`` of its key map, which holds the ``lora_unet_*`` names in
@@ -47,7 +65,7 @@ from ..families import Family, kohya_name
 from ..kinds import describe_record, record_kind
 from .layout import Layout
 from .lora import format1_header, pad_to_one_rank
-from .native import METADATA_KEY
+from .native import METADATA_KEY, check_tensor, read_header
 
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -204,14 +222,21 @@ def _kohya_factors(groups, names: dict[str, str], source: str) -> dict[str, torc
             raise ValueError(f"{source} is incomplete: {base} lacks its lora_down or lora_up weight.")
         if f"{module}.lora_A.weight" in ours:
             raise ValueError(f"{source} holds {module} twice (under its diffusers and its LDM kohya name).")
-        down = parts["lora_down.weight"].float()
-        up = parts["lora_up.weight"].float()
+        for part, value in parts.items():
+            check_tensor(value, f"{source}: {base}.{part}")
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; expected Linear (2-D) or "
                              "Conv2d (4-D) LoRA factors.")
+        rank = down.shape[0]
+        if rank == 0 or up.shape[1] != rank or (down.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+            raise ValueError(f"{source}: {base} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}; "
+                             "lora_up's second dimension must equal lora_down's rank (≥ 1).")
         alpha = parts.get("alpha")
         if alpha is not None:
-            scale = float(alpha.float().item()) / down.shape[0]
+            if alpha.numel() != 1:
+                raise ValueError(f"{source}: {base}.alpha has {alpha.numel()} values; alpha is one number.")
+            scale = float(alpha.float().item()) / rank
             if scale != 1.0:
                 up = up * scale
         ours[f"{module}.lora_A.weight"] = down
@@ -250,11 +275,17 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     check_family(layout, metadata, source)
     names = layout.kohya_names()
     projections = layout.text_readers
-    concepts, methods = [], []
-    if METADATA_KEY in metadata:
-        for record in json.loads(metadata[METADATA_KEY]).get("erasures", []):
-            concepts += record.get("concepts", [])
-            methods.append(record.get("method"))
+    concepts, methods, listed = [], [], None
+    if METADATA_KEY in metadata:  # our own export: its header must be sound and name exactly these modules
+        header = read_header(metadata, source)
+        if header["family"] != layout.family.name:
+            raise ValueError(f"{source} was made for a {header['family']!r} pipeline, but this is a "
+                             f"{layout.family.name!r} pipeline; load an adapter made for the same model family.")
+        records = header["erasures"]
+        listed = {m for record in records for m in record["modules"]}
+        for record in records:
+            concepts += record["concepts"]
+            methods.append(record["method"])
             if record_kind(record) == "membrane":
                 raise ValueError(f"{source} holds membranes as full diffs; load the adapter or kohya export to "
                                  "keep their gating.")
@@ -266,6 +297,10 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
         module = names[base]
         if module not in projections:
             raise ValueError(f"{source} changes {module}; only cross-attention key/value diffs import as an edit.")
+        check_tensor(delta, f"{source}: {key}")
+        if tuple(delta.shape) != tuple(projections[module]):
+            raise ValueError(f"{source}: {key} is {tuple(delta.shape)} but {module} is "
+                             f"{tuple(projections[module])} in this pipeline.")
         matrix = delta.float().reshape(delta.shape[0], -1)
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         keep = max(1, int((s > s[0] * 1e-6).sum())) if s.numel() and s[0] > 0 else 1
@@ -273,6 +308,9 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
         ours[f"{module}.lora_B.weight"] = (u[:, :keep] * s[:keep]).contiguous()
     if not ours:
         raise ValueError(f"{source} holds no diff tensors.")
+    if listed is not None and listed != {names[key.partition(".")[0]] for key in tensors}:
+        raise ValueError(f"{source} is inconsistent with its header: its records list {len(listed)} modules, the "
+                         f"file holds {len(tensors)} diffs.")
     ours = pad_to_one_rank(ours)
     modules = [key[: -len(".lora_A.weight")] for key in ours if key.endswith(".lora_A.weight")]
     record = {"method": "imported", "name": metadata.get("ss_output_name"), "concepts": concepts, "anchors": [],
