@@ -113,3 +113,7 @@ def factors(erasure) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 def membrane_of(erasure) -> dict:
     """A membrane's header fields: prompts, gated, weight, fused."""
     return erasure.edit.record()["membrane"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-full", action="store_true", help="run every generated fuzz case, not a seeded sample")
