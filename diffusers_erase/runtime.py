@@ -25,11 +25,15 @@ The UNet sees embeddings, not prompts. A forward pre-hook on the UNet computes t
 under classifier-free guidance its unconditional row gets the same gate by default (`_pair_unconditional_rows`),
 or the negative prompt's own with `unconditional_gate="negative_prompt"` ("" has no tokens: only its cosine term
 counts). A row that matches no recorded prompt (embeddings passed by hand) gets the cosine term only.
+
+The recorded prompts and the gates of a call are kept per thread (`ErasureState.per_call`, a `threading.local`),
+so concurrent generations through one UNet each use their own (docs/threads.md).
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -140,7 +144,7 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, with
     the token term of every attached membrane, so the denoiser hook can gate each sample."""
     record = state(pipe)
-    record.recorded = []
+    record.per_call.recorded = []  # this thread's prompts only (state.ErasureState.per_call)
     runtime = record.runtime
     if runtime is None or not runtime.gates:
         return
@@ -162,7 +166,8 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
         if len(prompts) * n != embeds.shape[0]:
             continue
         for i, prompt_tokens in enumerate(token_sets(pipe, prompts)):
-            record.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens), negative))
+            record.per_call.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens),
+                                             negative))
 
 
 class PromptRecorder:
@@ -198,21 +203,22 @@ def with_mixin(pipe, mixin: type):
 @dataclass
 class _Runtime:
     gates: list[_Gate]
-    active: bool = True
 
 
 def _denoiser_pre_hook(record):
+    """Computes this call's per-sample gates and keeps them for this thread only (`per_call`): two threads
+    denoising through one UNet each see their own."""
     def hook(model, args, kwargs):
         hidden = kwargs.get("encoder_hidden_states")
         if hidden is None and len(args) > 2:
             hidden = args[2]
-        runtime = record.runtime
+        runtime, call = record.runtime, record.per_call
         if hidden is None or runtime is None or not runtime.gates:
-            record.gates = None
+            call.gates = None
             return None
-        gates = compute_gates(runtime.gates, hidden, record.recorded, record.unconditional_gate == "prompt")
-        record.gates = gates
-        runtime.active = bool(gates.any())
+        gates = compute_gates(runtime.gates, hidden, getattr(call, "recorded", []),
+                              record.unconditional_gate == "prompt")
+        call.gates = gates if bool(gates.any()) else None
         return None
 
     return hook
@@ -234,8 +240,8 @@ def _pair_unconditional_rows(gates: torch.Tensor, negative_rows: torch.Tensor) -
 
 def _module_hook(record, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor):
     def hook(module, args, output):
-        runtime, gates = record.runtime, record.gates
-        if gates is None or runtime is None or not runtime.active:
+        gates = getattr(record.per_call, "gates", None)
+        if gates is None or record.runtime is None:
             return output
         x = args[0]
         scale = gates[:, index]
@@ -256,8 +262,7 @@ def detach(pipe) -> None:
     for handle in record.hooks:
         handle.remove()
     record.hooks.clear()
-    record.gates = None
-    record.recorded = []
+    record.per_call = threading.local()
     record.runtime = None
 
 

@@ -10,6 +10,8 @@ an edit touches it, so `restore` puts every component back bit-exactly in one pa
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -20,24 +22,43 @@ from .kinds import Erasure
 
 @dataclass
 class ErasureState:
+    """`lock` makes erase/load/unload/fuse/set-adapters of pipelines sharing this denoiser mutually exclusive
+    (re-entrant: `fuse` re-installs). `per_call` is thread-local: what one denoising call of one thread needs (the
+    prompts its `encode_prompt` recorded, its per-sample gates), so concurrent calls never see each other's."""
+
     erasures: list[Erasure] = field(default_factory=list)
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> value before any erasure
-    # Runtime (runtime.py): hook handles, the per-sample gates of the current denoiser call, the prompts
-    # `encode_prompt` encoded last, and which gate the unconditional rows of a guidance batch get.
+    # Runtime (runtime.py): hook handles, which gate the unconditional rows of a guidance batch get, the runtime.
     hooks: list = field(default_factory=list)
-    gates: torch.Tensor | None = None
-    recorded: list = field(default_factory=list)
     unconditional_gate: str = "prompt"
     runtime: object | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    per_call: threading.local = field(default_factory=threading.local, repr=False)
+
+
+_CREATING = threading.Lock()
 
 
 def state(pipe) -> ErasureState:
     model = denoiser(pipe)  # raises the "supported families" error
     current = model.__dict__.get("_erasure_state")
     if current is None:
-        current = ErasureState()
-        object.__setattr__(model, "_erasure_state", current)
+        with _CREATING:  # two threads must not each make a state for one denoiser
+            current = model.__dict__.get("_erasure_state")
+            if current is None:
+                current = ErasureState()
+                object.__setattr__(model, "_erasure_state", current)
     return current
+
+
+def exclusive(function):
+    """Decorator for functions `f(pipe, ...)` that change or read the erasures: one at a time per state."""
+    @functools.wraps(function)
+    def wrapper(pipe, *args, **kwargs):
+        with state(pipe).lock:
+            return function(pipe, *args, **kwargs)
+
+    return wrapper
 
 
 def get_parameter(pipe, name: str) -> torch.nn.Parameter:
