@@ -34,7 +34,7 @@ from .formats.read import parse_any
 from .kinds import Erasure, Membrane
 from .locate import adapter_file
 from .registry import available_methods, get_method
-from .state import base_weight, get_parameter, offload_disabled, state
+from .state import base_weight, exclusive, get_parameter, offload_disabled, state
 
 EXPORT_FORMATS = ("kohya", "diff", "lora")
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def _anchors_for(config: ErasureConfig, anchor, concepts: list[str]) -> list[str
     return anchors
 
 
+@exclusive
 def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, adapter_name=None,
                   **options) -> Erasure:
     """Erase one concept or several (in one solve) from `pipe`, in place.
@@ -159,6 +160,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     return erasure
 
 
+@exclusive
 def unload_erasure(pipe) -> None:
     """Remove every erasure from `pipe`: hooks off and the original weights back, bit-exactly."""
     with offload_disabled(pipe):
@@ -174,6 +176,7 @@ def _membranes(pipe) -> list[Erasure]:
     return [e for e in state(pipe).erasures if isinstance(e.edit, Membrane) and not e.edit.fused]
 
 
+@exclusive
 def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None = None,
                          unconditional_gate: str | None = None) -> None:
     """Choose which membranes act and how strongly, as `set_adapters` does for LoRAs.
@@ -232,6 +235,7 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
         state(pipe).unconditional_gate = unconditional_gate
 
 
+@exclusive
 def fuse_erasure(pipe) -> None:
     """Fuse every membrane into the weights at its current weight (W ← W + w·up·down): no inference overhead, no
     gating. `unload_erasure()` still restores the original weights bit-exactly."""
@@ -285,6 +289,7 @@ def _file_header(pipe) -> dict:
     }
 
 
+@exclusive
 def adapter_state_dict(pipe, erasures: list[Erasure] | None = None):
     """`(tensors, metadata)` of the adapter file (format 2) holding `erasures` (default: all on `pipe`)."""
     erasures = get_erasures(pipe) if erasures is None else erasures
@@ -292,6 +297,7 @@ def adapter_state_dict(pipe, erasures: list[Erasure] | None = None):
     return native.write(erasures, _file_header(pipe), {"text_readers": readers})
 
 
+@exclusive
 def save_erasure_adapter(pipe, save_directory, weight_name: str | None = None,
                          safe_serialization: bool = True) -> Path:
     """Write every erasure on `pipe` to one safetensors file and return its path.
@@ -416,6 +422,7 @@ def read_erasures(pipe, source, *, metadata=None, label=None, allow_other_text_e
     return erasures
 
 
+@exclusive
 def load_erasure_adapter(
     pipe,
     pretrained_model_name_or_path_or_dict,
@@ -500,6 +507,7 @@ def lora_state_dict(pipe, erasures: list[Erasure]):
     return lora.write(erasures, expanded, shapes, _file_header(pipe))
 
 
+@exclusive
 def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Path:
     """Write the erasures of `pipe` (or, with `adapter`, those of that adapter file, validated against `pipe`,
     which stays untouched) to one safetensors file in another format, and return its path.
@@ -545,6 +553,7 @@ def _export_info(pipe) -> dict:
             "base_model": getattr(pipe, "name_or_path", None)}
 
 
+@exclusive
 def export_peft(pipe, out_dir, *, adapter=None) -> Path:
     """Write the erasures as a peft LoRA adapter folder for the UNet (`adapter_config.json`,
     `adapter_model.safetensors`), loadable with `peft.PeftModel.from_pretrained(pipe.unet, out_dir)`.
@@ -560,7 +569,8 @@ def export_peft(pipe, out_dir, *, adapter=None) -> Path:
         raise ValueError(f"A peft adapter is a folder; pass a folder path, not {out_dir}.")
     ours, metadata = lora_state_dict(pipe, _erasures_to_export(pipe, adapter))
     tensors, config = peft.write(ours, getattr(pipe, "name_or_path", None))
+    config_text = json.dumps(config, indent=2)  # before anything is written: no half-written folder
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata=metadata)
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "adapter_config.json").write_text(config_text)
     return out_dir

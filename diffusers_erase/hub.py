@@ -132,7 +132,8 @@ def _summary(kind: str, base_model: str | None, family: str, concepts: list[str]
 
 
 def read_header(path) -> tuple[dict, Path]:
-    """The `diffusers_erase` header of an adapter file, or of the adapter file in a folder."""
+    """The `diffusers_erase` header of an adapter file, or of the adapter file in a folder, checked (schema, and
+    every tensor finite floating point) without a pipeline."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / DEFAULT_WEIGHT_NAME] if (path / DEFAULT_WEIGHT_NAME).is_file() else sorted(
@@ -142,10 +143,13 @@ def read_header(path) -> tuple[dict, Path]:
         path = candidates[0]
     if not path.is_file():
         raise FileNotFoundError(f"No adapter file at {path}.")
-    _, metadata = native.read_file(path)
+    tensors, metadata = native.read_file(path)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no {METADATA_KEY!r} header; cards are made from diffusers-erase adapters.")
-    return native.read_header(metadata, str(path)), path
+    header = native.read_header(metadata, str(path))
+    for key, value in tensors.items():  # no card, export or evaluation of a file that cannot load
+        native.check_tensor(value, f"{path}: tensor {key}")
+    return header, path
 
 
 def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):

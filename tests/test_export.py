@@ -274,7 +274,8 @@ def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, to
     dora = dict(tensors, **{down.replace("lora_down.weight", "dora_scale"): torch.ones(1, 32)})
     assert_load_fails_cleanly(sd_pipe, dora, "not a kohya LoRA tensor", metadata=metadata)
     wrong = dict(tensors, **{down: torch.zeros(1, 7)})
-    assert_load_fails_cleanly(sd_pipe, wrong, "does not fit this pipeline", metadata=metadata)
+    assert_load_fails_cleanly(sd_pipe, wrong, "which do not fit unet.down_blocks.0.attentions.0.transformer_blocks.0",
+                              metadata=metadata)
     sd2 = {k: v for k, v in metadata.items() if k != "diffusers_erase"} | {"ss_v2": "True"}
     assert_load_fails_cleanly(sd_pipe, tensors, "kohya LoRA for 'sd2'", metadata=sd2)
     assert state(sd_pipe).originals == {}
@@ -331,3 +332,20 @@ def test_partial_weight_files_as_uce_and_esd_write_them(sd_pipe, tokenizer_dir, 
     # ESD-x also trains to_q/to_out: refused, naming the diffusers way to load it.
     esd = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight": torch.zeros(4, 4)}
     assert_load_fails_cleanly(fresh, esd, "load_state_dict")
+
+
+def test_export_peft_of_a_pipeline_loaded_from_a_path(tokenizer_dir, tmp_path):
+    """Pipelines loaded from a `pathlib.Path` (as `shapes.load_pipeline()` does) record it as their name."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_erase.api import export_peft
+
+    make_sd_pipeline(tokenizer_dir).save_pretrained(tmp_path / "model")
+    pipe = StableDiffusionPipeline.from_pretrained(Path(tmp_path / "model"))
+    de.erase_concept(pipe, "cat")
+    out = export_peft(pipe, tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "model")
+    assert (out / "adapter_model.safetensors").exists()

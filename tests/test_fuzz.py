@@ -33,7 +33,7 @@ from diffusers_erase.state import state
 
 CLEAN_ERRORS = (ValueError, TypeError, OSError, FloatingPointError)
 TINY_SPM = dict(iterations=2, lr=1e-2, max_denoising_steps=3, la_samples=1)
-DEFAULT_BUDGET = {"truncate": 24, "header": 150, "tensor": 60, "keys": 24, "family": 6}
+DEFAULT_BUDGET = {"truncate": 16, "header": 90, "tensor": 32, "keys": 12}
 
 
 @dataclass
@@ -212,7 +212,9 @@ def _may_be_valid(path, value) -> bool:
     if len(path) >= 2 and path[-2] == "options" or "options" in path:
         return True  # a record of what was run; any JSON is kept as it is
     if head in ("library_version", "base_model", "name", "token_policy", "seconds", "text_fingerprints",
-                "fingerprints", "preserve_sha256", "preserve_count") or "fingerprints" in path:
+                "fingerprints", "preserve_sha256", "preserve_count"):
+        return True  # informational; validated for type when used
+    if {"fingerprints", "text_fingerprints"} & set(path):
         return True  # informational; validated for type when used
     if head in ("anchors", "preserve") and value in ([], ["x"]):
         return True
@@ -229,6 +231,20 @@ def _may_be_valid(path, value) -> bool:
     if head == "prompts" and value == ["x"]:
         return True
     return False
+
+
+_OPTIONAL_FIELDS = ("library_version", "base_model", "name", "token_policy", "seconds", "options", "anchors",
+                    "preserve", "fingerprints", "text_fingerprints", "gated", "fused", "weight",
+                    "kind", "rank")  # format 2: the kind is inferred from the record, the rank from the payloads
+
+
+def _deletable(path, header) -> bool:
+    """Fields a loader may do without (they have defaults), and entries of lists that may be shorter."""
+    if path[-1] in _OPTIONAL_FIELDS or any(p in ("options", "fingerprints", "text_fingerprints") for p in path[:-1]):
+        return True
+    if isinstance(path[-1], int) and path[-2] in ("concepts", "anchors", "preserve"):
+        return True
+    return path == ("format_version",) and header.get("format_version") == 1  # absent means format 1
 
 
 def header_cases(path: Path, out: Path, label: str) -> list[Case]:
@@ -257,13 +273,7 @@ def header_cases(path: Path, out: Path, label: str) -> list[Case]:
             _set(copy, json_path, value, delete=value == "<delete>")
             mutated = json.loads(json.dumps(header))
             mutated["__metadata__"]["diffusers_erase"] = json.dumps(copy)
-            ok = value != "<delete>" and _may_be_valid(json_path, value) or (
-                value == "<delete>" and json_path[-1] in ("library_version", "base_model", "name", "token_policy",
-                                                          "seconds", "options", "text_fingerprints", "anchors",
-                                                          "preserve", "fingerprints", "gated", "fused", "weight")
-                or "options" in json_path[:-1] or "fingerprints" in json_path[:-1]
-                or isinstance(json_path[-1], int) and json_path[-2] in ("concepts", "anchors", "preserve")
-                or "text_fingerprints" in json_path[:-1])
+            ok = _deletable(json_path, ours) if value == "<delete>" else _may_be_valid(json_path, value)
             cases.append((f"{label}: {'.'.join(map(str, json_path))} = {value!r}", mutated, ok))
     records = ours.get("erasures", [])
     if records:
@@ -271,7 +281,8 @@ def header_cases(path: Path, out: Path, label: str) -> list[Case]:
         copy["erasures"] = records + records  # the same record twice: its tensors are used twice
         mutated = json.loads(json.dumps(header))
         mutated["__metadata__"]["diffusers_erase"] = json.dumps(copy)
-        cases.append((f"{label}: duplicated record", mutated, False))
+        # A .diff sums every record into one edit, so a repeated record is only a repeated claim.
+        cases.append((f"{label}: duplicated record", mutated, label == "diff"))
     return [Case(name, join_file(h, data, out / f"h{i}.safetensors"), not ok)
             for i, (name, h, ok) in enumerate(cases)]
 
@@ -610,7 +621,7 @@ def cli_cases(valid_files, out: Path):
     """(argv, words one of which the error line must hold); none of them may load a model."""
     header, data = split_file(valid_files["native_uce"])
     bad = {}
-    for name, value in {"list": "[]", "garbled": "{", "norank": None}.items():
+    for name, value in {"list": "[]", "garbled": "{", "incomplete": None}.items():
         mutated = json.loads(json.dumps(header))
         if value is None:
             ours = json.loads(mutated["__metadata__"]["diffusers_erase"])
@@ -618,6 +629,9 @@ def cli_cases(valid_files, out: Path):
             value = json.dumps(ours)
         mutated["__metadata__"]["diffusers_erase"] = value
         bad[name] = join_file(mutated, data, out / f"{name}.safetensors")
+    tensors = load_file(str(valid_files["native_uce"]))
+    bad["nan"] = _save({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, header["__metadata__"],
+                       out / "nan.safetensors")
     erase = ["erase", "shapes", "--concept", "circle", "--out", str(out / "never")]
     cases = [([*erase, "--device", device], ["--device"]) for device in ("banana", "meta", "cuda:99")]
     cases += [([*erase, "--option", option], [option.partition("=")[0]])

@@ -57,6 +57,7 @@ erasure records from a kohya export.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -189,7 +190,7 @@ def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoR
                 "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
                 "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
                 "general LoRA use `pipe.load_lora_weights`.")
-    ours = _kohya_factors(groups, names, source)
+    ours = _kohya_factors(groups, names, {**layout.text_readers, **layout.membrane_targets}, source)
     if METADATA_KEY not in metadata:
         ours = pad_to_one_rank(ours)
         metadata[METADATA_KEY] = format1_header(layout.family.name, _foreign_record(ours, metadata, source))
@@ -213,7 +214,7 @@ def _kohya_groups(tensors, names: dict[str, str], source: str) -> dict[str, dict
     return groups
 
 
-def _kohya_factors(groups, names: dict[str, str], source: str) -> dict[str, torch.Tensor]:
+def _kohya_factors(groups, names: dict[str, str], shapes: dict[str, tuple], source: str) -> dict[str, torch.Tensor]:
     """Format-1 tensors (`<module>.lora_A/B.weight`) of the kohya groups, alpha folded into lora_B."""
     ours: dict[str, torch.Tensor] = {}
     for base, parts in groups.items():
@@ -228,10 +229,16 @@ def _kohya_factors(groups, names: dict[str, str], source: str) -> dict[str, torc
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise ValueError(f"{source}: {base} has {down.dim()}-D/{up.dim()}-D factors; expected Linear (2-D) or "
                              "Conv2d (4-D) LoRA factors.")
-        rank = down.shape[0]
+        rank, weight = down.shape[0], shapes[module]
         if rank == 0 or up.shape[1] != rank or (down.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
             raise ValueError(f"{source}: {base} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}; "
                              "lora_up's second dimension must equal lora_down's rank (≥ 1).")
+        # Factors are conv-shaped for a Conv2d, or matrices (as the SPM reference writes 1×1 convs).
+        fits = (tuple(down.shape[1:]) == tuple(weight[1:]) if down.dim() == 4
+                else down.shape[1] == math.prod(weight[1:]))
+        if not fits or up.shape[0] != weight[0]:
+            raise ValueError(f"{source}: {base} has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}, "
+                             f"which do not fit {module} of this pipeline (weight {tuple(weight)}).")
         alpha = parts.get("alpha")
         if alpha is not None:
             if alpha.numel() != 1:
