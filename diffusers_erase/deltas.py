@@ -88,6 +88,14 @@ def add_(weight: torch.Tensor, delta: torch.Tensor, what: str = "edit") -> None:
 
 def check_sum(weight: torch.Tensor, delta: "Delta", scale: float = 1.0, what: str = "edit") -> None:
     """Raise as `apply_` would for W + scale·ΔW, without changing W (for what runs beside the weights)."""
+    if isinstance(delta, LowRank):
+        up, down = delta.up.float(), delta.down.float()
+        if torch.isfinite(up).all() and torch.isfinite(down).all():
+            # The bound of LowRank.apply_: within it no sum is built (membranes have hundreds of layers).
+            bound = float(weight.detach().abs().max()) + abs(scale) * up.shape[1] * float(up.abs().max()) * float(
+                down.abs().max())
+            if bound <= WEIGHT_LIMIT:
+                return
     _checked(weight.detach().float() + scale * delta.matrix(weight).reshape(weight.shape), weight, what)
 
 
