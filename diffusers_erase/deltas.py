@@ -86,17 +86,20 @@ def add_(weight: torch.Tensor, delta: torch.Tensor, what: str = "edit") -> None:
     weight.copy_(new.to(weight.dtype))
 
 
-def check_sum(weight: torch.Tensor, delta: "Delta", scale: float = 1.0, what: str = "edit") -> None:
-    """Raise as `apply_` would for W + scale·ΔW, without changing W (for what runs beside the weights)."""
+def check_beside(weight: torch.Tensor, delta: "Delta", scale: float = 1.0, what: str = "edit") -> None:
+    """For what runs beside the weights (a membrane's hook adds scale·ΔW x to the layer's output): scale·ΔW must be
+    finite and within the weight bound itself, so the hook's output is as finite as the layer's. W is not read
+    (fusing checks W + ΔW as every weight edit does)."""
     if isinstance(delta, LowRank):
         up, down = delta.up.float(), delta.down.float()
         if torch.isfinite(up).all() and torch.isfinite(down).all():
-            # The bound of LowRank.apply_: within it no sum is built (membranes have hundreds of layers).
-            bound = float(weight.detach().abs().max()) + abs(scale) * up.shape[1] * float(up.abs().max()) * float(
-                down.abs().max())
+            bound = abs(scale) * up.shape[1] * float(up.abs().max()) * float(down.abs().max())
             if bound <= WEIGHT_LIMIT:
                 return
-    _checked(weight.detach().float() + scale * delta.matrix(weight).reshape(weight.shape), weight, what)
+    matrix = scale * delta.matrix(weight)
+    if not torch.isfinite(matrix).all() or float(matrix.abs().max()) > WEIGHT_LIMIT:
+        raise FloatingPointError(f"The {what} is beyond ±{WEIGHT_LIMIT:g} or NaN/inf; nothing was changed (a "
+                                 "corrupt adapter, or a diverged edit: check its inputs).")
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import runtime
-from .deltas import check_sum
+from .deltas import check_beside
 from .kinds import Erasure
 from .state import apply_weight_edits, get_parameter, restore_weights, state
 
@@ -14,7 +14,7 @@ from .state import apply_weight_edits, get_parameter, restore_weights, state
 @torch.no_grad()
 def install(pipe, erasures: list[Erasure]) -> None:
     """Apply `erasures` on top of what `pipe` has. On any failure the weights, records and hooks are as before."""
-    check_beside(pipe, erasures)
+    check_hooked(pipe, erasures)
     record = state(pipe)
     count, stashed = len(record.erasures), set(record.originals)
     touched = {name for e in erasures for name in e.edit.weight_deltas()}
@@ -36,12 +36,12 @@ def install(pipe, erasures: list[Erasure]) -> None:
 
 
 @torch.no_grad()
-def check_beside(pipe, erasures: list[Erasure]) -> None:
-    """What hooks add must be as finite and bounded as a weight edit (at strength ≥ 1: it can be raised later)."""
+def check_hooked(pipe, erasures: list[Erasure]) -> None:
+    """What hooks add must be finite and bounded (at strength ≥ 1: it can be raised later)."""
     for erasure in erasures:
         for name, (delta, strength) in erasure.edit.beside_deltas().items():
-            check_sum(get_parameter(pipe, name), delta, max(1.0, abs(strength)),
-                      f"{erasure.method} membrane on {name}")
+            check_beside(get_parameter(pipe, name), delta, max(1.0, abs(strength)),
+                         f"{erasure.method} membrane on {name}")
 
 
 @torch.no_grad()
