@@ -15,8 +15,17 @@ import torch
 
 from . import engine, methods, runtime  # noqa: F401  (importing `methods` registers them)
 from ._version import __version__
+from .arguments import (
+    adapter_weights,
+    anchors_for,
+    apply_preset,
+    as_prompts,
+    check_adapter_name,
+    check_loaded,
+    resolve_config,
+)
 from .config import ErasureConfig, check_type
-from .deltas import TextMap
+from .deltas import TextMap, check_beside
 from .families import (
     config_fingerprint,
     family_of,
@@ -33,83 +42,11 @@ from .formats.native import DEFAULT_WEIGHT_NAME
 from .formats.read import parse_any
 from .kinds import Erasure, Membrane
 from .locate import adapter_file
-from .registry import available_methods, get_method
+from .registry import get_method
 from .state import base_weight, exclusive, get_parameter, offload_disabled, state
 
 EXPORT_FORMATS = ("kohya", "diff", "lora")
 logger = logging.getLogger(__name__)
-
-
-def _as_prompts(value, argument: str) -> list[str]:
-    """`value` (a string, a list/tuple of strings, or None) as a list; `argument` names it in errors."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"`{argument}` must be a string or a list of strings, got {type(value).__name__}: {value!r}.")
-    for item in value:
-        if not isinstance(item, str):
-            raise TypeError(f"Each entry of `{argument}` must be a string, got {type(item).__name__}: {item!r}.")
-    return list(value)
-
-
-def _check_adapter_name(pipe, adapter_name) -> None:
-    if adapter_name is None:
-        return
-    if not isinstance(adapter_name, str) or not adapter_name.strip():
-        raise TypeError(f"`adapter_name` must be a non-empty string or None, got {adapter_name!r}.")
-    if any(e.name == adapter_name for e in state(pipe).erasures):
-        raise ValueError(f"adapter_name {adapter_name!r} is already in use on this pipeline; pick another name, or "
-                         "unload_erasure() first.")
-
-
-def _check_loaded(pipe) -> None:
-    """Edits need real weights: a pipeline on the meta device (built empty, not loaded) has none."""
-    family = family_of(pipe)  # raises for unsupported pipelines
-    for name in (family.denoiser, *(t.encoder for t in family.text_encoders)):
-        module = getattr(pipe, name, None)
-        if module is not None and any(p.is_meta for p in module.parameters()):
-            raise ValueError(f"`pipe.{name}` has weights on the meta device (created empty, never loaded); load the "
-                             "weights (e.g. `from_pretrained` without `device_map='meta'`) before erasing.")
-
-
-def method_config(method, **options) -> ErasureConfig:
-    """The config object of `method` (a registered name or an `ErasureConfig`) with `options` applied; every
-    option is checked here, before any work (the CLI calls this before it loads a model)."""
-    return _resolve_config(method, options)
-
-
-def _resolve_config(method, options: dict) -> ErasureConfig:
-    if not isinstance(method, (str, ErasureConfig)):
-        raise TypeError(f"`method` must be a method name ({', '.join(available_methods())}) or an ErasureConfig, "
-                        f"got {type(method).__name__}: {method!r}.")
-    if isinstance(method, ErasureConfig):
-        get_method(method.method)
-        config_cls, base = type(method), method
-    else:
-        config_cls, base = get_method(method).config_cls, None
-    unknown = sorted(set(options) - set(config_cls.option_names()))
-    if unknown:
-        raise TypeError(
-            f"Unknown option(s) {unknown} for method {config_cls.method!r}; "
-            f"its options are: {', '.join(config_cls.option_names())}."
-        )
-    return dataclasses.replace(base, **options) if base is not None else config_cls(**options)
-
-
-def _anchors_for(config: ErasureConfig, anchor, concepts: list[str]) -> list[str]:
-    if anchor is None:
-        return [config.default_anchor] * len(concepts)
-    anchors = _as_prompts(anchor, "anchor")
-    if not anchors:
-        raise ValueError("`anchor` is an empty list; give one anchor, one per concept, or None for the default.")
-    if len(anchors) == 1:
-        anchors = anchors * len(concepts)
-    if len(anchors) != len(concepts):
-        raise ValueError(f"Give one anchor, or one per concept: got {len(anchors)} anchors for {len(concepts)} "
-                         "concepts.")
-    return anchors
 
 
 @exclusive
@@ -127,27 +64,36 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
             `default_preserve`, e.g. RECE keeps "").
         adapter_name (`str`, *optional*): a name for the erasure (`set_erasure_adapters` chooses membranes by it;
             unnamed ones are "default").
-        **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`).
+        **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`), and `preset`:
+            a recipe of the method's reference by concept type (`UCEConfig.presets`: "object", "art", "nudity",
+            "paper"; `RECEConfig.presets`: "nudity", "art", "object"), which sets the anchor, the prompts always
+            preserved and options; explicit arguments override it. The preset is recorded in the options.
 
     Returns:
         The `Erasure` record, also appended to `pipe.erasures`. The edit applies fully or not at all.
     """
     start = time.perf_counter()
-    config = _resolve_config(method, options)
-    concepts = _as_prompts(concepts, "concepts")
-    preserve = _as_prompts(preserve, "preserve")
+    preset = options.pop("preset", None)
+    if preset is not None:
+        config_cls = method if isinstance(method, ErasureConfig) else get_method(method).config_cls
+        anchor, preserve, options = apply_preset(config_cls, preset, anchor,
+                                                 None if preserve is None else as_prompts(preserve, "preserve"),
+                                                 options)
+    config = resolve_config(method, options)
+    concepts = as_prompts(concepts, "concepts")
+    preserve = as_prompts(preserve, "preserve")
     if not concepts:
         raise ValueError("Give at least one concept to erase.")
     for concept in concepts:
         if not concept.strip():
             raise ValueError(f"Each of `concepts` must be non-empty text, got {concept!r}.")
-    anchors = _anchors_for(config, anchor, concepts)
+    anchors = anchors_for(config, anchor, concepts)
     kept = {p.strip().casefold() for p in preserve}
     clash = [c for c in concepts if c.strip().casefold() in kept]
     if clash:
         raise ValueError(f"{clash} are both erased and preserved; remove them from `preserve`.")
-    _check_loaded(pipe)
-    _check_adapter_name(pipe, adapter_name)
+    check_loaded(pipe)
+    check_adapter_name(pipe, adapter_name)
     preserve = preserve or list(config.default_preserve)
     handler = get_method(config.method).handler
     with offload_disabled(pipe):
@@ -178,7 +124,7 @@ def _membranes(pipe) -> list[Erasure]:
 
 @exclusive
 def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None = None,
-                         unconditional_gate: str | None = None) -> None:
+                         unconditional_gate: str | None = None, gate_power: float | None = None) -> None:
     """Choose which membranes act and how strongly, as `set_adapters` does for LoRAs.
 
     Args:
@@ -189,6 +135,8 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
             on, None leaves it.
         unconditional_gate (`str`, *optional*): the gate of the unconditional branch under guidance: "prompt"
             (its prompt's gate, one strength per sample) or "negative_prompt" (the negative prompt's own gate).
+        gate_power (`float`, *optional*): strength = weight · γ^gate_power for the named membranes (1: ours; 2: the
+            SPM reference's γ on both factors); None leaves it.
 
     Weight edits (UCE, RECE, fused membranes) cannot be re-weighted: unload and re-apply them instead.
     """
@@ -196,20 +144,11 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
         raise ValueError(f"unconditional_gate must be 'prompt' or 'negative_prompt', got {unconditional_gate!r}.")
     if gating is not None and not isinstance(gating, bool):
         raise TypeError(f"`gating` must be True, False or None, got {gating!r}.")
-    if adapter_names is None:
-        raise TypeError("`adapter_names` must be a name or a list of names (an empty list sets every membrane to 0).")
-    names = _as_prompts(adapter_names, "adapter_names")
-    if weights is None:
-        weights = [1.0] * len(names)
-    elif isinstance(weights, (int, float)):
-        weights = [weights] * len(names)
-    elif not isinstance(weights, (list, tuple)):
-        raise TypeError(f"`weights` must be a number or a list of numbers, got {type(weights).__name__}: {weights!r}.")
-    weights = list(weights)
-    for weight in weights:
-        check_type("each of `weights`", weight, float)
-    if len(weights) != len(names):
-        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapter names; give one weight per name.")
+    if gate_power is not None:
+        check_type("`gate_power`", gate_power, float)
+        if gate_power <= 0:
+            raise ValueError(f"`gate_power` must be > 0, got {gate_power!r}.")
+    names, weights = adapter_weights(adapter_names, weights)
     membranes = _membranes(pipe)
     known = {e.adapter_name for e in membranes}
     fixed = {e.adapter_name for e in state(pipe).erasures if e not in membranes}
@@ -219,20 +158,34 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
                     if name in fixed else "")
             raise ValueError(f"No membrane named {name!r} on this pipeline (membranes: {sorted(known)}).{hint}")
     chosen = dict(zip(names, (float(w) for w in weights)))
-    previous = [(e.edit.weight, e.edit.gated) for e in membranes]
+    _check_strengths(pipe, membranes, chosen)
+    previous = [(e.edit.weight, e.edit.gated, e.edit.gate_power) for e in membranes]
     for erasure in membranes:
         erasure.edit.weight = chosen.get(erasure.adapter_name, 0.0)
         if gating is not None:
             erasure.edit.gated = bool(gating)
+        if gate_power is not None and erasure.adapter_name in chosen:
+            erasure.edit.gate_power = float(gate_power)
     try:
         runtime.refresh(pipe)
     except BaseException:
-        for erasure, (weight, gated) in zip(membranes, previous):
-            erasure.edit.weight, erasure.edit.gated = weight, gated
+        for erasure, (weight, gated, power) in zip(membranes, previous):
+            erasure.edit.weight, erasure.edit.gated, erasure.edit.gate_power = weight, gated, power
         runtime.refresh(pipe)
         raise
     if unconditional_gate is not None:
         state(pipe).unconditional_gate = unconditional_gate
+
+
+def _check_strengths(pipe, membranes: list[Erasure], chosen: dict[str, float]) -> None:
+    """A new weight must keep what a membrane's hooks add within the weight bound (`deltas.check_beside`)."""
+    for erasure in membranes:
+        strength = max(1.0, abs(chosen.get(erasure.adapter_name, 0.0)))
+        for name, delta in erasure.edit.deltas.items():
+            try:
+                check_beside(get_parameter(pipe, name), delta, strength, f"{erasure.adapter_name} membrane on {name}")
+            except FloatingPointError as error:
+                raise FloatingPointError(f"`weights` {chosen}: {error}") from None
 
 
 @exclusive
@@ -248,13 +201,14 @@ def fuse_erasure(pipe) -> None:
         engine.reinstall(pipe, fused)
 
 
+@exclusive
 def erasure_gates(pipe, prompts) -> dict[str, list[float]]:
     """The strength w·γ each membrane on `pipe` would act with for each prompt: `{adapter name: [per prompt]}`.
 
     Args:
         prompts (`str` or `list[str]`): the prompts to score.
     """
-    prompts = _as_prompts(prompts, "prompts")
+    prompts = as_prompts(prompts, "prompts")
     if not prompts:
         return {erasure.adapter_name: [] for erasure in _membranes(pipe)}
     values = runtime.prompt_gates(pipe, prompts)
@@ -459,8 +413,8 @@ def load_erasure_adapter(
         The loaded `Erasure` records.
     """
     source = pretrained_model_name_or_path_or_dict
-    _check_loaded(pipe)
-    _check_adapter_name(pipe, adapter_name)
+    check_loaded(pipe)
+    check_adapter_name(pipe, adapter_name)
     if not isinstance(source, (str, os.PathLike, dict)):
         raise TypeError("`pretrained_model_name_or_path_or_dict` must be a path, a Hub repo id or a state dict, got "
                         f"{type(source).__name__}.")

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from . import api, hub, shapes
+from .arguments import apply_preset, method_config
+from .formats import native
 from .locate import adapter_file
 from .methods.spm import SPMConfig
 from .mixin import enable_erasure
-from .registry import available_methods
+from .registry import available_methods, get_method
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -50,6 +52,9 @@ def _check_device(device: str) -> None:
     if not available.get(kind, True):
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) has no usable {kind} device; use "
                          "--device cpu, or install a torch build for your accelerator.")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
 
 
 def _check_count(images_per_prompt: int) -> None:
@@ -70,7 +75,12 @@ def _load_pipeline(model: str, dtype: str, device: str):
 def cmd_erase(args) -> int:
     _check_device(args.device)
     options = dict(args.option or [])
-    api.method_config(args.method, **options)  # a typo in an option should not cost a model load
+    # Every option (and the preset) is checked before the model loads: a typo should not cost a model load.
+    _, _, checked = apply_preset(get_method(args.method).config_cls, args.preset, args.anchor, args.preserve,
+                                 options)
+    method_config(args.method, **checked)
+    if args.preset:
+        options["preset"] = args.preset
     for concept in args.concept:
         if not concept.strip():
             raise ValueError(f"Each of `concepts` must be non-empty text, got {concept!r}.")
@@ -138,8 +148,9 @@ def _evaluate_adapter(model: str, adapter, images_per_prompt: int, grid_path):
 
 def cmd_evaluate(args) -> int:
     _check_count(args.images_per_prompt)
-    if args.adapter:
-        hub.read_header(args.adapter)  # a bad file is refused before the model loads
+    if args.adapter and Path(args.adapter).exists():  # a bad local file is refused before the model loads
+        file = adapter_file(args.adapter, None, None, None, None, None, None)
+        native.check_file(*native.read_file(file), str(file))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.adapter:
@@ -170,7 +181,7 @@ def cmd_demo(args) -> int:
         options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
         method, preserve, options = SPMConfig.tiny(**options), [], {}
-    api.method_config(method, **options)  # checked before the first image is made
+    method_config(method, **options)  # checked before the first image is made
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)
     others = [s for s in shapes.SHAPES if s != args.concept]
@@ -217,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--method", default="uce", choices=available_methods())
     erase.add_argument("--anchor", action="append", help="one anchor for all concepts, or one per concept")
     erase.add_argument("--preserve", nargs="*", help="prompts whose outputs must not move")
+    erase.add_argument("--preset", help="a recipe by concept type (uce: object, art, nudity, paper; rece: nudity, "
+                                        "art, object): anchor, preserve policy, token policy and scales")
     erase.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE",
                        help="a method option, e.g. lamb=0.5 or token_policy=eot (repeatable)")
     erase.add_argument("--out", required=True, help="folder for the adapter file")

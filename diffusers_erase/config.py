@@ -6,6 +6,7 @@ import collections.abc
 import dataclasses
 import logging
 import math
+import numbers
 import types
 import typing
 from typing import Any, ClassVar
@@ -29,6 +30,9 @@ class ErasureConfig:
     default_preserve: ClassVar[tuple[str, ...]] = ()  # preserved prompts when the caller gives none
     # Which parameters the method's edits may touch (`api._SCOPES`): checked when an adapter file is loaded.
     edit_scope: ClassVar[str] = "text_readers"
+    # Recipes by concept type, `erase_concept(..., preset=name)`: {"anchor": default anchor, "preserve": prompts
+    # always preserved, "options": config fields}; explicit arguments win.
+    presets: ClassVar[dict[str, dict]] = {}
 
     def __post_init__(self):
         """Every option has the type its field declares (bools are not numbers; floats are finite); subclasses
@@ -60,10 +64,10 @@ class ErasureConfig:
 
 def _accepts(value, hint) -> bool | None:
     """Whether `value` has type `hint` (None: a type this check does not cover)."""
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is float:  # numbers.Real: numpy scalars too; bools are not numbers here
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint in (str, bool):
         return isinstance(value, hint)
     if hint is type(None):
@@ -86,5 +90,5 @@ def check_type(name: str, value, hint) -> None:
         return
     args = typing.get_args(hint) or (hint,)
     words = " or ".join(_TYPE_WORDS.get(h, "a callable") for h in args)
-    error = ValueError if isinstance(value, float) else TypeError  # inf/nan are numbers, of the wrong value
+    error = ValueError if isinstance(value, numbers.Real) and not isinstance(value, bool) else TypeError
     raise error(f"{name} must be {words}, got {value!r}.")

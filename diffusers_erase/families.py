@@ -122,6 +122,14 @@ def _plain(module: nn.Module, name: str, kinds: tuple) -> nn.Module:
     return module
 
 
+def runs_fused(module: nn.Module) -> bool:
+    """Whether an attention module runs fused projections (to_qkv/to_kv) instead of to_q/to_k/to_v. diffusers'
+    `unfuse_qkv_projections` only restores the processors and leaves `fused_projections` set, so the processor
+    decides."""
+    return bool(getattr(module, "fused_projections", False)) and "Fused" in type(
+        getattr(module, "processor", None)).__name__
+
+
 def text_readers(pipe) -> dict[str, nn.Linear]:
     """`{"<denoiser>.<module path>": Linear}` for every layer that reads the token pathway, in module order.
 
@@ -129,7 +137,7 @@ def text_readers(pipe) -> dict[str, nn.Linear]:
     family = family_of(pipe)
     found = {}
     for name, module in getattr(pipe, family.denoiser).named_modules():
-        if getattr(module, "fused_projections", False) and name.endswith(".attn2"):
+        if name.endswith(".attn2") and runs_fused(module):
             raise ValueError(
                 "The UNet's cross-attention projections are fused (to_kv), so to_k/to_v are not used; "
                 "call `pipe.unfuse_qkv_projections()` before erasing."
@@ -147,6 +155,10 @@ def membrane_targets(pipe) -> dict[str, nn.Module]:
         if type(block).__name__ not in family.membrane_blocks:
             continue
         for name, module in block.named_modules():
+            if runs_fused(module):
+                raise ValueError(f"{family.denoiser}.{block_name}.{name} runs fused q/k/v projections, so a "
+                                 "membrane on to_q/to_k/to_v would be bypassed; call `pipe.unfuse_qkv_projections()` "
+                                 "first.")
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 full = f"{family.denoiser}.{block_name}.{name}"
                 found[full] = _plain(module, full, (nn.Linear, nn.Conv2d))
@@ -235,8 +247,8 @@ def a1111_reads_diffusers_names(unet_config) -> bool:
 
 def kohya_aliases(modules, unet_config) -> dict[str, str]:
     """`{kohya name: module}` under both spellings (diffusers path and LDM path) for each `unet.<path>` module:
-    files in the wild use either (kohya-ss writes SD 1.x/2.x LoRAs in the diffusers one; SDXL ones, and our exports
-    of every family, in the LDM one). The two never collide: their block names differ."""
+    files in the wild use either (kohya-ss writes SD 1.x/2.x LoRAs in the diffusers one and SDXL ones in the LDM
+    one; our exports follow `kohya_name`). The two never collide: their block names differ."""
     names = {}
     for module in modules:
         path = module.partition(".")[2]

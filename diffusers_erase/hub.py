@@ -146,10 +146,7 @@ def read_header(path) -> tuple[dict, Path]:
     tensors, metadata = native.read_file(path)
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no {METADATA_KEY!r} header; cards are made from diffusers-erase adapters.")
-    header = native.read_header(metadata, str(path))
-    for key, value in tensors.items():  # no card, export or evaluation of a file that cannot load
-        native.check_tensor(value, f"{path}: tensor {key}")
-    return header, path
+    return native.check_file(tensors, metadata, str(path)), path  # no card or export of a file that cannot load
 
 
 def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):

@@ -123,13 +123,16 @@ class WeightEdit(Edit):
 
 @dataclass(eq=False)
 class Membrane(Edit):
-    """`prompts` open the gate; `gated=False` makes it a static adapter at `weight`; `fused`: added to the weights."""
+    """`prompts` open the gate; `gated=False` makes it a static adapter at `weight`; `fused`: added to the weights;
+    `gate_power`: the strength is weight · γ^gate_power (1: γ scales the product, ours; 2: the SPM reference,
+    which scales both factors by γ)."""
 
     deltas: dict[str, LowRank]
     prompts: list[str]
     gated: bool = True
     weight: float = 1.0
     fused: bool = False
+    gate_power: float = 1.0
     kind: ClassVar[str] = "membrane"
     default_scope: ClassVar[str] = "membrane_blocks"
 
@@ -145,7 +148,7 @@ class Membrane(Edit):
 
     def record(self):
         return {"membrane": {"prompts": list(self.prompts), "gated": self.gated, "weight": self.weight,
-                             "fused": self.fused}}
+                             "fused": self.fused, "gate_power": self.gate_power}}
 
     @classmethod
     def from_record(cls, record, deltas, tensors, where):
@@ -158,7 +161,8 @@ class Membrane(Edit):
         if gated and not [p for p in prompts if p.strip()]:
             raise ValueError(f"{where}: a gated membrane needs the prompts that open its gate (`membrane.prompts` "
                              "is empty).")
-        return cls(deltas, prompts, gated, float(membrane.get("weight", 1.0)), membrane.get("fused", False))
+        return cls(deltas, prompts, gated, float(membrane.get("weight", 1.0)), membrane.get("fused", False),
+                   float(membrane.get("gate_power", 1.0)))
 
     @classmethod
     def describe(cls, record):
@@ -169,7 +173,9 @@ class Membrane(Edit):
         if membrane.get("fused"):
             return text + "."
         if membrane.get("gated", True):
-            return text + (f"; facilitated transport: strength = weight ({weight}) × the prompt's gate, which opens "
+            power = membrane.get("gate_power", 1.0)
+            gate = "the prompt's gate" if power == 1 else f"the prompt's gate to the power {power}"
+            return text + (f"; facilitated transport: strength = weight ({weight}) × {gate}, which opens "
                            "for " + ", ".join(f"`{p}`" for p in membrane.get("prompts", [])) + ".")
         return text + f"; gating off: static strength {weight}."
 

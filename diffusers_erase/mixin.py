@@ -28,8 +28,9 @@ class ErasureMixin(PromptRecorder):
     def unload_erasure(self):
         api.unload_erasure(self)
 
-    def set_erasure_adapters(self, adapter_names, weights=None, gating=None, unconditional_gate=None):
-        api.set_erasure_adapters(self, adapter_names, weights, gating, unconditional_gate)
+    def set_erasure_adapters(self, adapter_names, weights=None, gating=None, unconditional_gate=None,
+                             gate_power=None):
+        api.set_erasure_adapters(self, adapter_names, weights, gating, unconditional_gate, gate_power)
 
     def fuse_erasure(self):
         api.fuse_erasure(self)

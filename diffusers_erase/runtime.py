@@ -7,17 +7,17 @@ never touch a weight: a forward hook on each adapted Linear/Conv2d adds, for eve
     Σ_m  w_m · γ_m[b] · up_m (down_m x_b)
 
 to the module's output, where w_m is the membrane's weight (`set_erasure_adapters`) and γ_m[b] ∈ [0, 1] its gate
-for the prompt that produced sample b (γ = 1 for a static membrane).
+for the prompt that produced sample b (γ = 1 for a static membrane), raised to the membrane's `gate_power`.
 
 The gate (SPM, "facilitated transport"; reference `infer_spm.py::calculate_matching_score`):
 
     γ_m(p) = max over e in prompts_m of  max( cos(flat E(p), flat E(e)),  |T(p) ∩ T(e)| / |T(e)| )
 
 E: the text embeddings the UNet reads (full padded sequence), T: the prompt's token ids without special tokens.
-Two deliberate differences from the reference code, which multiplies every tensor of a membrane (down, up and
-alpha) by γ and sums the tensors of several membranes key by key: here γ scales the product up·down once (the
-reference's effective strength is γ², or γ³ counting alpha), and membranes add as products (summed factors
-would add cross terms up_i·down_j).
+Two differences from the reference code, which multiplies every tensor of a membrane (down, up and the unused
+alpha buffer) by γ and sums the tensors of several membranes key by key: here γ scales the product up·down once
+(the reference's effective strength is γ²: `gate_power=2` reproduces it, docs/methods/spm.md), and membranes add
+as products (summed factors would add cross terms up_i·down_j).
 
 The UNet sees embeddings, not prompts. A forward pre-hook on the UNet computes the cosine term from each row of
 `encoder_hidden_states`; the token term comes from the prompts `encode_prompt` encoded last (recorded by
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import denoiser, module_of
+from .families import denoiser, module_of, runs_fused
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
 from .text import encode, token_overlap, token_sets
@@ -81,6 +81,7 @@ class _Gate:
     token_sets: list[set[int]]
     gated: bool
     weight: float
+    power: float = 1.0
 
 
 def _build_gate(pipe, erasure: Erasure) -> _Gate:
@@ -96,7 +97,7 @@ def _build_gate(pipe, erasure: Erasure) -> _Gate:
         tokens = token_sets(pipe, prompts)
     else:
         embeddings, tokens = torch.zeros(0, 1), []
-    return _Gate(embeddings, tokens, gated, float(membrane.weight))
+    return _Gate(embeddings, tokens, gated, float(membrane.weight), float(membrane.gate_power))
 
 
 @torch.no_grad()
@@ -125,7 +126,7 @@ def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list,
             cosine = (flat @ gate.embeddings.to(flat.device).T).amax(dim=1)
         else:  # another sequence length (e.g. long-prompt embeddings): no cosine term
             cosine = torch.zeros(batch, device=hidden.device)
-        columns.append(gate.weight * torch.maximum(cosine, tokens[:, m]).clamp(0.0, 1.0))
+        columns.append(gate.weight * torch.maximum(cosine, tokens[:, m]).clamp(0.0, 1.0) ** gate.power)
     result = torch.stack(columns, dim=1)
     if pair_unconditional:
         _pair_unconditional_rows(result, negative_rows)
@@ -205,10 +206,15 @@ class _Runtime:
     gates: list[_Gate]
 
 
-def _denoiser_pre_hook(record):
+def _denoiser_pre_hook(record, attentions: list[nn.Module]):
     """Computes this call's per-sample gates and keeps them for this thread only (`per_call`): two threads
-    denoising through one UNet each see their own."""
+    denoising through one UNet each see their own. `attentions`: the attention modules holding membrane layers;
+    once their projections are fused (`pipe.fuse_qkv_projections()` after loading), the hooked to_q/to_k/to_v
+    no longer run, so the call is refused rather than run without the membrane."""
     def hook(model, args, kwargs):
+        if any(runs_fused(m) for m in attentions):
+            raise ValueError("The UNet's q/k/v projections were fused after a membrane was loaded, which bypasses "
+                             "it; call `pipe.unfuse_qkv_projections()` (or unload the erasure).")
         hidden = kwargs.get("encoder_hidden_states")
         if hidden is None and len(args) > 2:
             hidden = args[2]
@@ -303,7 +309,10 @@ def refresh(pipe) -> None:
     record.runtime = _Runtime(gates)
     record.hooks.extend(guard_handles)
     if membranes:
-        record.hooks.append(denoiser(pipe).register_forward_pre_hook(_denoiser_pre_hook(record), with_kwargs=True))
+        parents = {name.rpartition(".")[0] for name in per_module}
+        attentions = [m for m in (get_module(pipe, n) for n in parents) if hasattr(m, "fused_projections")]
+        record.hooks.append(denoiser(pipe).register_forward_pre_hook(_denoiser_pre_hook(record, attentions),
+                                                                     with_kwargs=True))
         for module, hook in hooks:
             record.hooks.append(module.register_forward_hook(hook))
         if hasattr(pipe, "encode_prompt"):

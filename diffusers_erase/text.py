@@ -5,9 +5,14 @@ penultimate hidden state, concatenated (SDXL: both encoders' penultimate states)
 token columns of it, chosen by a token policy:
 
 - "last_subject": the last word token (index len-2), as current UCE;
+- "subject": every word token of the concept (so a multi-token name such as "Kelly McKernan" is erased whole,
+  not only its last sub-token `ernan`); each goes to the anchor's last word token;
 - "eot": the first end-of-text token (index len-1), as TRCE stage 1;
 - "tail": from the last word token to the end of the padded sequence, as legacy UCE;
 - "all": all positions of the padded sequence, as RECE.
+
+A one-token pick that lands on punctuation or a function word ("Van Gogh style" → `style`, "nudity." → `.`)
+logs a warning naming the token.
 
 CLIP's text tower is causal, so the columns up to the end-of-text token do not depend on padding: for the first
 two policies only the real tokens are encoded.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -27,7 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from .families import text_pairs, weights_fingerprint
 
-TOKEN_POLICIES = ("last_subject", "eot", "tail", "all")
+TOKEN_POLICIES = ("last_subject", "subject", "eot", "tail", "all")
+# Words a single picked column should not be: it would erase the word, not the concept.
+STOP_WORDS = frozenset("a an the of by in on at to with and or for from style art painting photo image picture "
+                       "portrait drawing".split())
+logger = logging.getLogger(__name__)
 _BATCH = 32
 
 
@@ -98,6 +108,8 @@ def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int
     prompt's tokens with its start and end tokens."""
     if policy == "last_subject":
         return embedding[length - 2 : length - 1]
+    if policy == "subject":
+        return embedding[1 : length - 1]
     if policy == "eot":
         return embedding[length - 1 : length]
     if policy == "tail":
@@ -106,10 +118,12 @@ def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int
     return embedding
 
 
-def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy: str):
+def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy: str, subjects=None):
     """Aligned token columns (n, dim) of the concepts (to erase) and of their anchors (targets).
 
-    Under "tail" a concept and its anchor are cut to the same number of columns, as legacy UCE does.
+    Under "tail" a concept and its anchor are cut to the same number of columns, as legacy UCE does. Under
+    "subject", `subjects[i]` is the concept word(s) inside prompt `concepts[i]` (a template such as "painting by
+    {}"; default: the prompt itself), whose tokens are the columns.
     """
     check_token_policy(policy)
     lengths_c = token_lengths(pipe, concepts, "concept")
@@ -119,12 +133,53 @@ def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy
     embeddings = encode(pipe, unique, full_length=_uses_padding(policy), lengths=[known[p] for p in unique])
     index = {p: i for i, p in enumerate(unique)}
     total = embeddings.shape[1]
+    spans = subject_spans(pipe, concepts, subjects or concepts) if policy == "subject" else None
     erase, target = [], []
-    for concept, anchor, n_c, n_a in zip(concepts, anchors, lengths_c, lengths_a):
+    for i, (concept, anchor, n_c, n_a) in enumerate(zip(concepts, anchors, lengths_c, lengths_a)):
         count = total - max(n_c, n_a) + 2 if policy == "tail" else None
-        erase.append(policy_columns(embeddings[index[concept]], n_c, policy, count))
+        if policy == "subject":  # every token of the concept words goes where the anchor's last word goes
+            columns = embeddings[index[concept]][spans[i][0]: spans[i][1]]
+            anchor_column = policy_columns(embeddings[index[anchor]], n_a, "last_subject")
+            erase.append(columns)
+            target.append(anchor_column.expand(len(columns), -1))
+            continue
+        columns = policy_columns(embeddings[index[concept]], n_c, policy, count)
+        erase.append(columns)
         target.append(policy_columns(embeddings[index[anchor]], n_a, policy, count))
+    if policy in ("last_subject", "tail"):
+        warn_weak_picks(pipe, concepts, lengths_c)
     return torch.cat(erase), torch.cat(target)
+
+
+def subject_spans(pipe, prompts: list[str], subjects: list[str]) -> list[tuple[int, int]]:
+    """(start, end) token positions of each subject's word tokens inside its prompt; raises when a subject's tokens
+    do not appear in the prompt as they are (a template that changes how the words tokenize)."""
+    tokenizer = text_pairs(pipe)[0][0]
+    prompt_ids = tokenizer(_converted(pipe, prompts, tokenizer))["input_ids"]
+    subject_ids = tokenizer(_converted(pipe, subjects, tokenizer))["input_ids"]
+    spans = []
+    for prompt, subject, ids, sub in zip(prompts, subjects, prompt_ids, subject_ids):
+        words = sub[1:-1]
+        found = next((i for i in range(1, len(ids) - len(words)) if ids[i: i + len(words)] == words), None)
+        if not words or found is None:
+            raise ValueError(f"token_policy='subject': the tokens of {subject!r} do not appear in the prompt "
+                             f"{prompt!r} it is read from; use a template that keeps the concept's words as they "
+                             "are, or another token_policy.")
+        spans.append((found, found + len(words)))
+    return spans
+
+
+def warn_weak_picks(pipe, concepts: list[str], lengths: list[int]) -> None:
+    """Log when a concept's last word token (the one column "last_subject" erases) is punctuation or a function
+    word: then that token, not the concept, is what gets erased."""
+    tokenizer = text_pairs(pipe)[0][0]
+    for concept, ids in zip(concepts, tokenizer(_converted(pipe, concepts, tokenizer))["input_ids"]):
+        if len(ids) < 3:
+            continue
+        token = tokenizer.convert_ids_to_tokens(ids[-2]).replace("</w>", "").strip()
+        if not any(ch.isalnum() for ch in token) or token.lower() in STOP_WORDS:
+            logger.warning("The last token of concept %r is %r, so that is what token_policy 'last_subject' erases; "
+                           "drop it from the concept or use token_policy='subject'.", concept, token)
 
 
 def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", lengths=None) -> torch.Tensor:
@@ -228,3 +283,22 @@ def token_overlap(prompt_tokens: set[int], erased_tokens: set[int]) -> float:
 def gate_value(cosine: float, overlap: float) -> float:
     """SPM facilitated transport for one (prompt, erased prompt) pair: max(cos, token overlap), clamped to [0, 1]."""
     return min(1.0, max(0.0, cosine, overlap))
+
+
+# The reference's prompt templates (UCE `uce_sd_erase.py`, `--expand_prompts`): the concept and its anchor are
+# expanded in parallel.
+TEMPLATES = {
+    "art": ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"),
+    "object": ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"),
+}
+
+
+def expand_prompts(concepts: list[str], anchors: list[str], templates: str) -> tuple[list[str], list[str]]:
+    """Each concept bare and inside every template of the set, its anchor likewise, in parallel."""
+    if templates not in TEMPLATES:
+        raise ValueError(f"Unknown template set {templates!r}; choose one of {', '.join(TEMPLATES)}.")
+    out_c, out_a = [], []
+    for concept, anchor in zip(concepts, anchors):
+        out_c += [concept] + [t.format(concept) for t in TEMPLATES[templates]]
+        out_a += [anchor] + [t.format(anchor).strip() for t in TEMPLATES[templates]]
+    return out_c, out_a

@@ -30,7 +30,7 @@ def test_unknown_option_lists_the_valid_ones(sd_pipe):
 @pytest.mark.parametrize("options,match", [
     ({"lamb": -1.0}, "lamb must be a number ≥ 0"),
     ({"erase_scale": 0.0}, "erase_scale must be > 0"),
-    ({"token_policy": "first"}, "Unknown token_policy 'first'; choose one of last_subject, eot, tail, all"),
+    ({"token_policy": "first"}, "Unknown token_policy 'first'; choose one of last_subject, subject, eot, tail, all"),
 ])
 def test_invalid_option_values(sd_pipe, options, match):
     _fails_cleanly(sd_pipe, ValueError, match, "cat", **options)
@@ -114,3 +114,11 @@ def test_fused_projections_are_refused(sd_pipe):
     sd_pipe.fuse_qkv_projections()
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
         de.erase_concept(sd_pipe, "cat")
+
+
+def test_unfused_projections_can_be_erased_again(sd_pipe):
+    """diffusers' unfuse restores the processors but leaves `fused_projections` set: the processor decides."""
+    sd_pipe.fuse_qkv_projections()
+    sd_pipe.unfuse_qkv_projections()
+    de.erase_concept(sd_pipe, "cat")
+    assert len(de.get_erasures(sd_pipe)) == 1

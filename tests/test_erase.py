@@ -40,7 +40,7 @@ def test_embeddings_are_those_encode_prompt_gives_the_unet(pipe, policy):
     n = token_lengths(pipe, [prompt])[0]
     columns = prompt_columns(pipe, [prompt], policy)
     expected = {"last_subject": reference[n - 2 : n - 1], "eot": reference[n - 1 : n], "tail": reference[n - 2 :],
-                "all": reference}
+                "all": reference, "subject": reference[1 : n - 1]}
     assert torch.allclose(columns, expected[policy], atol=1e-5)
 
 
@@ -109,7 +109,9 @@ def test_erasure_changes_generated_images(sd_pipe):
 
 def test_functions_and_config_objects(sd_pipe):
     record = de.erase_concept(sd_pipe, "cat", method=de.UCEConfig(lamb=0.3, token_policy="eot"), erase_scale=2.0)
-    assert record.options == {"lamb": 0.3, "erase_scale": 2.0, "preserve_scale": 1.0, "token_policy": "eot"}
+    assert record.options == {"lamb": 0.3, "erase_scale": 2.0, "preserve_scale": 1.0, "token_policy": "eot",
+                              "preserve_token_policy": None, "expand_prompts": False, "templates": "object",
+                              "preset": None}
     assert de.get_erasures(sd_pipe) == [record]
     de.unload_erasure(sd_pipe)
     assert de.get_erasures(sd_pipe) == []
@@ -125,7 +127,8 @@ def test_rece_adds_adversarial_rank_and_callback_selects_an_epoch(sd_pipe):
     pipe = de.enable_erasure(sd_pipe)
     uce = pipe.erase_concept("cat", method="uce", token_policy="last_subject")
     pipe.unload_erasure()
-    rece = pipe.erase_concept("cat", method="rece", token_policy="last_subject", epochs=3)
+    rece = pipe.erase_concept("cat", method="rece", token_policy="last_subject", initial_token_policy="last_subject",
+                              epochs=3)
     assert uce.rank == 1 and rece.rank == 4  # one column per epoch on top of UCE's
     pipe.unload_erasure()
     seen = []
@@ -134,7 +137,8 @@ def test_rece_adds_adversarial_rank_and_callback_selects_an_epoch(sd_pipe):
         seen.append(epoch)
         return abs(epoch - 1)
 
-    picked = pipe.erase_concept("cat", method="rece", token_policy="last_subject", epochs=3, epoch_callback=score)
+    picked = pipe.erase_concept("cat", method="rece", token_policy="last_subject", initial_token_policy="last_subject",
+                                epochs=3, epoch_callback=score)
     assert seen == [0, 1, 2, 3] and picked.rank == 2 and "epoch_callback" not in picked.options
 
 
@@ -150,7 +154,8 @@ def test_rece_epoch_sends_the_adversarial_embedding_to_the_anchor(sd_pipe):
     adv = torch.linalg.solve(lhs, sum(after_uce[n].T @ originals[n] for n in layers) @ erase.T)
     pipe.unload_erasure()
 
-    pipe.erase_concept("cat", method="rece", epochs=1, lamb=0.5, adv_lamb=1e-3, adv_preserve_scale=0.0)
+    pipe.erase_concept("cat", method="rece", epochs=1, lamb=0.5, adv_lamb=1e-3, adv_preserve_scale=0.0,
+                       initial_token_policy="all")  # the start computed above (the default is the tail edit)
     for name, module in layers.items():
         anchor_out = after_uce[name] @ target.T
         gap_before = (after_uce[name] @ adv - anchor_out).norm()

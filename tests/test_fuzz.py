@@ -234,8 +234,7 @@ def _may_be_valid(path, value) -> bool:
 
 
 _OPTIONAL_FIELDS = ("library_version", "base_model", "name", "token_policy", "seconds", "options", "anchors",
-                    "preserve", "fingerprints", "text_fingerprints", "gated", "fused", "weight",
-                    "kind", "rank")  # format 2: the kind is inferred from the record, the rank from the payloads
+                    "preserve", "fingerprints", "text_fingerprints", "gated", "fused", "weight", "gate_power")
 
 
 def _deletable(path, header) -> bool:
@@ -244,6 +243,8 @@ def _deletable(path, header) -> bool:
         return True
     if isinstance(path[-1], int) and path[-2] in ("concepts", "anchors", "preserve"):
         return True
+    if path[-1] in ("kind", "rank") and header.get("format_version") == 2:
+        return True  # format 2 infers the kind from the record and the rank from the payloads; format 1 needs rank
     return path == ("format_version",) and header.get("format_version") == 1  # absent means format 1
 
 
@@ -334,10 +335,9 @@ def key_cases(path: Path, out: Path, label: str, pipe) -> list[Case]:
             optional = name.endswith(".alpha") or label == "partial"  # alpha defaults to the rank; any subset
             results.append(Case(f"{label}: without {name}", _save(fewer, metadata, out / f"k{len(results)}.st"),
                                 not optional))
-        renamed = {(k.replace("down_blocks", "up_blocks", 1) if k == name else k): v for k, v in tensors.items()}
-        if renamed != tensors and set(renamed) != set(tensors):
-            results.append(Case(f"{label}: {name} renamed", _save(renamed, metadata, out / f"k{len(results)}.st"),
-                                True))
+        renamed = {(f"zz{k}" if k == name else k): v for k, v in tensors.items()}  # a module no pipeline has
+        results.append(Case(f"{label}: {name} renamed", _save(renamed, metadata, out / f"k{len(results)}.st"),
+                            True))
     extra = {**tensors, "zz.extra": torch.zeros(2, 2)}
     results.append(Case(f"{label}: extra tensor", _save(extra, metadata, out / f"k{len(results)}.st"), True))
     results.append(Case(f"{label}: no tensors", _save({}, metadata, out / f"k{len(results)}.st"), True))
@@ -347,10 +347,10 @@ def key_cases(path: Path, out: Path, label: str, pipe) -> list[Case]:
 def truncate_cases(path: Path, out: Path, label: str, count: int, rng) -> list[Case]:
     raw = path.read_bytes()
     (size,) = struct.unpack("<Q", raw[:8])
-    offsets = sorted({0, 1, 7, 8, 9, 8 + size // 2, 8 + size - 1, 8 + size, 8 + size + 1, len(raw) - 1,
-                      *(rng.randrange(1, len(raw)) for _ in range(count))})
+    fixed = {0, 1, 7, 8, 9, 8 + size // 2, 8 + size - 1, 8 + size, 8 + size + 1, len(raw) - 1}
+    offsets = sorted(fixed | {rng.randrange(1, len(raw)) for _ in range(max(0, count - len(fixed)))})
     results = []
-    for offset in offsets[:count]:
+    for offset in offsets:
         file = out / f"cut{offset}.safetensors"
         file.write_bytes(raw[:offset])
         results.append(Case(f"{label}: truncated at {offset}/{len(raw)}", file, True))
@@ -420,7 +420,7 @@ def test_adapters_of_another_family_are_refused(valid_files, tokenizer_dir):
 KOHYA_DEFECTS = {  # (down, up) of one module -> the tensors that replace them
     "2-element alpha": lambda down, up: {"alpha": torch.tensor([1.0, 1.0])},
     "NaN alpha": lambda down, up: {"alpha": torch.tensor(float("nan"))},
-    "int alpha": lambda down, up: {"alpha": torch.tensor(1, dtype=torch.int32)},
+    "bool alpha": lambda down, up: {"alpha": torch.tensor(True)},
     "rank-0 factors": lambda down, up: {"lora_down.weight": down[:0], "lora_up.weight": up[:, :0]},
     "down rank 2, up rank 1": lambda down, up: {"lora_down.weight": torch.cat([down, down])},
     "up with an extra column": lambda down, up: {"lora_up.weight": torch.cat([up, up], dim=1)},
@@ -474,7 +474,9 @@ def _log_plain(label, report, failures):
 
 BAD_NUMBERS = [float("inf"), float("nan"), "x", None, True, [1.0]]
 OPTION_CASES = {  # method -> {option: invalid values}
-    "uce": {"lamb": [*BAD_NUMBERS, -1.0], "erase_scale": [*BAD_NUMBERS, 0.0], "preserve_scale": BAD_NUMBERS,
+    # preserve_scale=None is the legacy max(0.1, 1/N)
+    "uce": {"lamb": [*BAD_NUMBERS, -1.0], "erase_scale": [*BAD_NUMBERS, 0.0],
+            "preserve_scale": [v for v in BAD_NUMBERS if v is not None],
             "token_policy": [5, None, "first"]},
     "rece": {"epochs": [1.5, -1, True, "x"], "reg": BAD_NUMBERS, "adv_lamb": BAD_NUMBERS, "epoch_callback": [5, "x"]},
     "spm": {"lr": [*BAD_NUMBERS, 0.0], "alpha": BAD_NUMBERS, "la_strength": BAD_NUMBERS,
@@ -523,7 +525,7 @@ def membrane_cases(pipe):
     for names in (5, [5], None, ["nope"]):
         cases.append((f"set_erasure_adapters({names!r})", lambda n=names: de.set_erasure_adapters(pipe, n),
                       ["adapter_names", "membrane named"]))
-    for weights in (["x"], [float("nan")], float("inf"), [1.0, 2.0], "x", [None], [True]):
+    for weights in (["x"], [float("nan")], float("inf"), [1.0, 2.0], "x", [None], [True], [1e30]):
         cases.append((f"weights={weights!r}", lambda w=weights: de.set_erasure_adapters(pipe, ["default"], weights=w),
                       ["weights"]))
     for gating in ("yes", 1, [True]):
@@ -549,7 +551,8 @@ def handlers_unreachable(monkeypatch):
 
 def test_wrong_api_arguments(fuzz_pipe, valid_files, handlers_unreachable):
     failures, report = [], []
-    for name, call, words in api_cases(fuzz_pipe):
+    cases = api_cases(fuzz_pipe) + [("enable_erasure(None)", lambda: de.enable_erasure(None), ["pipeline"])]
+    for name, call, words in cases:
         problem = check_case(fuzz_pipe, call, words, True, name)
         report.append(problem is None)
         failures += [problem] if problem else []

@@ -12,7 +12,7 @@ LAYERS = {
     "text": 1, "state": 1, "runtime": 1, "engine": 1,
     "methods": 2,
     "formats": 3,
-    "api": 4, "locate": 4,
+    "api": 4, "locate": 4, "arguments": 4,
     "mixin": 5, "hub": 5, "shapes": 5,
     "cli": 6, "comfyui": 6, "__init__": 6, "__main__": 6,
 }

@@ -45,7 +45,8 @@ def test_training_is_deterministic_and_touches_no_weight(pipe, tokenizer_dir):
     assert flags == [p.requires_grad for p in pipe.unet.parameters()]
     assert record.modules == [f"{n}.weight" for n in membrane_targets(pipe)] and record.rank == 1
     assert any(isinstance(m, torch.nn.Conv2d) for m in membrane_targets(pipe).values())  # proj_in/out
-    assert membrane_of(record) == {"prompts": ["cat"], "gated": True, "weight": 1.0, "fused": False}
+    assert membrane_of(record) == {"prompts": ["cat"], "gated": True, "weight": 1.0, "fused": False,
+                                   "gate_power": 1.0}
     assert any(up.abs().sum() > 0 for up, _ in factors(record).values())
 
     other = _quiet(make_sd_pipeline(tokenizer_dir))
@@ -229,3 +230,17 @@ def test_tiny_budget_takes_overrides():
     tiny = de.SPMConfig.tiny(la_strength=5.0, iterations=7)
     assert (tiny.la_strength, tiny.iterations, tiny.lr) == (5.0, 7, de.SPMConfig.tiny().lr)
     assert de.SPMConfig().la_strength == 1000.0  # the paper's default stays the default
+
+
+def test_membranes_refuse_fused_projections(pipe, tokenizer_dir):
+    """A membrane's hooks sit on to_q/to_k/to_v; fused projections (to_qkv/to_kv) would bypass them."""
+    fused = _quiet(make_sd_pipeline(tokenizer_dir))
+    fused.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        fused.erase_concept("cat", method="spm", **TINY)
+    pipe.erase_concept("cat", method="spm", **TINY)
+    pipe.fuse_qkv_projections()  # after loading: the next call is refused, not run without the membrane
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        _images(pipe, ["a cat"])
+    pipe.unfuse_qkv_projections()
+    _images(pipe, ["a cat"])

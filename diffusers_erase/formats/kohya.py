@@ -224,6 +224,8 @@ def _kohya_factors(groups, names: dict[str, str], shapes: dict[str, tuple], sour
         if f"{module}.lora_A.weight" in ours:
             raise ValueError(f"{source} holds {module} twice (under its diffusers and its LDM kohya name).")
         for part, value in parts.items():
+            if part == "alpha" and value.dtype != torch.bool and not value.is_floating_point():
+                value = value.float()  # converters write an integer alpha (torch.tensor(rank)); the UIs take it
             check_tensor(value, f"{source}: {base}.{part}")
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         if down.dim() not in (2, 4) or up.dim() != down.dim():

@@ -117,6 +117,10 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers in the header must be finite)")
+
+
 def read_header(metadata: dict[str, str], source: str) -> dict:
     """The `diffusers_erase` header, checked for what every reader relies on."""
     if METADATA_KEY not in metadata:
@@ -125,8 +129,8 @@ def read_header(metadata: dict[str, str], source: str) -> dict:
             "Save adapters with `save_erasure_adapter`."
         )
     try:
-        header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as error:
+        header = json.loads(metadata[METADATA_KEY], parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as error:
         raise ValueError(f"{source} has a corrupt {METADATA_KEY!r} header ({error}).") from None
     if not isinstance(header, dict):
         raise ValueError(f"{source}: the {METADATA_KEY!r} header must be a JSON object, got {type(header).__name__}.")
@@ -146,6 +150,17 @@ def check_tensor(value: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} is {value.dtype}; edits are stored as floating-point tensors.")
     if not torch.isfinite(value).all():
         raise ValueError(f"{what} holds NaN or infinite values.")
+
+
+def check_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> dict | None:
+    """What can be checked of any adapter file without a pipeline: our header (if it has one) against the schema,
+    and every tensor finite floating point (a kohya `alpha` may be an integer). Returns the header or None."""
+    header = read_header(metadata, source) if METADATA_KEY in metadata else None
+    for key, value in tensors.items():
+        if key.endswith(".alpha") and value.dtype != torch.bool:
+            value = value.float()
+        check_tensor(value, f"{source}: tensor {key}")
+    return header
 
 
 def make_edit(record: dict, deltas: dict[str, Delta], guard_tensors: dict | None, where: str):

@@ -55,7 +55,8 @@ FORMAT1_RECORD = {"rank": POSITIVE, "modules": ("a non-empty list of module name
                                                 lambda v: NAMES[1](v) and bool(v) and len(set(v)) == len(v))}
 FORMAT2_RECORD = {"rank": COUNT, "payloads": ("a list of payload entries (JSON objects)",
                                               lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v))}
-MEMBRANE = {"prompts": STRINGS, "gated": BOOL, "weight": NUMBER, "fused": BOOL}
+MEMBRANE = {"prompts": STRINGS, "gated": BOOL, "weight": NUMBER, "fused": BOOL,
+            "gate_power": ("a finite number > 0", lambda v: _finite(v) and v > 0)}
 GUARD = {"type": NAME, "settings": OBJECT}
 PAYLOAD = {"type": NAME, "key": NAME, "tensors": STRINGS,
            "targets": ("a list of parameter names or {\"set\": name, \"count\": n}",

@@ -18,6 +18,7 @@ only (`rece_epochs`), so its cost does not grow with the number of columns.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -26,7 +27,10 @@ import torch
 from ..families import text_readers
 from ..registry import register_method
 from ..state import temporarily_edited
+from ..text import check_token_policy
 from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, text_edit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,17 @@ class RECEConfig(UCEConfig):
         epochs: rounds of adversarial re-editing (paper: 3 for nudity-like concepts, 2 for other unsafe
             concepts, 1 for styles and objects).
         reg: λ_reg of the adversarial-embedding solve (paper: 0.1; 1e-3 for styles and "difficult" objects).
-        token_policy: RECE derives c_adv for all 77 token positions of the concept prompt ("all").
+        initial_token_policy: the columns of the initial UCE edit. "tail" (default): RECE starts from a
+            checkpoint of the legacy UCE script, whose concept columns run from the last word token to the end,
+            aligned with the anchor's; "all" pairs all 77 positions one by one (this library before 0.2).
+        token_policy: RECE derives c_adv for all 77 token positions of the concept prompt and re-edits them
+            position by position against the anchor's ("all").
+        preserve_token_policy: preserved prompts enter at all 77 positions, in the initial edit and in the
+            re-edits ("all").
+        preserve_scale: s_p of the initial edit; None (default): the legacy script's max(0.1, 1/N).
         epoch_callback: optional `f(pipe, epoch) -> score`, called with the edit of each epoch (0 = UCE only)
-            temporarily applied; the epoch with the lowest score is kept (the paper selects epochs with a
-            detector on generated images). Without it, all epochs are kept. Not saved in adapter files.
+            temporarily applied; the epoch with the lowest score is kept (the reference keeps the epoch with the
+            best detector score on generated images). Without it, the last epoch is kept. Not saved.
     """
 
     method: ClassVar[str] = "rece"
@@ -50,8 +61,19 @@ class RECEConfig(UCEConfig):
     # The reference re-edits with retain texts [" "] at preserve scale 0.1: the empty prompt, whose embedding
     # classifier-free guidance uses on every step, keeps its outputs unless the caller gives a preserve list.
     default_preserve: ClassVar[tuple[str, ...]] = ("",)
+    # The reference's recipes (README, scripts/*.sh, train.py / train_artists.py / train_object.py); "" is
+    # always in its retain list.
+    presets: ClassVar[dict[str, dict]] = {
+        "nudity": {"anchor": "", "preserve": [""], "options": {"epochs": 3, "reg": 0.1}},
+        "art": {"anchor": "art", "preserve": [""], "options": {"epochs": 1, "reg": 1e-3, "templates": "art"}},
+        # "easy" objects; the reference uses reg 1e-3 for "difficult" ones (Church, Garbage Truck).
+        "object": {"anchor": "", "preserve": [""], "options": {"epochs": 1, "reg": 0.1}},
+    }
 
+    preserve_scale: float | None = None
     token_policy: str = "all"
+    preserve_token_policy: str | None = "all"
+    initial_token_policy: str = "tail"
     epochs: int = 3
     reg: float = 0.1
     adv_lamb: float = 0.1
@@ -61,12 +83,12 @@ class RECEConfig(UCEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.epochs, int) or self.epochs < 0:
+        check_token_policy(self.initial_token_policy)
+        if self.epochs < 0:
             raise ValueError(f"RECEConfig.epochs must be an integer ≥ 0, got {self.epochs!r}.")
         for name in ("reg", "adv_lamb", "adv_erase_scale", "adv_preserve_scale"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0 or value != value:
-                raise ValueError(f"RECEConfig.{name} must be a number ≥ 0, got {value!r}.")
+            if getattr(self, name) < 0:
+                raise ValueError(f"RECEConfig.{name} must be a number ≥ 0, got {getattr(self, name)!r}.")
 
 
 def projection_gram(pipe) -> torch.Tensor:
@@ -88,8 +110,12 @@ def adversarial_solve(gram, p, q, reg: float, columns):
     return torch.linalg.solve(lhs, gt.T @ columns)  # Tᵀ G = (G T)ᵀ, G being symmetric
 
 
-def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: bool | None = None):
+def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: bool | None = None, initial=None,
+                preserve_count: int = 1):
     """Text-space edits (P, Q) after each epoch (index 0: the UCE edit); W_l becomes W_l (I + P Q).
+
+    `initial`: the (erase, target) columns of the initial UCE edit when they differ from the re-edits' (the
+    reference starts from a tail-policy UCE checkpoint); `preserve_count` sets its legacy s_p = max(0.1, 1/N).
 
     With more token columns than dimensions (`gram_form`, the default then), each round carries only
     dim × dim statistics, since c_adv = A c gives Σ c_adv c_advᵀ = A S_ee Aᵀ and Σ c_a c_advᵀ = S_te Aᵀ,
@@ -99,15 +125,18 @@ def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: b
     gram = gram.double()
     erase, target = erase.to(gram.device, torch.float64), target.to(gram.device, torch.float64)
     eye = torch.eye(gram.shape[0], device=gram.device, dtype=torch.float64)
-    first = dict(lamb=config.lamb, erase_scale=config.erase_scale, preserve_scale=config.preserve_scale)
+    first = dict(lamb=config.lamb, erase_scale=config.erase_scale,
+                 preserve_scale=config.preserve_weight(preserve_count))
     adv = dict(lamb=config.adv_lamb, erase_scale=config.adv_erase_scale, preserve_scale=config.adv_preserve_scale)
     if gram_form is None:
         gram_form = erase.shape[0] > erase.shape[1]
+    start_erase, start_target = (erase, target) if initial is None else (
+        initial[0].to(gram.device, torch.float64), initial[1].to(gram.device, torch.float64))
     if gram_form:
         s_ee, s_te = erase.T @ erase, target.T @ erase
-        p, q = closed_form_map(s_ee, s_te, keep_gram, **first)
+        p, q = closed_form_map(start_erase.T @ start_erase, start_target.T @ start_erase, keep_gram, **first)
     else:
-        p, q = closed_form_edit(erase, target, keep_gram, **first)
+        p, q = closed_form_edit(start_erase, start_target, keep_gram, **first)
     epochs = [(p, q)]
     for _ in range(config.epochs):
         if gram_form:
@@ -123,10 +152,23 @@ def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: b
     return [(p.float(), q.float()) for p, q in epochs]
 
 
+_warned_no_callback = False
+
+
 @register_method(RECEConfig)
 def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
+    global _warned_no_callback
     erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
-    epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config)
+    initial = None
+    if config.initial_token_policy != config.token_policy:
+        initial = encode_for_edit(pipe, config, concepts, anchors, [], policy=config.initial_token_policy)[:2]
+    if config.epochs and config.epoch_callback is None and not _warned_no_callback:
+        _warned_no_callback = True
+        logger.warning("RECE runs %d epochs without an epoch_callback and keeps the last; the reference keeps the "
+                       "epoch with the best detector score (pass epoch_callback=f(pipe, epoch) -> score).",
+                       config.epochs)
+    epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config, initial=initial,
+                         preserve_count=len(preserve))
     p, q = epochs[-1]
     if config.epoch_callback is not None:
         scores = []

@@ -51,6 +51,14 @@ class SPMConfig(ErasureConfig):
         resolution: training image size in pixels (None: the pipeline's default size).
         max_grad_norm: gradient clipping (0: off).
         seed: makes training deterministic (latents, timesteps, anchors, initialisation).
+        anchor_unconditional: anchor as the reference effectively does. Its `sample()` interleaves the empty
+            prompt with the la_samples random anchors, [∅, s1, ∅, s2, …], and its guidance-1 prediction keeps the
+            second half of that batch, so the anchors it optimises are the last la_samples rows of it (4 anchors:
+            [∅, s3, ∅, s4]): half of the anchoring holds the empty prompt's output. False: the la_samples random
+            anchors only.
+        gate_power: the membrane acts at strength weight · γ^gate_power at inference (1: γ scales the product;
+            2: the reference, which scales both factors by γ). Stored with the membrane; `set_erasure_adapters`
+            changes it.
         callback: called as callback(iteration, loss) after each step (not saved).
     """
 
@@ -74,6 +82,8 @@ class SPMConfig(ErasureConfig):
     resolution: int | None = None
     max_grad_norm: float = 0.0
     seed: int = 0
+    anchor_unconditional: bool = True
+    gate_power: float = 1.0
     callback: Callable | None = field(default=None, compare=False, metadata={"serialize": False})
 
     def __post_init__(self):
@@ -95,6 +105,8 @@ class SPMConfig(ErasureConfig):
                 raise ValueError(f"SPMConfig.{name} must be an integer ≥ 0, got {getattr(self, name)!r}.")
         if self.lr_cycles < 1:
             raise ValueError(f"SPMConfig.lr_cycles must be an integer ≥ 1, got {self.lr_cycles!r}.")
+        if self.gate_power <= 0:
+            raise ValueError(f"SPMConfig.gate_power must be > 0, got {self.gate_power!r}.")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError(f"SPMConfig.resolution must be a multiple of 8 pixels (≥ 8) or None, got "
                              f"{self.resolution!r}.")
@@ -126,18 +138,31 @@ def sample_anchors(target: torch.Tensor, count: int, generator: torch.Generator)
     return torch.stack(samples).to(target.device, target.dtype)
 
 
+def anchor_rows(target: torch.Tensor, uncond: torch.Tensor, config: SPMConfig, generator) -> torch.Tensor:
+    """The embeddings latent anchoring holds fixed: la_samples random anchors, or (anchor_unconditional) the rows
+    the reference effectively optimises, the second half of [∅, s1, ∅, s2, …, ∅, s_N] (see SPMConfig)."""
+    samples = sample_anchors(target, config.la_samples, generator)
+    if not config.anchor_unconditional:
+        return samples
+    interleaved = torch.stack([row for sample in samples for row in (uncond, sample)])
+    return interleaved[config.la_samples:]
+
+
 class _Trainable:
     """Rank-r factors hooked onto every target module; `enabled` switches them off for the frozen predictions."""
 
-    def __init__(self, targets: dict, rank: int, alpha: float, generator: torch.Generator, device):
+    def __init__(self, targets: dict, rank: int, alpha: float, generator: torch.Generator, device,
+                 gate_power: float = 1.0):
         self.enabled = True
+        self.gate_power = gate_power
         self.scale = alpha / rank
         self.factors: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         self.handles = []
         for name, module in targets.items():
             out_features, in_features = matrix_shape(module.weight)
             down = torch.empty(rank, in_features)
-            torch.nn.init.kaiming_uniform_(down, a=1, generator=generator)  # as LoRA: down random, up zero
+            # As the reference (and LoRA): down ~ kaiming_uniform(a=√5), up zero.
+            torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
             down = torch.nn.Parameter(down.to(device))
             up = torch.nn.Parameter(torch.zeros(out_features, rank, device=device))
             self.factors[name] = (up, down)
@@ -161,7 +186,7 @@ class _Trainable:
         """The trained factors as a membrane gated on `prompts` (alpha/rank folded into `up`, on the CPU)."""
         deltas = {f"{name}.weight": LowRank((up.detach() * self.scale).float().cpu(), down.detach().float().cpu())
                   for name, (up, down) in self.factors.items()}
-        return Membrane(deltas, prompts=prompts)
+        return Membrane(deltas, prompts=prompts, gate_power=self.gate_power)
 
 
 def _lr_lambda(config: SPMConfig):
@@ -217,6 +242,17 @@ def _loss(unet, membrane: _Trainable, latents, t, target, neutral, anchors, conf
     return loss
 
 
+def _step(loss, optimizer, scaler, params, max_grad_norm: float) -> None:
+    """One optimiser step on the float32 factors (loss-scaled when the UNet is float16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 @register_method(SPMConfig)
 def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt), gated on the concepts;
@@ -242,9 +278,11 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
 
     flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
-    membrane = _Trainable(membrane_targets(pipe), config.rank, config.alpha, generator, device)
-    params = membrane.parameters()
+    membrane = _Trainable(membrane_targets(pipe), config.rank, config.alpha, generator, device, config.gate_power)
+    params = membrane.parameters()  # float32 master weights whatever the pipeline's dtype, as the reference trains
     optimizer = torch.optim.AdamW(params, lr=config.lr)
+    # A float16 UNet's backward underflows at SPM's loss scale (~1e-3); dynamic loss scaling keeps the gradients.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     try:
         with pipe.progress_bar(total=config.iterations) as bar:
@@ -258,14 +296,10 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
                 latents = _partial_denoise(unet, sampler, latents, k, torch.stack([uncond, target]),
                                            config.sampling_guidance)
                 t = full.timesteps[int(k * full.config.num_train_timesteps / steps)]
-                anchors = (sample_anchors(target, config.la_samples, generator)
+                anchors = (anchor_rows(target, uncond, config, generator)
                            if config.la_strength > 0 and config.la_samples > 0 else target[None][:0])
                 loss = _loss(unet, membrane, latents, t, target, neutral, anchors, config)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+                _step(loss, optimizer, scaler, params, config.max_grad_norm)
                 schedule.step()
                 value = loss.item()
                 if config.callback is not None:

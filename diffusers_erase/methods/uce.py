@@ -31,7 +31,7 @@ from ..deltas import TextMap
 from ..families import text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
-from ..text import check_token_policy, concept_anchor_columns, preserve_statistics
+from ..text import TEMPLATES, check_token_policy, concept_anchor_columns, expand_prompts, preserve_statistics
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,16 @@ class UCEConfig(ErasureConfig):
     Args:
         lamb: λ, how strongly every weight is held to its current value (larger: smaller edit).
         erase_scale: s_e, weight of the erase terms.
-        preserve_scale: s_p, weight of the preserve terms.
-        token_policy: which token columns of each prompt enter the sums: "last_subject" (UCE), "eot" (TRCE
-            stage 1), "tail" (legacy UCE) or "all" (RECE).
+        preserve_scale: s_p, weight of the preserve terms; None: the legacy script's max(0.1, 1/N) for N preserved
+            prompts.
+        token_policy: which token columns of each concept enter the sums: "last_subject" (UCE), "subject" (every
+            token of the concept words), "eot" (TRCE stage 1), "tail" (legacy UCE) or "all" (RECE).
+        preserve_token_policy: the same for the preserved prompts (None: as `token_policy`; the legacy script
+            keeps all 77 positions of each preserved prompt: "all").
+        expand_prompts: also erase the concept inside the reference's templates (`templates`: "object" — "image
+            of {}", "photo of {}", … — or "art" — "painting by {}", "art by {}", …), the anchor expanded in
+            parallel, as `uce_sd_erase.py --expand_prompts`.
+        preset: the recipe of `presets` this erasure started from (set by `erase_concept(..., preset=...)`).
     """
 
     method: ClassVar[str] = "uce"
@@ -52,21 +59,50 @@ class UCEConfig(ErasureConfig):
     default_anchor: ClassVar[str] = ""  # UCE's guide for objects; pass anchor="art" for artistic styles
     # Empty: UCE's reference preserves nothing unless told (the shapes recipe and real styles pass a list).
     default_preserve: ClassVar[tuple[str, ...]] = ()
+    # Recipes by concept type (docs/methods/uce.md): "anchor" is the default anchor, "preserve" prompts always
+    # added to the preserve set, "options" config fields. Explicit arguments win.
+    presets: ClassVar[dict[str, dict]] = {
+        # uce_sd_erase.py's concept types: guide "" (the BOS column) for objects, "art" for styles; the README's
+        # moderation command erases single words ("nudity") toward "" with no preserve set.
+        "object": {"anchor": "", "options": {"token_policy": "last_subject", "templates": "object"}},
+        "art": {"anchor": "art", "options": {"token_policy": "last_subject", "templates": "art"}},
+        "nudity": {"anchor": "", "options": {"token_policy": "last_subject", "templates": "object"}},
+        # The script behind the paper's numbers (train-scripts/train_erase.py): tail columns aligned with the
+        # guide, "" always preserved, preserved prompts at all 77 positions, s_p = max(0.1, 1/N).
+        "paper": {"anchor": "", "preserve": [""], "options": {"token_policy": "tail", "preserve_token_policy": "all",
+                                                             "preserve_scale": None, "lamb": 0.5,
+                                                             "erase_scale": 1.0}},
+    }
 
     lamb: float = 0.5
     erase_scale: float = 1.0
-    preserve_scale: float = 1.0
+    preserve_scale: float | None = 1.0
     token_policy: str = "last_subject"
+    preserve_token_policy: str | None = None
+    expand_prompts: bool = False
+    templates: str = "object"
+    preset: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("lamb", "erase_scale", "preserve_scale"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0 or value != value:
+            if value is not None and value < 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be a number ≥ 0, got {value!r}.")
         if self.erase_scale == 0:
             raise ValueError(f"{type(self).__name__}.erase_scale must be > 0, or nothing is erased.")
         check_token_policy(self.token_policy)
+        if self.preserve_token_policy is not None:
+            check_token_policy(self.preserve_token_policy)
+        if self.templates not in TEMPLATES:
+            raise ValueError(f"{type(self).__name__}.templates must be one of {', '.join(TEMPLATES)}, got "
+                             f"{self.templates!r}.")
+
+    def preserve_weight(self, count: int) -> float:
+        """s_p for `count` preserved prompts (None: the legacy max(0.1, 1/N))."""
+        if self.preserve_scale is not None:
+            return self.preserve_scale
+        return max(0.1, 1.0 / count) if count else 1.0
 
 
 def _factor_system(s_ee, keep_gram, *, lamb, erase_scale, preserve_scale):
@@ -139,10 +175,18 @@ def text_edit(pipe, p: torch.Tensor, q: torch.Tensor) -> WeightEdit:
     return WeightEdit(deltas)
 
 
-def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve):
-    """Concept/anchor token columns and the preserve statistics, as the closed-form methods use them."""
-    erase, target = concept_anchor_columns(pipe, concepts, anchors, config.token_policy)
-    keep_gram = preserve_statistics(pipe, preserve, config.token_policy)[0] if preserve else None
+def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policy: str | None = None):
+    """Concept/anchor token columns (under `policy`, default the config's token policy) and the preserve
+    statistics, as the closed-form methods use them."""
+    policy = policy or config.token_policy
+    subjects = concepts
+    if config.expand_prompts:
+        prompts, anchors = expand_prompts(concepts, anchors, config.templates)
+        subjects = [c for c in concepts for _ in range(len(prompts) // len(concepts))]
+        concepts = prompts
+    erase, target = concept_anchor_columns(pipe, concepts, anchors, policy, subjects)
+    keep_gram = (preserve_statistics(pipe, preserve, config.preserve_token_policy or config.token_policy)[0]
+                 if preserve else None)
     return erase, target, keep_gram
 
 
@@ -155,6 +199,6 @@ def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
         keep_gram,
         lamb=config.lamb,
         erase_scale=config.erase_scale,
-        preserve_scale=config.preserve_scale,
+        preserve_scale=config.preserve_weight(len(preserve)),
     )
     return text_edit(pipe, p, q)
