@@ -227,7 +227,7 @@ def test_a_float16_pipeline_trains_its_membrane_like_float32(tokenizer_dir):
 
 def test_gate_power_two_is_the_references_gamma_squared(sd_pipe, tmp_path):
     record = de.erase_concept(sd_pipe, "cat", method="spm", iterations=2, lr=1e-2, max_denoising_steps=3,
-                              la_samples=1)
+                              la_samples=1, gate_power=1.0)
     assert record.edit.gate_power == 1.0
     prompts = ["a red house", "cat"]
     gamma = de.erasure_gates(sd_pipe, prompts)["default"]

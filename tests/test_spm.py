@@ -46,7 +46,7 @@ def test_training_is_deterministic_and_touches_no_weight(pipe, tokenizer_dir):
     assert record.modules == [f"{n}.weight" for n in membrane_targets(pipe)] and record.rank == 1
     assert any(isinstance(m, torch.nn.Conv2d) for m in membrane_targets(pipe).values())  # proj_in/out
     assert membrane_of(record) == {"prompts": ["cat"], "gated": True, "weight": 1.0, "fused": False,
-                                   "gate_power": 1.0}
+                                   "gate_power": 2.0}  # the reference's γ² by default
     assert any(up.abs().sum() > 0 for up, _ in factors(record).values())
 
     other = _quiet(make_sd_pipeline(tokenizer_dir))
@@ -71,7 +71,7 @@ def test_static_membrane_equals_its_fused_weights_and_membranes_add_as_products(
 
 
 def test_each_sample_gets_its_own_gate_under_guidance(pipe):
-    pipe.erase_concept("cat", method="spm", **TINY)
+    pipe.erase_concept("cat", method="spm", gate_power=1.0, **TINY)  # γ itself: the formula below
     expected = de.erasure_gates(pipe, ["", "blurry", "a cat", "a red house"])["default"]
     assert len(set(round(g, 4) for g in expected)) == 4
     # CFG batch: [negatives..., prompts...]. By default each sample's unconditional row carries its prompt's gate.

@@ -79,7 +79,7 @@ def comfy_layout(model) -> Layout:
 
 def read_erasures(path, model) -> list[dict]:
     """The erasures of any file the library reads, as `[{"method", "concepts", "prompts" (gated membranes) or
-    None, "deltas": {module: payload}}]`."""
+    None, "deltas": {module: payload}, "gate_power"}]` (a gated membrane acts at strength γ^gate_power)."""
     tensors, metadata = read_file(path)
     _, erasures = parse_any(comfy_layout(model), tensors, metadata, str(path))
     out = []
@@ -88,7 +88,8 @@ def read_erasures(path, model) -> list[dict]:
         gated = isinstance(edit, Membrane) and edit.gated and not edit.fused
         deltas = {module_of(name): delta for name, delta in edit.deltas.items()}
         out.append({"method": erasure.method, "concepts": erasure.concepts,
-                    "prompts": list(edit.prompts) if gated else None, "deltas": deltas})
+                    "prompts": list(edit.prompts) if gated else None, "deltas": deltas,
+                    "gate_power": edit.gate_power if gated else 1.0})
     return out
 
 
@@ -228,7 +229,8 @@ class ErasureGate:
 
     def apply(self, model, clip, adapter, prompt, strength):
         erasures = read_erasures(_lora_path(adapter), model)
-        gates = [comfy_gate(clip, prompt, e["prompts"]) if e["prompts"] else 1.0 for e in erasures]
+        gates = [comfy_gate(clip, prompt, e["prompts"]) ** e["gate_power"] if e["prompts"] else 1.0
+                 for e in erasures]
         gate = max((g for g, e in zip(gates, erasures) if e["prompts"]), default=1.0)
         return (_patched(model, erasure_patches(model, erasures, [strength * g for g in gates])), gate)
 

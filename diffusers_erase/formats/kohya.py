@@ -268,7 +268,8 @@ def _foreign_record(ours: dict[str, torch.Tensor], metadata: dict[str, str], sou
         record = {"method": "spm", "name": title, "concepts": prompts, "anchors": [], "preserve": [],
                   "options": {"source_format": "kohya-spm", "rank": metadata.get("rank"),
                               "alpha": metadata.get("alpha")},
-                  "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False}}
+                  # The reference gates by scaling both factors: strength γ² (docs/methods/spm.md).
+                  "membrane": {"prompts": prompts, "gated": True, "weight": 1.0, "fused": False, "gate_power": 2.0}}
     else:
         record = {"method": "imported", "name": title, "concepts": [], "anchors": [], "preserve": [],
                   "options": {"source_format": "kohya"}}

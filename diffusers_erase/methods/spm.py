@@ -56,9 +56,10 @@ class SPMConfig(ErasureConfig):
             second half of that batch, so the anchors it optimises are the last la_samples rows of it (4 anchors:
             [∅, s3, ∅, s4]): half of the anchoring holds the empty prompt's output. False: the la_samples random
             anchors only.
-        gate_power: the membrane acts at strength weight · γ^gate_power at inference (1: γ scales the product;
-            2: the reference, which scales both factors by γ). Stored with the membrane; `set_erasure_adapters`
-            changes it.
+        gate_power: the membrane acts at strength weight · γ^gate_power at inference. 2 (default): the
+            reference, which scales both factors by γ; on the shapes model it moves unrelated prompts 20× less
+            than 1 (γ on the product) for the same erasure of the concept (docs/methods/spm.md). Stored with the
+            membrane; `set_erasure_adapters` changes it.
         callback: called as callback(iteration, loss) after each step (not saved).
     """
 
@@ -83,7 +84,7 @@ class SPMConfig(ErasureConfig):
     max_grad_norm: float = 0.0
     seed: int = 0
     anchor_unconditional: bool = True
-    gate_power: float = 1.0
+    gate_power: float = 2.0
     callback: Callable | None = field(default=None, compare=False, metadata={"serialize": False})
 
     def __post_init__(self):
