@@ -226,6 +226,9 @@ def _may_be_valid(path, value) -> bool:
         return value == "x" or (value == "" and path[-2] in ("anchors", "preserve"))
     if head == "weight" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return True
+    if head == "gate_power" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+            value) and value > 0:
+        return True
     if head in ("gated", "fused") and isinstance(value, bool):
         return True
     if head == "prompts" and value == ["x"]:
@@ -305,7 +308,11 @@ def tensor_cases(path: Path, out: Path, label: str) -> list[Case]:
             mutated = json.loads(json.dumps(header))
             mutated[name]["shape"] = new_shape
             cases.append((f"{label}: {name} reshaped {new_shape}", mutated, data))
-    results = [Case(n, join_file(h, d, out / f"t{i}.safetensors"), not n.endswith(".alpha reshaped [1]"))
+    # A 1-element alpha, or an integer one (converters write torch.tensor(rank)), is valid kohya: its value is only
+    # a scale, and the weight bound refuses any scale that would take a weight out of range.
+    results = [Case(n, join_file(h, d, out / f"t{i}.safetensors"),
+                    not (".alpha reshaped [1]" in n or n.endswith((".alpha relabelled I32", ".alpha relabelled I64",
+                                                                  ".alpha relabelled U8", ".alpha relabelled I8"))))
                for i, (n, h, d) in enumerate(cases)]
     tensors = load_file(str(path))
     metadata = header.get("__metadata__", {})
