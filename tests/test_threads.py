@@ -30,11 +30,20 @@ def test_unload_during_an_erase_waits_for_it(sd_pipe, monkeypatch):
         return apply(self, weight, scale, what)
 
     monkeypatch.setattr(deltas.TextMap, "apply_", slow_apply)
-    eraser = threading.Thread(target=de.erase_concept, args=(sd_pipe, "cat"))
+    outcome = {}
+
+    def erase():
+        try:
+            outcome["record"] = de.erase_concept(sd_pipe, "cat")
+        except BaseException as error:  # noqa: BLE001 - reported below, not swallowed by the thread
+            outcome["error"] = error
+
+    eraser = threading.Thread(target=erase)
     eraser.start()
     assert editing.wait(10)
     de.unload_erasure(sd_pipe)  # must wait for the erase to finish, then remove all of it
     eraser.join(10)
+    assert "error" not in outcome and "record" in outcome, outcome  # the erase completed before the unload
     assert de.get_erasures(sd_pipe) == []
     after = snapshot(sd_pipe)
     assert [k for k in original if not torch.equal(original[k], after[k])] == []
