@@ -125,29 +125,42 @@ def concept_anchor_columns(pipe, concepts: list[str], anchors: list[str], policy
     "subject", `subjects[i]` is the concept word(s) inside prompt `concepts[i]` (a template such as "painting by
     {}"; default: the prompt itself), whose tokens are the columns.
     """
-    check_token_policy(policy)
+    return columns_by_policy(pipe, concepts, anchors, (policy,), subjects)[policy]
+
+
+def columns_by_policy(pipe, concepts: list[str], anchors: list[str], policies, subjects=None) -> dict:
+    """`{policy: (erase, target)}` as `concept_anchor_columns` gives them, from one encoding of the prompts
+    (padded when any policy reads padding; the text tower is causal, so the other policies' columns are the
+    same)."""
+    for policy in policies:
+        check_token_policy(policy)
     lengths_c = token_lengths(pipe, concepts, "concept")
     lengths_a = token_lengths(pipe, anchors, "anchor")
     unique = list(dict.fromkeys(concepts + anchors))
     known = dict(zip(concepts + anchors, lengths_c + lengths_a))
-    embeddings = encode(pipe, unique, full_length=_uses_padding(policy), lengths=[known[p] for p in unique])
-    index = {p: i for i, p in enumerate(unique)}
-    total = embeddings.shape[1]
-    spans = subject_spans(pipe, concepts, subjects or concepts) if policy == "subject" else None
-    erase, target = [], []
-    for i, (concept, anchor, n_c, n_a) in enumerate(zip(concepts, anchors, lengths_c, lengths_a)):
-        count = total - max(n_c, n_a) + 2 if policy == "tail" else None
-        if policy == "subject":  # every token of the concept words goes where the anchor's last word goes
-            columns = embeddings[index[concept]][spans[i][0]: spans[i][1]]
-            anchor_column = policy_columns(embeddings[index[anchor]], n_a, "last_subject")
-            erase.append(columns)
-            target.append(anchor_column.expand(len(columns), -1))
-            continue
-        columns = policy_columns(embeddings[index[concept]], n_c, policy, count)
-        erase.append(columns)
-        target.append(policy_columns(embeddings[index[anchor]], n_a, policy, count))
-    if policy in ("last_subject", "tail"):
+    embeddings = encode(pipe, unique, full_length=any(_uses_padding(p) for p in policies),
+                        lengths=[known[p] for p in unique])
+    rows = {p: embeddings[i] for i, p in enumerate(unique)}
+    if any(p in ("last_subject", "tail") for p in policies):
         warn_weak_picks(pipe, concepts, lengths_c)
+    pairs = list(zip(concepts, anchors, lengths_c, lengths_a))
+    return {policy: _aligned_columns(pipe, rows, pairs, policy, subjects or concepts)
+            for policy in dict.fromkeys(policies)}
+
+
+def _aligned_columns(pipe, rows: dict, pairs: list, policy: str, subjects: list[str]):
+    total = next(iter(rows.values())).shape[0]
+    spans = subject_spans(pipe, [c for c, *_ in pairs], subjects) if policy == "subject" else None
+    erase, target = [], []
+    for i, (concept, anchor, n_c, n_a) in enumerate(pairs):
+        if policy == "subject":  # every token of the concept words goes where the anchor's last word goes
+            columns = rows[concept][spans[i][0]: spans[i][1]]
+            erase.append(columns)
+            target.append(policy_columns(rows[anchor], n_a, "last_subject").expand(len(columns), -1))
+            continue
+        count = total - max(n_c, n_a) + 2 if policy == "tail" else None
+        erase.append(policy_columns(rows[concept], n_c, policy, count))
+        target.append(policy_columns(rows[anchor], n_a, policy, count))
     return torch.cat(erase), torch.cat(target)
 
 
@@ -293,12 +306,14 @@ TEMPLATES = {
 }
 
 
-def expand_prompts(concepts: list[str], anchors: list[str], templates: str) -> tuple[list[str], list[str]]:
-    """Each concept bare and inside every template of the set, its anchor likewise, in parallel."""
+def expand_prompts(concepts: list[str], anchors: list[str], templates: str):
+    """Each concept bare and inside every template of the set, its anchor likewise, in parallel: (prompts,
+    anchors, subjects), `subjects[i]` the concept inside `prompts[i]`."""
     if templates not in TEMPLATES:
         raise ValueError(f"Unknown template set {templates!r}; choose one of {', '.join(TEMPLATES)}.")
-    out_c, out_a = [], []
+    out_c, out_a, subjects = [], [], []
     for concept, anchor in zip(concepts, anchors):
         out_c += [concept] + [t.format(concept) for t in TEMPLATES[templates]]
         out_a += [anchor] + [t.format(anchor).strip() for t in TEMPLATES[templates]]
-    return out_c, out_a
+        subjects += [concept] * (1 + len(TEMPLATES[templates]))
+    return out_c, out_a, subjects

@@ -158,10 +158,10 @@ _warned_no_callback = False
 @register_method(RECEConfig)
 def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
     global _warned_no_callback
-    erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
-    initial = None
-    if config.initial_token_policy != config.token_policy:
-        initial = encode_for_edit(pipe, config, concepts, anchors, [], policy=config.initial_token_policy)[:2]
+    columns, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve,
+                                         (config.token_policy, config.initial_token_policy))
+    erase, target = columns[config.token_policy]
+    initial = columns[config.initial_token_policy]
     if config.epochs and config.epoch_callback is None and not _warned_no_callback:
         _warned_no_callback = True
         logger.warning("RECE runs %d epochs without an epoch_callback and keeps the last; the reference keeps the "

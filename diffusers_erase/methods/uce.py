@@ -31,7 +31,7 @@ from ..deltas import TextMap
 from ..families import text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
-from ..text import TEMPLATES, check_token_policy, concept_anchor_columns, expand_prompts, preserve_statistics
+from ..text import TEMPLATES, check_token_policy, columns_by_policy, expand_prompts, preserve_statistics
 
 
 @dataclass(frozen=True)
@@ -175,24 +175,22 @@ def text_edit(pipe, p: torch.Tensor, q: torch.Tensor) -> WeightEdit:
     return WeightEdit(deltas)
 
 
-def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policy: str | None = None):
-    """Concept/anchor token columns (under `policy`, default the config's token policy) and the preserve
-    statistics, as the closed-form methods use them."""
-    policy = policy or config.token_policy
-    subjects = concepts
+def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policies=None):
+    """`{policy: (concept columns, anchor columns)}` for `policies` (default: the config's token policy; one
+    encoding serves them all) and the preserve statistics, as the closed-form methods use them."""
+    subjects = None
     if config.expand_prompts:
-        prompts, anchors = expand_prompts(concepts, anchors, config.templates)
-        subjects = [c for c in concepts for _ in range(len(prompts) // len(concepts))]
-        concepts = prompts
-    erase, target = concept_anchor_columns(pipe, concepts, anchors, policy, subjects)
+        concepts, anchors, subjects = expand_prompts(concepts, anchors, config.templates)
+    columns = columns_by_policy(pipe, concepts, anchors, policies or (config.token_policy,), subjects)
     keep_gram = (preserve_statistics(pipe, preserve, config.preserve_token_policy or config.token_policy)[0]
                  if preserve else None)
-    return erase, target, keep_gram
+    return columns, keep_gram
 
 
 @register_method(UCEConfig)
 def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
-    erase, target, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
+    columns, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
+    erase, target = columns[config.token_policy]
     p, q = closed_form_edit(
         erase,
         target,
