@@ -25,7 +25,7 @@ from .arguments import (
     resolve_config,
 )
 from .config import ErasureConfig, check_type
-from .deltas import TextMap, check_beside
+from .deltas import TextMap
 from .families import (
     config_fingerprint,
     family_of,
@@ -158,7 +158,6 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
                     if name in fixed else "")
             raise ValueError(f"No membrane named {name!r} on this pipeline (membranes: {sorted(known)}).{hint}")
     chosen = dict(zip(names, (float(w) for w in weights)))
-    _check_strengths(pipe, membranes, chosen)
     previous = [(e.edit.weight, e.edit.gated, e.edit.gate_power) for e in membranes]
     for erasure in membranes:
         erasure.edit.weight = chosen.get(erasure.adapter_name, 0.0)
@@ -167,25 +166,17 @@ def set_erasure_adapters(pipe, adapter_names, weights=None, gating: bool | None 
         if gate_power is not None and erasure.adapter_name in chosen:
             erasure.edit.gate_power = float(gate_power)
     try:
+        engine.check_hooked(pipe, membranes)  # the new strengths must keep what the hooks add within the bound
         runtime.refresh(pipe)
-    except BaseException:
+    except BaseException as error:
         for erasure, (weight, gated, power) in zip(membranes, previous):
             erasure.edit.weight, erasure.edit.gated, erasure.edit.gate_power = weight, gated, power
         runtime.refresh(pipe)
+        if isinstance(error, FloatingPointError):
+            raise FloatingPointError(f"`weights` {weights}: {error}") from None
         raise
     if unconditional_gate is not None:
         state(pipe).unconditional_gate = unconditional_gate
-
-
-def _check_strengths(pipe, membranes: list[Erasure], chosen: dict[str, float]) -> None:
-    """A new weight must keep what a membrane's hooks add within the weight bound (`deltas.check_beside`)."""
-    for erasure in membranes:
-        strength = max(1.0, abs(chosen.get(erasure.adapter_name, 0.0)))
-        for name, delta in erasure.edit.deltas.items():
-            try:
-                check_beside(get_parameter(pipe, name), delta, strength, f"{erasure.adapter_name} membrane on {name}")
-            except FloatingPointError as error:
-                raise FloatingPointError(f"`weights` {chosen}: {error}") from None
 
 
 @exclusive
