@@ -268,15 +268,24 @@ def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, toke
     Returns:
         huggingface_hub's `CommitInfo`.
     """
+    def write(folder, repo):
+        save_erasure_folder(pipe, folder, include_grid=include_grid, prompts=prompts, evaluation=evaluation,
+                            base_model=base_model, repo_id=repo, license=license,
+                            num_inference_steps=num_inference_steps)
+
+    return _upload(write, repo_id, private=private, token=token, create_pr=create_pr,
+                   commit_message=commit_message or "Upload erasure adapter (diffusers-erase)")
+
+
+def _upload(write, repo_id: str, *, private, token, create_pr: bool, commit_message: str):
+    """Create the repo if needed, `write(folder, repo_id)` a temporary folder, and upload it in one commit."""
     from huggingface_hub import create_repo, upload_folder
 
     repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        save_erasure_folder(pipe, tmp, include_grid=include_grid, prompts=prompts, evaluation=evaluation,
-                            base_model=base_model, repo_id=repo.repo_id, license=license,
-                            num_inference_steps=num_inference_steps)
+        write(tmp, repo.repo_id)
         return upload_folder(repo_id=repo.repo_id, folder_path=tmp, token=token, create_pr=create_pr,
-                             commit_message=commit_message or "Upload erasure adapter (diffusers-erase)")
+                             commit_message=commit_message)
 
 
 def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo_id=None,
@@ -325,11 +334,9 @@ def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = No
     Returns:
         huggingface_hub's `CommitInfo`.
     """
-    from huggingface_hub import create_repo, upload_folder
-
-    repo = create_repo(repo_id, private=private, token=token, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_erased_pipeline(pipe, tmp, evaluation=evaluation, base_model=base_model, repo_id=repo.repo_id,
+    def write(folder, repo):
+        save_erased_pipeline(pipe, folder, evaluation=evaluation, base_model=base_model, repo_id=repo,
                              license=license)
-        return upload_folder(repo_id=repo.repo_id, folder_path=tmp, token=token, create_pr=create_pr,
-                             commit_message=commit_message or f"Upload erased {type(pipe).__name__}")
+
+    return _upload(write, repo_id, private=private, token=token, create_pr=create_pr,
+                   commit_message=commit_message or f"Upload erased {type(pipe).__name__}")
