@@ -494,8 +494,9 @@ OPTION_CASES = {  # method -> {option: invalid values}
 }
 
 
-def api_cases(pipe):
-    """(name, call, words one of which the message must hold) for wrong API arguments."""
+def api_cases(pipe, folder: Path):
+    """(name, call, words one of which the message must hold) for wrong API arguments; `folder` is where a save
+    that wrongly succeeded would write."""
     cases = []
     for concepts in (5, None, b"cat", ["cat", 5], {"cat"}, [], "", ["cat", " "]):
         cases.append((f"concepts={concepts!r}", lambda c=concepts: de.erase_concept(pipe, c), ["concept"]))
@@ -521,7 +522,7 @@ def api_cases(pipe):
                       ["pretrained_model_name_or_path_or_dict"]))
     for weight_name in ("adapter.bin", "../x.safetensors", "a/b.safetensors", 5):
         cases.append((f"save weight_name={weight_name!r}",
-                      lambda w=weight_name: de.save_erasure_adapter(pipe, "/tmp/never-written", weight_name=w),
+                      lambda w=weight_name: de.save_erasure_adapter(pipe, folder, weight_name=w),
                       ["weight_name"]))
     return cases
 
@@ -556,9 +557,10 @@ def handlers_unreachable(monkeypatch):
         monkeypatch.setitem(registry._METHODS, name, type(method)(method.name, method.config_cls, reached))
 
 
-def test_wrong_api_arguments(fuzz_pipe, valid_files, handlers_unreachable):
+def test_wrong_api_arguments(fuzz_pipe, valid_files, handlers_unreachable, tmp_path):
     failures, report = [], []
-    cases = api_cases(fuzz_pipe) + [("enable_erasure(None)", lambda: de.enable_erasure(None), ["pipeline"])]
+    cases = api_cases(fuzz_pipe, tmp_path / "never-written")
+    cases.append(("enable_erasure(None)", lambda: de.enable_erasure(None), ["pipeline"]))
     for name, call, words in cases:
         problem = check_case(fuzz_pipe, call, words, True, name)
         report.append(problem is None)
