@@ -85,7 +85,8 @@ def overhead(repeats: int) -> dict:
 
 
 def training(iterations: list[int], images_per_prompt: int, lr: float | None, la_strengths: list[float],
-             anchor: str | None, save: Path | None, concept: str = "star") -> list[dict]:
+             anchor: str | None, save: Path | None, concept: str = "star",
+             la_samples: int | None = None) -> list[dict]:
     from diffusers_erase import shapes
 
     rows = []
@@ -93,7 +94,8 @@ def training(iterations: list[int], images_per_prompt: int, lr: float | None, la
     base = shapes.evaluate(pipe, concepts=list(shapes.SHAPES), images_per_prompt=images_per_prompt, progress=False)
     for count, la in [(c, la) for la in la_strengths for c in iterations]:
         start = time.perf_counter()
-        options = {"iterations": count, "la_strength": la, **({"lr": lr} if lr else {})}
+        options = {"iterations": count, "la_strength": la, **({"lr": lr} if lr else {}),
+                   **({"la_samples": la_samples} if la_samples else {})}
         pipe.erase_concept(concept, method=de.SPMConfig.tiny(**options), anchor=anchor)
         seconds = time.perf_counter() - start
         if save is not None:  # the last configuration's membrane
@@ -104,7 +106,7 @@ def training(iterations: list[int], images_per_prompt: int, lr: float | None, la
         score = after.erased[0]
         others = {s: after.scores[s].direct / max(base.scores[s].direct, 1e-9) for s in shapes.SHAPES if s != concept}
         rows.append({"concept": concept, "iterations": count, "la_strength": la, "anchor": anchor or "",
-                     "lr": de.SPMConfig.tiny(**options).lr,
+                     "lr": de.SPMConfig.tiny(**options).lr, "la_samples": de.SPMConfig.tiny(**options).la_samples,
                      "seconds": seconds, "efficacy": score.efficacy, "residue": score.residue,
                      "worst_other_ratio": min(others.values()), "other_ratios": others,
                      "bar_met": score.efficacy <= 0.15 and min(others.values()) >= 0.9})
@@ -120,6 +122,7 @@ def main() -> None:
                         help="latent-anchoring weights to sweep (default: SPMConfig.tiny()'s)")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--lr", type=float, help="learning rate (default: SPMConfig.tiny()'s)")
+    parser.add_argument("--la-samples", type=int, help="anchors drawn per iteration (default: SPMConfig.tiny()'s)")
     parser.add_argument("--concept", default="star", help="the shape to erase (default: star)")
     parser.add_argument("--anchor", help='the surrogate concept (default: SPM\'s ""; the shapes recipe: "circle")')
     parser.add_argument("--save", type=Path, help="write the (last) trained membrane to this .safetensors file")
@@ -134,7 +137,7 @@ def main() -> None:
                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
     if not args.skip_training:
         result["training"] = training(args.iterations, args.images_per_prompt, args.lr, args.la_strength,
-                                      args.anchor, args.save, args.concept)
+                                      args.anchor, args.save, args.concept, args.la_samples)
     if not args.skip_overhead:
         result["overhead_sd15"] = overhead(args.repeats)
         print(json.dumps(result["overhead_sd15"], indent=1))

@@ -73,8 +73,8 @@ def test_unload_gives_back_the_same_images(shapes_run):
 
 # --- SPM membranes --------------------------------------------------------------------------------------------
 # Thresholds from the SPM issue: star prompts show a star in ≤ 15% of images, every other shape keeps ≥ 90% of its
-# base accuracy. The membrane is trained once (5 min) and shipped, ≤ 1 MB:
-#     python benchmarks/spm.py --skip-overhead --iterations 900 --la-strength 30 --anchor circle \
+# base accuracy. The membrane is trained once (8 min) and shipped, ≤ 1 MB:
+#     python benchmarks/spm.py --skip-overhead --iterations 900 --la-strength 30 --la-samples 8 --anchor circle \
 #         --save tests/data/spm_star.safetensors --out benchmarks/results/spm_shapes_recipe.json
 # i.e. SPMConfig.tiny() toward the shapes recipe's anchor ("" is a poor surrogate on this model, as for UCE).
 # Training itself is covered on tiny pipelines in tests/test_spm.py.
@@ -134,10 +134,14 @@ def _latents(pipe, prompts):
 
 
 def test_spm_gate_opens_on_the_concept_and_less_elsewhere(shapes_run):
-    import torch.nn.functional as F
-
+    """Gating moves unrelated prompts less than the static membrane. Per-prompt latent MSE to the base images,
+    compared by the median: one trajectory that flips to another (still correct) drawing saturates its MSE at
+    about 3.5 whatever the strength above a threshold ("a red circle", the anchor shape, gate 0.49, does with the
+    shipped membrane), and would decide a mean on its own (docs/methods/spm.md)."""
     shapes, pipe, _ = shapes_run
-    unrelated = ["a red circle", "a blue square", "a striped green heart", "an orange cross on a black background"]
+    unrelated = ["a red circle", "a blue square", "a striped green heart", "an orange cross on a black background",
+                 "a yellow triangle", "a purple circle on a gray background", "an outlined blue cross",
+                 "a green square"]
     base = _latents(pipe, unrelated)
     pipe.load_erasure_adapter(SPM_STAR)
     try:
@@ -149,7 +153,7 @@ def test_spm_gate_opens_on_the_concept_and_less_elsewhere(shapes_run):
         pipe.unload_erasure()
     assert min(gates[:2]) >= 0.99, gates  # the concept's own prompts (token overlap)
     assert max(gates[2:]) < 0.9, gates
-    gated_mse, static_mse = F.mse_loss(gated, base), F.mse_loss(static, base)
+    gated_mse, static_mse = [((x - base) ** 2).mean(dim=(1, 2, 3)).median() for x in (gated, static)]
     assert gated_mse < 0.5 * static_mse, (gates, gated_mse, static_mse)
 
 
