@@ -36,6 +36,7 @@ from .hub import (
     save_erasure_folder,
 )
 from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
+from .methods.esd import ESDConfig
 from .methods.rece import RECEConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
@@ -51,6 +52,7 @@ __all__ = [
     "Guard",
     "LowRank",
     "Membrane",
+    "ESDConfig",
     "RECEConfig",
     "SPMConfig",
     "TOKEN_POLICIES",

@@ -25,15 +25,15 @@ from .arguments import (
     resolve_config,
 )
 from .config import ErasureConfig, check_type
-from .deltas import TextMap
+from .deltas import Dense, TextMap
 from .families import (
     config_fingerprint,
     family_of,
     matrix_shape,
     membrane_targets,
-    module_of,
     text_pairs,
     text_readers,
+    trainable_modules,
     weights_fingerprint,
 )
 from .formats import kohya, lora, native, peft
@@ -290,7 +290,8 @@ def layout(pipe) -> Layout:
 
 
 _SCOPES = {"text_readers": (text_readers, "a cross-attention key/value projection"),
-           "membrane_blocks": (membrane_targets, "a Linear/Conv2d of a transformer block")}
+           "membrane_blocks": (membrane_targets, "a Linear/Conv2d of a transformer block"),
+           "trainable": (trainable_modules, "a parameter a trained method may edit (families.TRAIN_GROUPS)")}
 
 
 def _scope(erasure: Erasure) -> str:
@@ -319,10 +320,19 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
         targets = find(pipe)
         moved, cache = {}, {}
         for name, delta in erasure.edit.deltas.items():
-            module = targets.get(module_of(name)) if name.endswith(".weight") else None
-            if module is None:
+            module, _, leaf = name.rpartition(".")
+            module = targets.get(module) if leaf == "weight" or (leaf == "bias" and scope == "trainable") else None
+            parameter = getattr(module, leaf, None) if module is not None else None
+            if not isinstance(parameter, torch.nn.Parameter):
                 raise ValueError(f"{source} edits {name}, which is not {what} of this {family.name!r} pipeline.")
-            expected = matrix_shape(module.weight)
+            if isinstance(delta, Dense):
+                if tuple(delta.delta.shape) != tuple(parameter.shape):
+                    raise ValueError(f"{source} does not fit this pipeline: {name} is {tuple(parameter.shape)} here "
+                                     f"but the adapter's dense edit is {tuple(delta.delta.shape)} (family "
+                                     f"{header.get('family')!r}).")
+                moved[name] = cache.setdefault(id(delta), delta.to(parameter.device))
+                continue
+            expected = matrix_shape(parameter)
             found = _payload_shape(delta, expected)
             if found != expected:
                 raise ValueError(

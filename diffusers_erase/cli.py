@@ -3,7 +3,7 @@
     diffusers-erase demo                                   # erase "circle" from the bundled shapes model
     diffusers-erase erase shapes --concept circle --anchor square --out erase-circle/
     diffusers-erase erase ./my-sd15 --concept "Van Gogh" --anchor art --preserve Monet --option lamb=0.5 --out vg/
-    diffusers-erase demo --concept star --method spm       # trains a membrane (SPMConfig.tiny(), 4-5 min)
+    diffusers-erase demo --concept star --method spm       # trains a membrane (SPMConfig.tiny(), 8 min)
     diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
@@ -24,6 +24,7 @@ from . import api, hub, shapes
 from .arguments import apply_preset, method_config
 from .formats import native
 from .locate import adapter_file
+from .methods.esd import ESDConfig
 from .methods.spm import SPMConfig
 from .mixin import enable_erasure
 from .registry import available_methods, get_method
@@ -181,6 +182,9 @@ def cmd_demo(args) -> int:
         options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
         method, preserve, options = SPMConfig.tiny(**options), [], {}
+    if args.method == "esd":  # trained: the tiny model's budget, toward ESD's own "" (measured: docs/methods/esd.md)
+        method, preserve, options = ESDConfig.tiny(**options), [], {}
+        anchor = "" if args.anchor is None else args.anchor
     method_config(method, **options)  # checked before the first image is made
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)

@@ -165,6 +165,58 @@ def membrane_targets(pipe) -> dict[str, nn.Module]:
     return found
 
 
+# ------------------------------------------------------------------------------------- trained parameter groups
+
+# The parameter groups of the trained methods (`train_method`): (component, module filter). Denoiser groups are
+# ESD's (`get_esd_trainable_parameters`: every parameter of each Linear/Conv2d whose name matches); text-encoder
+# groups are few-shot erasing's `mlp-final-attn` (every layer's MLP, the last layer's self-attention) and
+# AdvUnlearn's `text_encoder_full`. `name` is the module path inside its component, `last` the index of the text
+# encoder's last layer.
+TRAIN_GROUPS = {
+    "esd-x": ("denoiser", lambda name, last: "attn2" in name),
+    "esd-x-strict": ("denoiser", lambda name, last: name.endswith(_UNET_TEXT_READERS)),
+    "esd-u": ("denoiser", lambda name, last: "attn2" not in name),
+    "esd-all": ("denoiser", lambda name, last: True),
+    "text_encoder_full": ("text_encoder", lambda name, last: True),
+    "mlp-final-attn": ("text_encoder", lambda name, last: ".mlp.fc" in name
+                       or f"layers.{last}.self_attn." in f"{name}."),
+}
+_DENOISER_TRAINABLE = (nn.Linear, nn.Conv2d)
+_TEXT_TRAINABLE = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def train_group(pipe, group: str) -> dict[str, nn.Module]:
+    """`{"<component>.<module path>": module}` of the modules whose parameters `train_method=group` trains."""
+    family = family_of(pipe)
+    if group not in TRAIN_GROUPS:
+        raise ValueError(f"Unknown train_method {group!r} for a {family.name!r} pipeline; valid groups: "
+                         f"{', '.join(TRAIN_GROUPS)}.")
+    where, keep = TRAIN_GROUPS[group]
+    component = family.denoiser if where == "denoiser" else family.text_encoders[0].encoder
+    root = getattr(pipe, component)
+    kinds = _DENOISER_TRAINABLE if where == "denoiser" else _TEXT_TRAINABLE
+    layers = [n for n, _ in root.named_modules() if re.fullmatch(r".*layers\.\d+", n)]
+    last = max((int(n.rpartition(".")[2]) for n in layers), default=0)
+    found = {}
+    for name, module in root.named_modules():
+        if runs_fused(module):  # its to_q/to_k/to_v are not run: training them would change nothing
+            raise ValueError(f"{component}.{name} runs fused q/k/v projections; call "
+                             "`pipe.unfuse_qkv_projections()` before training.")
+        if isinstance(module, kinds) and keep(name, last) and any(True for _ in module.parameters(recurse=False)):
+            found[f"{component}.{name}"] = _plain(module, f"{component}.{name}", kinds)
+    if not found:
+        raise ValueError(f"train_method={group!r} selects no parameter of this {family.name!r} pipeline.")
+    return found
+
+
+def trainable_modules(pipe) -> dict[str, nn.Module]:
+    """Every module a trained method may edit: the union of the groups (the load-time scope of trained edits)."""
+    found = {}
+    for group in TRAIN_GROUPS:
+        found.update(train_group(pipe, group))
+    return found
+
+
 def module_of(parameter: str) -> str:
     """The module a parameter name belongs to (`unet.x.to_k.weight` → `unet.x.to_k`)."""
     return parameter.rpartition(".")[0]

@@ -231,3 +231,27 @@ def fine_tuned_variant(shapes, steps: int = 30, lr: float = 1e-4, seed: int = 0)
         optimizer.step()
     unet.eval()
     return pipe
+
+
+# --- ESD (trained) --------------------------------------------------------------------------------------------
+# The trained-methods issue's bar: circle ≤ 10% direct, ≤ 20% synonyms, every other shape ≥ 90% of base. ESD
+# (esd-x, ESDConfig.tiny(), toward ESD's own "") trained once (55 s) and shipped as a dense adapter (≈ 1 MB):
+#     python benchmarks/trained.py --save tests/data/esd_circle.safetensors
+# Training itself is covered on tiny pipelines in tests/test_esd.py.
+
+ESD_CIRCLE = Path(__file__).parent / "data" / "esd_circle.safetensors"
+
+
+def test_esd_erases_circle_and_keeps_other_shapes(shapes_run):
+    shapes, pipe, baseline = shapes_run
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    [record] = pipe.load_erasure_adapter(ESD_CIRCLE)
+    try:
+        assert record.method == "esd" and all(isinstance(d, de.Dense) for d in record.edit.deltas.values())
+        after = shapes.evaluate(pipe, erased=["circle"], concepts=list(shapes.SHAPES), baseline=baseline,
+                                progress=False)
+    finally:
+        pipe.unload_erasure()
+    assert_erased(shapes, after, baseline, "circle", max_rate=0.10)
+    assert after.erased[0].residue <= 0.20, after.to_markdown()
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())

@@ -14,7 +14,7 @@ import torch
 from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
 
 import diffusers_erase as de
-from diffusers_erase import deltas, state
+from diffusers_erase import state
 from diffusers_erase.config import ErasureConfig
 from diffusers_erase.families import denoiser
 from diffusers_erase.kinds import Guard, register_guard
@@ -52,15 +52,18 @@ if "scale_guard" not in available_methods():
 
 
 TINY_SPM = dict(iterations=2, lr=1e-2, max_denoising_steps=3, la_samples=1)
+TINY_ESD = dict(iterations=2, lr=1e-2, ddim_steps=3)
 # (method, options, pipeline factory, exports that must round-trip)
 METHOD_CASES = [
     ("uce", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("uce", {}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("rece", {"epochs": 1}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("spm", TINY_SPM, make_sd_pipeline, ("kohya", "lora")),
+    ("esd", TINY_ESD, make_sd_pipeline, ()),
+    ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),
     ("scale_guard", {}, make_sd_pipeline, ()),
 ]
-IDS = [f"{m}-{f.__name__.split('_')[1]}" for m, _, f, _ in METHOD_CASES]
+IDS = [f"{m}-{f.__name__.split('_')[1]}" + ("-lora" if o.get("lora_rank") else "") for m, o, f, _ in METHOD_CASES]
 
 
 def test_every_registered_method_has_a_row():
@@ -119,7 +122,8 @@ def test_a_failure_on_the_last_target_changes_nothing(case, monkeypatch):
     de.erase_concept(pipe, "tree")
     last = list(record.modules)[-1] if record.modules else None
     if record.edit.weight_deltas():  # weight edits: fail on the last parameter's update
-        calls, count, real = [], len(record.edit.weight_deltas()), deltas.LowRank.apply_
+        kind = type(next(iter(record.edit.deltas.values())))  # every payload of these rows has one type
+        calls, count, real = [], len(record.edit.weight_deltas()), kind.apply_
 
         def failing(self, weight, scale=1.0, what="edit"):
             calls.append(1)
@@ -127,7 +131,7 @@ def test_a_failure_on_the_last_target_changes_nothing(case, monkeypatch):
                 raise RuntimeError("injected failure")
             real(self, weight, scale, what)
 
-        monkeypatch.setattr(deltas.LowRank, "apply_", failing)
+        monkeypatch.setattr(kind, "apply_", failing)
     elif last is not None:  # membranes: fail while hooking the last module
         real_get = state.get_module
 

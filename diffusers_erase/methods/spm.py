@@ -33,6 +33,7 @@ from ..kinds import Membrane
 from ..registry import register_method
 from ..runtime import low_rank_delta
 from ..text import encode
+from ._training import partial_denoise, sampling_setup
 
 
 @dataclass(frozen=True)
@@ -207,25 +208,10 @@ def _lr_lambda(config: SPMConfig):
 def _sampling_setup(pipe, config: SPMConfig):
     """Latent shape, the DDIM sampler of the partial denoising, and the full-length DDIM schedule that maps its step
     k to a training timestep."""
-    from diffusers import DDIMScheduler
-
-    unet = pipe.unet
-    size = config.resolution or unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
-    latent_shape = (1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-    full = DDIMScheduler.from_config(pipe.scheduler.config)
+    latent_shape, sampler = sampling_setup(pipe, config.resolution)
+    full = type(sampler).from_config(sampler.config)
     full.set_timesteps(full.config.num_train_timesteps)
     return latent_shape, sampler, full
-
-
-@torch.no_grad()
-def _partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: float):
-    """x_t: the first k DDIM steps from noise, with classifier-free guidance (rows: [∅, target])."""
-    for t in sampler.timesteps[:k]:
-        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
-        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
-        latents = sampler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
-    return latents
 
 
 def _loss(unet, membrane: _Trainable, latents, t, target, neutral, anchors, config: SPMConfig):
@@ -295,7 +281,7 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
                 sampler.set_timesteps(steps, device=device)
                 latents = latents * sampler.init_noise_sigma
                 membrane.enabled = True
-                latents = _partial_denoise(unet, sampler, latents, k, torch.stack([uncond, target]),
+                latents = partial_denoise(unet, sampler, latents, k, torch.stack([uncond, target]),
                                            config.sampling_guidance)
                 t = full.timesteps[int(k * full.config.num_train_timesteps / steps)]
                 anchors = (anchor_rows(target, uncond, config, generator)

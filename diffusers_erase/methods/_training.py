@@ -1,0 +1,213 @@
+"""The training engine of the trained methods (ESD, few-shot erasing, ...), built once.
+
+Every trained method runs the same loop: draw x_t (partial DDIM denoising with guidance, or noised images),
+compare the edited model's noise prediction with a target built from frozen predictions, step. The edit is held
+*beside* the frozen weights while training, as float32 deltas that forward hooks add to each selected module's
+output (W + ΔW, so ΔW x is added): the frozen model is the same modules with the hooks switched off, no copy of
+the model is made, the pipeline's weights are never written, and an interrupted or failed run leaves nothing
+behind. Hooks run inside the module's call, so they are recomputed under gradient checkpointing too.
+
+`lora_rank=r` trains ΔW = up @ down instead (up zero, down Kaiming-uniform a=√5, as LoRA), on the weights of
+matrix-shaped parameters only (biases and norms stay frozen, as in peft). The result is a `WeightEdit` of
+`Dense` or `LowRank` payloads on exactly the trained parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ErasureConfig
+from ..deltas import Dense, LowRank
+from ..families import matrix_shape
+from ..kinds import WeightEdit
+
+
+@dataclass(frozen=True)
+class TrainedConfig(ErasureConfig):
+    """Options every trained method has (its own config adds the rest and its reference's defaults).
+
+    Args:
+        iterations, lr, seed: optimiser steps, learning rate, and the seed that makes a run deterministic.
+        train_method: the parameter group trained (`families.TRAIN_GROUPS`).
+        lora_rank: None trains the group's parameters densely; r trains rank-r factors of its weights.
+        gradient_checkpointing: recompute the UNet's activations in backward (for real models on small GPUs).
+        callback: called as callback(iteration, loss) after each step (not saved).
+    """
+
+    iterations: int = 1000
+    lr: float = 1e-5
+    seed: int = 0
+    train_method: str = ""
+    lora_rank: int | None = None
+    gradient_checkpointing: bool = False
+    callback: Callable | None = field(default=None, compare=False, metadata={"serialize": False})
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.iterations < 1:
+            raise ValueError(f"{name}.iterations must be a positive integer, got {self.iterations!r}.")
+        if not self.lr > 0:
+            raise ValueError(f"{name}.lr must be > 0, got {self.lr!r}.")
+        if self.seed < 0:
+            raise ValueError(f"{name}.seed must be an integer ≥ 0, got {self.seed!r}.")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"{name}.lora_rank must be a positive integer or None (dense), got {self.lora_rank!r}.")
+
+
+def _delta_output(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """What W + ΔW adds to `module`'s output for input x: the module's own operation with ΔW (and Δb) in place of
+    its parameters (each of these layers is linear in its parameters)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, bias)
+    if isinstance(module, nn.Embedding):
+        return F.embedding(x, weight)
+    if isinstance(module, nn.LayerNorm):  # n(x)·(w + Δw) + b + Δb − LN(x) = n(x)·Δw + Δb
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+    raise TypeError(f"{type(module).__name__} layers cannot be trained by the engine.")
+
+
+class Trainable:
+    """Float32 deltas of the parameters of `modules`, added by forward hooks while `enabled`."""
+
+    def __init__(self, modules: dict[str, nn.Module], lora_rank: int | None, generator: torch.Generator):
+        self.enabled = True
+        self.deltas: dict[str, dict[str, nn.Parameter]] = {}  # module name -> {"weight"/"bias"/"up"/"down": Δ}
+        self.handles = []
+        self.lora_rank = lora_rank
+        for name, module in modules.items():
+            device = module.weight.device
+            if lora_rank is None:
+                own = {p: nn.Parameter(torch.zeros(v.shape, device=device))
+                       for p, v in module.named_parameters(recurse=False)}
+            elif module.weight.dim() < 2:
+                continue  # a norm: no low-rank form, it stays frozen
+            else:
+                out_features, in_features = matrix_shape(module.weight)
+                if lora_rank > min(out_features, in_features):
+                    raise ValueError(f"lora_rank={lora_rank} is above the width of {name} ({out_features}×"
+                                     f"{in_features}); use at most {min(out_features, in_features)}.")
+                down = torch.empty(lora_rank, in_features)
+                nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+                own = {"up": nn.Parameter(torch.zeros(out_features, lora_rank, device=device)),
+                       "down": nn.Parameter(down.to(device))}
+            self.deltas[name] = own
+            self.handles.append(module.register_forward_hook(self._hook(own)))
+
+    def _hook(self, own: dict[str, nn.Parameter]):
+        def hook(module, args, output):
+            if not self.enabled:
+                return output
+            x = args[0]
+            dtype = output.dtype
+            if "up" in own:
+                weight = (own["up"] @ own["down"]).reshape(module.weight.shape).to(dtype)
+                return output + _delta_output(module, x, weight, None)
+            bias = own.get("bias")
+            return output + _delta_output(module, x, own["weight"].to(dtype),
+                                          None if bias is None else bias.to(dtype))
+
+        return hook
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for own in self.deltas.values() for p in own.values()]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def result(self) -> WeightEdit:
+        """The trained deltas as a weight edit (float32, on the CPU), one payload per trained parameter."""
+        deltas = {}
+        for name, own in self.deltas.items():
+            if "up" in own:
+                up, down = (own[k].detach().float().cpu() for k in ("up", "down"))
+                deltas[f"{name}.weight"] = LowRank(up, down)
+            else:
+                deltas.update({f"{name}.{p}": Dense(v.detach().float().cpu()) for p, v in own.items()})
+        return WeightEdit(deltas)
+
+
+def sampling_setup(pipe, resolution: int | None):
+    """Latent shape (batch 1) and a DDIM sampler built from the pipeline's scheduler config."""
+    from diffusers import DDIMScheduler
+
+    unet = pipe.unet
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    size = resolution or unet.config.sample_size * scale
+    return (1, unet.config.in_channels, size // scale, size // scale), DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: float):
+    """x_t: the first k steps of `sampler`'s schedule from `latents`, with classifier-free guidance (conditioning
+    rows: [∅, prompt])."""
+    for t in sampler.timesteps[:k]:
+        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
+        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
+        latents = sampler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+    return latents
+
+
+def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor], config: TrainedConfig,
+             optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Run `config.iterations` steps of `optimizer` on `loss_at(iteration)` with a progress bar and the callback.
+    Float16 models get dynamic loss scaling (the deltas are float32). A non-finite loss stops the run: nothing has
+    been applied to the pipeline, and the error names the iteration."""
+    dtype = pipe.unet.dtype
+    scaler = torch.amp.GradScaler(pipe.unet.device.type, enabled=dtype == torch.float16)
+    params = trainable.parameters()
+    with pipe.progress_bar(total=config.iterations) as bar:
+        for iteration in range(config.iterations):
+            loss = loss_at(iteration)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{what}: the loss is {loss.item()} at iteration {iteration}; training stopped and nothing was "
+                    f"applied (every weight is as before). Try a lower `lr` (it was {config.lr:g}).")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if not all(torch.isfinite(p).all() for p in params):
+                raise FloatingPointError(
+                    f"{what}: the edit diverged to NaN/inf at iteration {iteration}; nothing was applied. Try a lower "
+                    f"`lr` (it was {config.lr:g}).")
+            value = loss.item()
+            if config.callback is not None:
+                config.callback(iteration, value)
+            bar.set_postfix(loss=f"{value:.2e}", refresh=False)
+            bar.update()
+
+
+@contextmanager
+def training(pipe, trainable: Trainable, checkpointing: bool):
+    """While training: the models' own parameters frozen (requires_grad off) and, on request, the UNet's gradient
+    checkpointing on. On exit, whatever happened (an error, Ctrl-C), the flags are put back and the trainable's
+    hooks removed, so the pipeline is exactly as before."""
+    models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None))
+              if isinstance(m, nn.Module)]
+    flags = [[p.requires_grad for p in m.parameters()] for m in models]
+    switch = checkpointing and not getattr(pipe.unet, "gradient_checkpointing", False)
+    try:
+        for model in models:
+            model.requires_grad_(False)
+        if switch:
+            pipe.unet.enable_gradient_checkpointing()
+        yield
+    finally:
+        trainable.remove()
+        for model, model_flags in zip(models, flags):
+            for param, flag in zip(model.parameters(), model_flags):
+                param.requires_grad_(flag)
+        if switch:
+            pipe.unet.disable_gradient_checkpointing()

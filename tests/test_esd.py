@@ -1,0 +1,160 @@
+"""ESD and the training engine on tiny pipelines: the reference's target, parameter groups, determinism, float16
+master weights, and runs that fail or are interrupted leave the pipeline untouched."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import changed, make_sd_pipeline, snapshot
+
+import diffusers_erase as de
+from diffusers_erase.families import TRAIN_GROUPS, train_group
+from diffusers_erase.methods import _training
+
+TINY = dict(iterations=2, lr=1e-2, ddim_steps=3)
+
+
+def _modules(record) -> set[str]:
+    return {name.rpartition(".")[0] for name in record.edit.deltas}
+
+
+def test_groups_select_what_the_reference_selects(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    x, strict, u, everything = (set(train_group(pipe, g)) for g in ("esd-x", "esd-x-strict", "esd-u", "esd-all"))
+    assert x and all(".attn2." in n for n in x) and strict < x
+    assert strict == {n for n in x if n.endswith(("attn2.to_k", "attn2.to_v"))}
+    assert x | u == everything and not x & u
+    text = train_group(pipe, "mlp-final-attn")
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    assert all(".mlp.fc" in n or f"layers.{last}.self_attn." in n for n in text)
+    assert any(f"layers.{last}.self_attn.q_proj" in n for n in text) and any("layers.0.mlp.fc1" in n for n in text)
+
+
+def test_esd_edits_only_its_group_and_unload_restores(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    before = snapshot(pipe)
+    record = de.erase_concept(pipe, "cat", method="esd", train_method="esd-x-strict", **TINY)
+    assert _modules(record) == set(train_group(pipe, "esd-x-strict"))
+    assert all(isinstance(d, de.Dense) for d in record.edit.deltas.values())
+    assert set(changed(before, snapshot(pipe))) == set(record.edit.deltas)
+    de.unload_erasure(pipe)
+    assert changed(before, snapshot(pipe)) == []
+
+
+def test_the_loss_is_the_reference_target(tokenizer_dir, monkeypatch):
+    """First iteration: ε'(x_t, c) against ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) computed here from the frozen UNet
+    (the edit starts at zero, so ε' = ε then)."""
+    pipe = make_sd_pipeline(tokenizer_dir)
+    seen = []
+    real = _training.partial_denoise
+
+    def spy(unet, sampler, latents, k, conditioning, guidance):
+        x_t = real(unet, sampler, latents, k, conditioning, guidance)
+        seen.append((x_t, sampler.timesteps[k], conditioning))
+        return x_t
+
+    monkeypatch.setattr("diffusers_erase.methods.esd.partial_denoise", spy)
+    losses = []
+    de.erase_concept(pipe, "cat", method="esd", negative_guidance=1.5, iterations=1, lr=1e-9, ddim_steps=4,
+                     callback=lambda i, loss: losses.append(loss))
+    de.unload_erasure(pipe)
+    (x_t, t, conditioning), = seen
+    uncond, concept = conditioning
+    with torch.no_grad():
+        eps_u, eps_c = pipe.unet(x_t.expand(2, -1, -1, -1), t, conditioning).sample.chunk(2)
+    assert losses[0] == pytest.approx(F.mse_loss(eps_c, eps_u - 1.5 * (eps_c - eps_u)).item(), rel=1e-4)
+
+
+def test_training_is_deterministic_and_the_seed_matters(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    runs = []
+    for seed in (0, 0, 1):
+        record = de.erase_concept(pipe, "cat", method="esd", seed=seed, **TINY)
+        runs.append({n: d.delta.clone() for n, d in record.edit.deltas.items()})
+        de.unload_erasure(pipe)
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert any(not torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
+
+
+def test_lora_rank_trains_factors_of_the_weights(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    record = de.erase_concept(pipe, "cat", method="esd", lora_rank=2, **TINY)
+    assert all(isinstance(d, de.LowRank) and d.rank == 2 for d in record.edit.deltas.values())
+    assert all(name.endswith(".weight") for name in record.edit.deltas)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    runs = []
+    for checkpointing in (False, True):
+        losses = []
+        record = de.erase_concept(pipe, "cat", method="esd", gradient_checkpointing=checkpointing,
+                                  callback=lambda i, loss, out=losses: out.append(loss), **TINY)
+        runs.append((losses, {n: d.delta for n, d in record.edit.deltas.items()}))
+        de.unload_erasure(pipe)
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    assert all(torch.allclose(runs[0][1][n], runs[1][1][n], atol=1e-7) for n in runs[0][1])
+    assert not pipe.unet.is_gradient_checkpointing
+
+
+def test_a_float16_pipeline_trains_float32_deltas_to_the_same_losses(tokenizer_dir):
+    losses = {}
+    for dtype in (torch.float32, torch.float16):
+        pipe = make_sd_pipeline(tokenizer_dir).to(dtype=dtype)
+        seen = []
+        record = de.erase_concept(pipe, "cat", method="esd", callback=lambda i, loss, out=seen: out.append(loss),
+                                  **{**TINY, "iterations": 3})
+        assert all(d.delta.dtype == torch.float32 and torch.isfinite(d.delta).all()
+                   for d in record.edit.deltas.values())
+        losses[dtype] = seen
+    assert losses[torch.float16] == pytest.approx(losses[torch.float32], rel=0.05)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"train_method": "xattn"}, "train_method"),
+    ({"train_method": "esd-nothing"}, "valid groups: esd-x, esd-x-strict"),
+    ({"lora_rank": 0}, "lora_rank"),
+    ({"lora_rank": 10_000}, "above the width"),
+    ({"iterations": 0}, "iterations"),
+    ({"lr": 0.0}, "lr"),
+])
+def test_bad_options_are_refused_and_change_nothing(tokenizer_dir, options, match):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match=match):
+        de.erase_concept(pipe, "cat", method="esd", **{**TINY, **options})
+    assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == []
+    assert not pipe.unet._forward_hooks and all(not m._forward_hooks for m in pipe.unet.modules())
+
+
+def test_preserve_is_refused(tokenizer_dir):
+    with pytest.raises(ValueError, match="no preserve set"):
+        de.erase_concept(make_sd_pipeline(tokenizer_dir), "cat", method="esd", preserve=["dog"], **TINY)
+
+
+@pytest.mark.parametrize("failure", ["nan", "interrupt"])
+def test_a_diverged_or_interrupted_run_leaves_the_pipeline_as_it_was(tokenizer_dir, failure, monkeypatch):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "tree")  # an erasure already there must survive
+    before, flags = snapshot(pipe), [p.requires_grad for p in pipe.unet.parameters()]
+    if failure == "nan":
+        def diverged(a, b):  # a loss gone NaN, as a too-large lr makes it
+            return (a - b).pow(2).mean() * float("nan")
+
+        monkeypatch.setattr("diffusers_erase.methods.esd.F", SimpleNamespace(mse_loss=diverged))
+        with pytest.raises(FloatingPointError, match="iteration 0.*lower `lr`"):
+            de.erase_concept(pipe, "cat", method="esd", **TINY)
+    else:
+        def interrupt(iteration, loss):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            de.erase_concept(pipe, "cat", method="esd", callback=interrupt, **TINY)
+    assert changed(before, snapshot(pipe)) == [] and [e.concepts for e in de.get_erasures(pipe)] == [["tree"]]
+    assert all(not m._forward_hooks for m in pipe.unet.modules())
+    assert flags == [p.requires_grad for p in pipe.unet.parameters()]
+
+
+def test_every_group_is_known_to_the_family_table():
+    assert {"esd-x", "esd-x-strict", "esd-u", "esd-all", "mlp-final-attn", "text_encoder_full"} <= set(TRAIN_GROUPS)
