@@ -158,3 +158,24 @@ def test_a_diverged_or_interrupted_run_leaves_the_pipeline_as_it_was(tokenizer_d
 
 def test_every_group_is_known_to_the_family_table():
     assert {"esd-x", "esd-x-strict", "esd-u", "esd-all", "mlp-final-attn", "text_encoder_full"} <= set(TRAIN_GROUPS)
+
+
+def test_a_lora_rank_too_wide_for_a_later_layer_leaves_no_hook(tokenizer_dir):
+    """The refusal comes part-way through hooking: the layers hooked before it are unhooked again."""
+    from diffusers_erase.families import matrix_shape
+
+    pipe = make_sd_pipeline(tokenizer_dir)
+    group = train_group(pipe, "esd-all")
+    wide = next(n for n, m in group.items() if min(matrix_shape(m.weight)) >= 8)
+    narrow = next(n for n, m in group.items() if min(matrix_shape(m.weight)) < 8)
+    modules = {wide: group[wide], narrow: group[narrow]}  # hooked in this order
+    with pytest.raises(ValueError, match="above the width"):
+        _training.Trainable(modules, 8, torch.Generator().manual_seed(0))
+    assert not group[wide]._forward_hooks and not group[narrow]._forward_hooks
+
+
+def test_checkpointing_the_user_enabled_stays_enabled(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    pipe.unet.enable_gradient_checkpointing()
+    de.erase_concept(pipe, "cat", method="esd", gradient_checkpointing=True, **TINY)
+    assert pipe.unet.is_gradient_checkpointing

@@ -27,6 +27,7 @@ from ..config import ErasureConfig
 from ..deltas import Dense, LowRank
 from ..families import matrix_shape
 from ..kinds import WeightEdit
+from ..text import encode
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,13 @@ class Trainable:
         self.deltas: dict[str, dict[str, nn.Parameter]] = {}  # module name -> {"weight"/"bias"/"up"/"down": Δ}
         self.handles = []
         self.lora_rank = lora_rank
+        try:
+            self._attach(modules, lora_rank, generator)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _attach(self, modules, lora_rank, generator) -> None:
         for name, module in modules.items():
             device = module.weight.device
             if lora_rank is None:
@@ -136,6 +144,16 @@ class Trainable:
             else:
                 deltas.update({f"{name}.{p}": Dense(v.detach().float().cpu()) for p, v in own.items()})
         return WeightEdit(deltas)
+
+
+def prompt_table(pipe, concepts: list[str], anchors: list[str]):
+    """Each of the concepts, anchors and "" encoded once as the UNet reads them (full padded sequence, the UNet's
+    device and dtype): `({prompt: embedding}, [(concept, anchor) embedding pairs])`."""
+    unet = pipe.unet
+    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
+    with torch.no_grad():
+        table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(unet.device, unet.dtype)))
+    return table, [(table[c], table[a]) for c, a in zip(concepts, anchors)]
 
 
 def sampling_setup(pipe, resolution: int | None):
@@ -197,7 +215,7 @@ def training(pipe, trainable: Trainable, checkpointing: bool):
     models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None))
               if isinstance(m, nn.Module)]
     flags = [[p.requires_grad for p in m.parameters()] for m in models]
-    switch = checkpointing and not getattr(pipe.unet, "gradient_checkpointing", False)
+    switch = checkpointing and not pipe.unet.is_gradient_checkpointing
     try:
         for model in models:
             model.requires_grad_(False)

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from ..families import family_of, train_group
 from ..registry import register_method
-from ..text import encode
-from ._training import Trainable, TrainedConfig, optimise, partial_denoise, sampling_setup, training
+from ._training import Trainable, TrainedConfig, optimise, partial_denoise, prompt_table, sampling_setup, training
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,10 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
-    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
-    with torch.no_grad():
-        table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(device, dtype)))
-    trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
-    pairs = [(table[c], table[a]) for c, a in zip(concepts, anchors)]
+    table, pairs = prompt_table(pipe, concepts, anchors)
     latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    sampler.set_timesteps(config.ddim_steps, device=device)
+    sampler.set_timesteps(config.ddim_steps, device=device)  # before any hook exists: it can raise
+    trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
 
     def loss_at(iteration: int) -> torch.Tensor:
         concept, anchor = pairs[int(torch.randint(len(pairs), (), generator=generator))]

@@ -32,8 +32,7 @@ from ..families import family_of, matrix_shape, membrane_targets
 from ..kinds import Membrane
 from ..registry import register_method
 from ..runtime import low_rank_delta
-from ..text import encode
-from ._training import partial_denoise, sampling_setup
+from ._training import partial_denoise, prompt_table, sampling_setup
 
 
 @dataclass(frozen=True)
@@ -255,11 +254,7 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
 
-    # Each prompt encoded once, as the UNet reads it (full padded sequence).
-    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
-    with torch.no_grad():
-        table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(device, dtype)))
-    pairs = [(table[c], table[a]) for c, a in zip(concepts, anchors)]
+    table, pairs = prompt_table(pipe, concepts, anchors)
     uncond = table[""]
     latent_shape, sampler, full = _sampling_setup(pipe, config)
     steps = config.max_denoising_steps
