@@ -27,12 +27,15 @@ from .arguments import (
 from .config import ErasureConfig, check_type
 from .deltas import Dense, TextMap
 from .families import (
+    TRAIN_GROUPS,
     config_fingerprint,
     family_of,
+    group_component,
     matrix_shape,
     membrane_targets,
     text_pairs,
     text_readers,
+    train_group,
     trainable_modules,
     weights_fingerprint,
 )
@@ -317,7 +320,7 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
     for erasure in erasures:
         scope = _scope(erasure)
         find, what = _SCOPES[scope]
-        targets = find(pipe)
+        targets = _trainable_targets(pipe, erasure) if scope == "trainable" else find(pipe)
         moved, cache = {}, {}
         for name, delta in erasure.edit.deltas.items():
             module, _, leaf = name.rpartition(".")
@@ -325,6 +328,10 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
             parameter = getattr(module, leaf, None) if module is not None else None
             if not isinstance(parameter, torch.nn.Parameter):
                 raise ValueError(f"{source} edits {name}, which is not {what} of this {family.name!r} pipeline.")
+            vector_not_dense = parameter.dim() < 2 and not isinstance(delta, Dense)
+            if scope == "trainable" and (isinstance(delta, TextMap) or vector_not_dense):
+                raise ValueError(f"{source} edits {name} with a {type(delta).__name__} payload; trained edits are "
+                                 "dense on vectors (biases, norms) and dense or low-rank on matrices.")
             if isinstance(delta, Dense):
                 if tuple(delta.delta.shape) != tuple(parameter.shape):
                     raise ValueError(f"{source} does not fit this pipeline: {name} is {tuple(parameter.shape)} here "
@@ -342,6 +349,15 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
             # A shared text map stays one object, on the device of its first layer (it moves per layer when used).
             moved[name] = cache.setdefault(id(delta), delta.to(module.weight.device))
         erasure.edit.deltas = moved
+
+
+def _trainable_targets(pipe, erasure: Erasure) -> dict:
+    """What a trained erasure may edit here: its recorded `train_method`'s group, or (a group this version does
+    not know) every group on the components its payloads name."""
+    group = erasure.options.get("train_method")
+    if group in TRAIN_GROUPS and getattr(pipe, group_component(pipe, group), None) is not None:
+        return train_group(pipe, group)
+    return trainable_modules(pipe, {name.partition(".")[0] for name in erasure.edit.deltas})
 
 
 def _payload_shape(delta, expected: tuple[int, int]) -> tuple[int, int]:

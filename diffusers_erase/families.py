@@ -191,10 +191,11 @@ def train_group(pipe, group: str) -> dict[str, nn.Module]:
     if group not in TRAIN_GROUPS:
         raise ValueError(f"Unknown train_method {group!r} for a {family.name!r} pipeline; valid groups: "
                          f"{', '.join(TRAIN_GROUPS)}.")
-    where, keep = TRAIN_GROUPS[group]
-    component = family.denoiser if where == "denoiser" else family.text_encoders[0].encoder
-    root = getattr(pipe, component)
-    kinds = _DENOISER_TRAINABLE if where == "denoiser" else _TEXT_TRAINABLE
+    component, keep = group_component(pipe, group), TRAIN_GROUPS[group][1]
+    root = getattr(pipe, component, None)
+    if root is None:
+        raise ValueError(f"train_method={group!r} trains the pipeline's {component}, which is None here.")
+    kinds = _DENOISER_TRAINABLE if TRAIN_GROUPS[group][0] == "denoiser" else _TEXT_TRAINABLE
     layers = [n for n, _ in root.named_modules() if re.fullmatch(r".*layers\.\d+", n)]
     last = max((int(n.rpartition(".")[2]) for n in layers), default=0)
     found = {}
@@ -209,11 +210,19 @@ def train_group(pipe, group: str) -> dict[str, nn.Module]:
     return found
 
 
-def trainable_modules(pipe) -> dict[str, nn.Module]:
-    """Every module a trained method may edit: the union of the groups (the load-time scope of trained edits)."""
+def group_component(pipe, group: str) -> str:
+    """The pipeline component (`unet`, `text_encoder`, ...) whose parameters `train_method=group` trains."""
+    family = family_of(pipe)
+    return family.denoiser if TRAIN_GROUPS[group][0] == "denoiser" else family.text_encoders[0].encoder
+
+
+def trainable_modules(pipe, components=None) -> dict[str, nn.Module]:
+    """Every module a trained method may edit on `components` (default: all): the union of the groups there."""
     found = {}
     for group in TRAIN_GROUPS:
-        found.update(train_group(pipe, group))
+        component = group_component(pipe, group)
+        if (components is None or component in components) and getattr(pipe, component, None) is not None:
+            found.update(train_group(pipe, group))
     return found
 
 

@@ -91,16 +91,18 @@ def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | 
             ids, mask = ids[:, :longest], mask[:, :longest]
         chunks = []
         for start in range(0, len(prompts), _BATCH):
-            chunk_ids = ids[start : start + _BATCH].to(device)
-            if row.hidden == "penultimate":
-                out = encoder(chunk_ids, output_hidden_states=True).hidden_states[-2]
-            else:
-                use_mask = getattr(encoder.config, "use_attention_mask", False)
-                chunk_mask = mask[start : start + _BATCH].to(device) if use_mask else None
-                out = encoder(chunk_ids, attention_mask=chunk_mask)[0]
-            chunks.append(out.float())
+            chunk_ids, chunk_mask = ids[start : start + _BATCH].to(device), mask[start : start + _BATCH].to(device)
+            chunks.append(encoder_states(encoder, row, chunk_ids, chunk_mask).float())
         outputs.append(torch.cat(chunks))
     return torch.cat(outputs, dim=-1)
+
+
+def encoder_states(encoder, row, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The hidden states `encode_prompt` takes from `encoder` for token `ids` (the family row says which)."""
+    if row.hidden == "penultimate":
+        return encoder(ids, output_hidden_states=True).hidden_states[-2]
+    use_mask = getattr(encoder.config, "use_attention_mask", False)
+    return encoder(ids, attention_mask=mask if use_mask else None)[0]
 
 
 def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None) -> torch.Tensor:

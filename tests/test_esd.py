@@ -118,6 +118,7 @@ def test_a_float16_pipeline_trains_float32_deltas_to_the_same_losses(tokenizer_d
     ({"lora_rank": 10_000}, "above the width"),
     ({"iterations": 0}, "iterations"),
     ({"lr": 0.0}, "lr"),
+    ({"ddim_steps": 5000}, "num_train_timesteps"),
 ])
 def test_bad_options_are_refused_and_change_nothing(tokenizer_dir, options, match):
     pipe = make_sd_pipeline(tokenizer_dir)
@@ -179,3 +180,41 @@ def test_checkpointing_the_user_enabled_stays_enabled(tokenizer_dir):
     pipe.unet.enable_gradient_checkpointing()
     de.erase_concept(pipe, "cat", method="esd", gradient_checkpointing=True, **TINY)
     assert pipe.unet.is_gradient_checkpointing
+
+
+def test_embedding_deltas_match_the_module_and_refuse_max_norm():
+    """padding_idx: the padding row gets no gradient, as in the module; max_norm is not linear in the weight."""
+    embedding = torch.nn.Embedding(5, 3, padding_idx=0)
+    trainable = _training.Trainable({"e": embedding}, None, torch.Generator().manual_seed(0))
+    embedding(torch.tensor([0, 2])).sum().backward()
+    grad = trainable.deltas["e"]["weight"].grad
+    assert grad[0].abs().sum() == 0 and grad[2].abs().sum() > 0
+    trainable.remove()
+    with pytest.raises(ValueError, match="max_norm"):
+        _training.Trainable({"e": torch.nn.Embedding(5, 3, max_norm=1.0)}, None, torch.Generator())
+
+
+def test_a_trained_adapter_loads_only_onto_its_own_group(tokenizer_dir, tmp_path):
+    """The load scope is the recorded train_method's group: a payload outside it is refused, and a pipeline without
+    a text encoder still loads a UNet-only edit."""
+    import dataclasses
+
+    from diffusers_erase.api import adapter_state_dict
+
+    pipe = make_sd_pipeline(tokenizer_dir)
+    record = de.erase_concept(pipe, "cat", method="esd", train_method="esd-x-strict", **TINY)
+    path = de.save_erasure_adapter(pipe, tmp_path)
+    outside = next(n for n in train_group(pipe, "esd-x") if n.endswith("attn2.to_q"))  # esd-x, not esd-x-strict
+    weight = pipe.unet.get_submodule(outside.partition(".")[2]).weight
+    stray = dataclasses.replace(record, edit=dataclasses.replace(
+        record.edit, deltas={f"{outside}.weight": de.Dense(torch.zeros_like(weight))}))
+    tensors, metadata = adapter_state_dict(pipe, [stray])
+    fresh = make_sd_pipeline(tokenizer_dir)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="not a parameter a trained method may edit"):
+        de.load_erasure_adapter(fresh, tensors, metadata=metadata)
+    assert changed(before, snapshot(fresh)) == [] and de.get_erasures(fresh) == []
+    no_text = make_sd_pipeline(tokenizer_dir)
+    no_text.text_encoder = None
+    de.load_erasure_adapter(no_text, path)
+    assert [e.method for e in de.get_erasures(no_text)] == ["esd"]

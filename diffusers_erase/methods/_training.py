@@ -70,8 +70,8 @@ def _delta_output(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Ten
         return F.linear(x, weight, bias)
     if isinstance(module, nn.Conv2d):
         return module._conv_forward(x, weight, bias)
-    if isinstance(module, nn.Embedding):
-        return F.embedding(x, weight)
+    if isinstance(module, nn.Embedding):  # padding_idx: its row gets no gradient, as in the module
+        return F.embedding(x, weight, module.padding_idx)
     if isinstance(module, nn.LayerNorm):  # n(x)·(w + Δw) + b + Δb − LN(x) = n(x)·Δw + Δb
         return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     raise TypeError(f"{type(module).__name__} layers cannot be trained by the engine.")
@@ -93,7 +93,11 @@ class Trainable:
 
     def _attach(self, modules, lora_rank, generator) -> None:
         for name, module in modules.items():
-            device = module.weight.device
+            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+                raise ValueError(f"{name} renormalises its rows (max_norm={module.max_norm}), which is not linear "
+                                 "in its weight; it cannot be trained by adding a delta.")
+            # Offloaded weights may sit on the meta device until their forward: keep the deltas on the CPU then.
+            device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
             if lora_rank is None:
                 own = {p: nn.Parameter(torch.zeros(v.shape, device=device))
                        for p, v in module.named_parameters(recurse=False)}
@@ -116,13 +120,14 @@ class Trainable:
             if not self.enabled:
                 return output
             x = args[0]
-            dtype = output.dtype
+            # Under CPU offload the deltas stay where they were made; the step runs where the input is.
+            cast = dict(device=output.device, dtype=output.dtype)
             if "up" in own:
-                weight = (own["up"] @ own["down"]).reshape(module.weight.shape).to(dtype)
+                weight = (own["up"] @ own["down"]).reshape(module.weight.shape).to(**cast)
                 return output + _delta_output(module, x, weight, None)
             bias = own.get("bias")
-            return output + _delta_output(module, x, own["weight"].to(dtype),
-                                          None if bias is None else bias.to(dtype))
+            return output + _delta_output(module, x, own["weight"].to(**cast),
+                                          None if bias is None else bias.to(**cast))
 
         return hook
 

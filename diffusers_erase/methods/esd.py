@@ -90,7 +90,10 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     generator = torch.Generator().manual_seed(config.seed)
     table, pairs = prompt_table(pipe, concepts, anchors)
     latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    sampler.set_timesteps(config.ddim_steps, device=device)  # before any hook exists: it can raise
+    if config.ddim_steps > sampler.config.num_train_timesteps:
+        raise ValueError(f"ESDConfig.ddim_steps={config.ddim_steps} is above the scheduler's "
+                         f"num_train_timesteps={sampler.config.num_train_timesteps}; use at most that many.")
+    sampler.set_timesteps(config.ddim_steps, device=device)
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
 
     def loss_at(iteration: int) -> torch.Tensor:
