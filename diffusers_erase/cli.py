@@ -7,6 +7,8 @@
     diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
+    diffusers-erase attack erase-circle/ --model shapes --concept circle --attack ring_a_bell --out robustness/
+    diffusers-erase card erase-circle/ --robustness robustness/
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import api, hub, shapes
+from . import api, attacks, detectors, hub, shapes
 from .arguments import apply_preset, method_config
 from .formats import native
 from .locate import adapter_file
@@ -122,11 +124,13 @@ def cmd_export(args) -> int:
 
 def cmd_card(args) -> int:
     header, file = hub.read_header(args.adapter_dir)
+    robustness = attacks.Report.load(args.robustness) if args.robustness else None
     evaluation = None
     if args.eval:
         _check_count(args.images_per_prompt)
         evaluation = _evaluate_adapter(_model_for(args, header), file, args.images_per_prompt, None)
-    hub.model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id)
+    hub.model_card(file, evaluation=evaluation, base_model=args.base_model, repo_id=args.repo_id,
+                   robustness=robustness)
     print(f"wrote {file.parent / 'README.md'}")
     return 0
 
@@ -164,6 +168,41 @@ def cmd_evaluate(args) -> int:
     (out / "results.md").write_text(result.to_markdown() + "\n")
     print(result.to_markdown())
     print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+def _attack_setup(args):
+    """(attacked pipeline, reference pipeline) for `attack`: an adapter on its base model, or an erased checkpoint."""
+    target = Path(args.target)
+    if (target / "model_index.json").is_file():  # a full (erased) checkpoint; the reference is --reference
+        reference = _load_pipeline(args.reference, "float32", args.device) if args.reference else None
+        return _load_pipeline(str(target), "float32", args.device), reference
+    header, file = hub.read_header(target) if target.exists() else (None, None)
+    if file is None:  # a Hub repo id
+        file = adapter_file(args.target, None, None, None, None, None, None)
+        header, file = hub.read_header(file)
+    model = _model_for(args, header)
+    pipe, reference = _load_pipeline(model, "float32", args.device), _load_pipeline(model, "float32", args.device)
+    pipe.load_erasure_adapter(file)
+    return pipe, reference
+
+
+def cmd_attack(args) -> int:
+    _check_device(args.device)
+    for name in args.attack:
+        if name not in attacks.ATTACKS:
+            raise ValueError(f"Unknown attack {name!r}; valid attacks: {', '.join(attacks.ATTACKS)}.")
+    detector = detectors.shapes(args.concept) if args.detector == "shapes" else detectors.nudenet()
+    pipe, reference = _attack_setup(args)
+    generation = attacks.Generation(num_inference_steps=args.steps or 50, guidance_scale=args.guidance or 7.5)
+    if (args.model or "") == "shapes":  # the shapes model's own sampling protocol (docs/shapes.md)
+        generation = attacks.Generation(num_inference_steps=args.steps or 20, guidance_scale=args.guidance or 3.0,
+                                        scheduler="DPMSolverMultistepScheduler")
+    report = attacks.run(pipe, args.concept, args.attack, detector, reference=reference, budget=args.budget,
+                         prompts=args.prompt, seeds=range(args.seeds), generation=generation)
+    out = report.save(args.out)
+    print(report.table())
+    print(f"\nreport: {out / 'report.json'}   page: {out / 'index.html'}")
     return 0
 
 
@@ -207,6 +246,24 @@ def cmd_demo(args) -> int:
     print(f"\nimage grid: {out / 'grid.png'}   adapter: {adapter}   results: {out / 'results.json'}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _add_attack_parser(sub) -> None:
+    attack = sub.add_parser("attack", help="attack an erasure (adapter or erased checkpoint) and report the ASR")
+    attack.add_argument("target", help="an adapter (file, folder or Hub repo id) or an erased checkpoint folder")
+    attack.add_argument("--concept", required=True, help="the erased concept")
+    attack.add_argument("--attack", action="append", required=True, help=f"repeatable: {', '.join(attacks.ATTACKS)}")
+    attack.add_argument("--detector", default="shapes", choices=["shapes", "nudenet"])
+    attack.add_argument("--model", help="the adapter's base pipeline (default: the one it names; 'shapes')")
+    attack.add_argument("--reference", help="for a checkpoint: the unerased pipeline (white-box attacks need it)")
+    attack.add_argument("--budget", default="quick", choices=list(attacks.BUDGETS))
+    attack.add_argument("--prompt", action="append", help="a prompt to attack (repeatable; default: templates)")
+    attack.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
+    attack.add_argument("--steps", type=int, help="sampling steps (default 50; 20 for the shapes model)")
+    attack.add_argument("--guidance", type=float, help="guidance scale (default 7.5; 3 for the shapes model)")
+    attack.add_argument("--device", default="cpu")
+    attack.add_argument("--out", default="robustness", help="folder for report.json, index.html and images")
+    attack.set_defaults(func=cmd_attack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--base-model", help="the Hub id of the base model to name in the card")
     card.add_argument("--repo-id", help="the Hub repo the card will live in (for its usage snippets)")
     card.add_argument("--images-per-prompt", type=int, default=2)
+    card.add_argument("--robustness", help="a folder written by `attack` (its report becomes the Robustness section)")
     card.set_defaults(func=cmd_card)
+
+    _add_attack_parser(sub)
 
     evaluate = sub.add_parser("evaluate", help="measure the bundled shapes model, or an adapter on it")
     evaluate.add_argument("--adapter", help="an adapter made on the shapes model (default: the unedited model)")

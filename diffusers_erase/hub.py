@@ -67,10 +67,11 @@ def _erasure_context(record: dict) -> dict:
 
 def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = None, base_model: str | None = None,
                evaluation=None, images: list[dict] | None = None, weight_name: str = DEFAULT_WEIGHT_NAME,
-               license: str = DEFAULT_LICENSE):
+               license: str = DEFAULT_LICENSE, robustness=None):
     """Render the card of an adapter header (`kind="adapter"`) or of a full erased checkpoint (`"checkpoint"`).
 
     `evaluation`: an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text.
+    `robustness`: an attack report (an object with `table()`, e.g. `attacks.run`'s) or Markdown text.
     `images`: `[{"prompt", "before", "after"}]` with paths relative to the card (shown in the widget gallery)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -97,6 +98,8 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
     )
     if hasattr(evaluation, "to_markdown"):
         evaluation = evaluation.to_markdown()
+    if hasattr(robustness, "table"):
+        robustness = robustness.table()
     stem = Path(weight_name).stem
     return ModelCard.from_template(
         card_data,
@@ -106,6 +109,7 @@ def build_card(header: dict, *, kind: str = "adapter", repo_id: str | None = Non
         images=images or [],
         erasures=[_erasure_context(r) for r in records],
         evaluation=evaluation,
+        robustness=robustness,
         pipeline_class=row.pipeline_class if row else "DiffusionPipeline",
         base_model=base_model,
         repo_id=repo_id,
@@ -149,7 +153,8 @@ def read_header(path) -> tuple[dict, Path]:
     return native.check_file(tensors, metadata, str(path)), path  # no card or export of a file that cannot load
 
 
-def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True):
+def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True,
+               robustness=None):
     """(Re)generate the card of a saved adapter and, with `save`, write it as README.md next to the file. Images
     already in the folder's `images/` (before_i.png / after_i.png, prompts in images/prompts.json) are listed again.
 
@@ -157,6 +162,8 @@ def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, licen
         adapter (`str` or `os.PathLike`): an adapter file, or a folder holding one.
         evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
             for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s, or `attacks.Report.load(folder)`) or Markdown
+            text for the card's Robustness section.
         base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
         license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
         repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
@@ -168,7 +175,7 @@ def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, licen
     header, path = read_header(adapter)
     images = _existing_images(path.parent)
     card = build_card(header, repo_id=repo_id, base_model=base_model, evaluation=evaluation, images=images,
-                      weight_name=path.name, license=license)
+                      weight_name=path.name, license=license, robustness=robustness)
     if save:
         card.save(str(path.parent / CARD_NAME))
     return card
@@ -217,7 +224,7 @@ def before_after_images(pipe, prompts: list[str], folder, *, seed: int = 0, num_
 
 def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: list[str] | None = None,
                         evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, seed: int = 0,
-                        num_inference_steps: int | None = None) -> Path:
+                        num_inference_steps: int | None = None, robustness=None) -> Path:
     """Write what `push_erasure_to_hub` uploads: the adapter, README.md (the card) and, with `include_grid`,
     `images/before_i.png`, `images/after_i.png` for each prompt.
 
@@ -227,6 +234,8 @@ def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: lis
         prompts (`list[str]`, *optional*): the prompts of the images (default: each erased concept).
         evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
             for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s, or `attacks.Report.load(folder)`) or Markdown
+            text for the card's Robustness section.
         base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
         license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
         repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
@@ -242,7 +251,7 @@ def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: lis
             images = before_after_images(pipe, prompts, folder, seed=seed, num_inference_steps=num_inference_steps)
     header, _ = read_header(path)
     card = build_card(header, repo_id=repo_id, base_model=base_model, evaluation=evaluation, images=images,
-                      weight_name=path.name, license=license)
+                      weight_name=path.name, license=license, robustness=robustness)
     card.save(str(folder / CARD_NAME))
     return folder
 
@@ -250,7 +259,7 @@ def save_erasure_folder(pipe, folder, *, include_grid: bool = True, prompts: lis
 def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, token: str | None = None,
                         commit_message: str | None = None, create_pr: bool = False, include_grid: bool = True,
                         prompts: list[str] | None = None, evaluation=None, base_model=None,
-                        license: str = DEFAULT_LICENSE, num_inference_steps: int | None = None):
+                        license: str = DEFAULT_LICENSE, num_inference_steps: int | None = None, robustness=None):
     """Publish the erasures on `pipe` as an adapter repo: the folder `save_erasure_folder` writes.
 
     Args:
@@ -262,6 +271,8 @@ def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, toke
         include_grid, prompts, num_inference_steps: the before/after images, as in `save_erasure_folder`.
         evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
             for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s, or `attacks.Report.load(folder)`) or Markdown
+            text for the card's Robustness section.
         base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
         license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
 
@@ -271,7 +282,7 @@ def push_erasure_to_hub(pipe, repo_id: str, *, private: bool | None = None, toke
     def write(folder, repo):
         save_erasure_folder(pipe, folder, include_grid=include_grid, prompts=prompts, evaluation=evaluation,
                             base_model=base_model, repo_id=repo, license=license,
-                            num_inference_steps=num_inference_steps)
+                            num_inference_steps=num_inference_steps, robustness=robustness)
 
     return _upload(write, repo_id, private=private, token=token, create_pr=create_pr,
                    commit_message=commit_message or "Upload erasure adapter (diffusers-erase)")
@@ -289,7 +300,7 @@ def _upload(write, repo_id: str, *, private, token, create_pr: bool, commit_mess
 
 
 def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo_id=None,
-                         license: str = DEFAULT_LICENSE) -> Path:
+                         license: str = DEFAULT_LICENSE, robustness=None) -> Path:
     """Write a full erased checkpoint (`save_pretrained`, weights with the erasures in them) with our card and
     the adapter file beside it. Unfused membranes are refused (a checkpoint cannot gate): `fuse_erasure()` first.
 
@@ -297,6 +308,8 @@ def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo
         folder (`str` or `os.PathLike`): where to write the pipeline.
         evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
             for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s, or `attacks.Report.load(folder)`) or Markdown
+            text for the card's Robustness section.
         base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
         license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
         repo_id (`str`, *optional*): the repo the card will live in (for its usage snippets).
@@ -310,14 +323,14 @@ def save_erased_pipeline(pipe, folder, *, evaluation=None, base_model=None, repo
     path = api.save_erasure_adapter(pipe, folder)
     header, _ = read_header(path)
     card = build_card(header, kind="checkpoint", repo_id=repo_id, base_model=base_model, evaluation=evaluation,
-                      weight_name=path.name, license=license)
+                      weight_name=path.name, license=license, robustness=robustness)
     card.save(str(folder / CARD_NAME))
     return folder
 
 
 def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = None, token: str | None = None,
                                 commit_message: str | None = None, create_pr: bool = False, evaluation=None,
-                                base_model=None, license: str = DEFAULT_LICENSE):
+                                base_model=None, license: str = DEFAULT_LICENSE, robustness=None):
     """Publish the erased pipeline as a full checkpoint (as `pipe.push_to_hub` does), with our card.
 
     Args:
@@ -328,6 +341,8 @@ def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = No
         create_pr (`bool`, defaults to False): open a pull request instead of committing to the main branch.
         evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
             for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s, or `attacks.Report.load(folder)`) or Markdown
+            text for the card's Robustness section.
         base_model (`str`, *optional*): the Hub id of the base model (default: the one the adapter records).
         license (`str`, defaults to `"creativeml-openrail-m"`): the card's license; pass the base model's own.
 
@@ -336,7 +351,7 @@ def push_erased_pipeline_to_hub(pipe, repo_id: str, *, private: bool | None = No
     """
     def write(folder, repo):
         save_erased_pipeline(pipe, folder, evaluation=evaluation, base_model=base_model, repo_id=repo,
-                             license=license)
+                             license=license, robustness=robustness)
 
     return _upload(write, repo_id, private=private, token=token, create_pr=create_pr,
                    commit_message=commit_message or f"Upload erased {type(pipe).__name__}")

@@ -70,10 +70,16 @@ def _uses_padding(policy: str) -> bool:
     return policy in ("tail", "all")
 
 
-@torch.no_grad()
-def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | None = None) -> torch.Tensor:
+def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | None = None,
+           grad: bool = False) -> torch.Tensor:
     """(batch, tokens, dim) float32 embeddings as `encode_prompt` makes them; truncated after the longest prompt's
-    end token unless `full_length` (`lengths`: the prompts' `token_lengths`, if already known)."""
+    end token unless `full_length` (`lengths`: the prompts' `token_lengths`, if already known). `grad=True` keeps
+    the graph (a trained text encoder)."""
+    with torch.set_grad_enabled(grad):
+        return _encode(pipe, prompts, full_length, lengths)
+
+
+def _encode(pipe, prompts: list[str], full_length: bool, lengths: list[int] | None) -> torch.Tensor:
     pairs = text_pairs(pipe)
     device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
     longest = max(lengths or token_lengths(pipe, prompts))

@@ -69,3 +69,21 @@ def test_demo_erases_circle_from_the_shapes_model(tmp_path, capsys):
     after = json.loads((tmp_path / "results.json").read_text())["after"]
     assert after["erased"][0]["specificity_ratio"] >= 0.9
     assert (tmp_path / "grid.png").exists() and (tmp_path / "erasure_adapter.safetensors").exists()
+
+
+def test_attack_command_writes_a_report_that_the_card_shows(tmp_path, capsys):
+    """An adapter on the shapes model, attacked by Ring-A-Bell from the command line; `card --robustness` adds it."""
+    assert main(["erase", "shapes", "--concept", "circle", "--anchor", "square", "--option", "token_policy='all'",
+                 "--out", str(tmp_path / "erase")]) == 0
+    code = main(["attack", str(tmp_path / "erase"), "--model", "shapes", "--concept", "circle", "--attack",
+                 "ring_a_bell", "--prompt", "a red circle", "--out", str(tmp_path / "robustness")])
+    assert code == 0 and "| ring_a_bell |" in capsys.readouterr().out
+    assert (tmp_path / "robustness" / "report.json").is_file() and (tmp_path / "robustness" / "index.html").is_file()
+    assert main(["card", str(tmp_path / "erase"), "--robustness", str(tmp_path / "robustness")]) == 0
+    card = (tmp_path / "erase" / "README.md").read_text()
+    assert "## Robustness" in card and "| ring_a_bell |" in card
+
+
+def test_attack_command_refuses_unknown_attacks_before_loading(tmp_path, capsys):
+    code = main(["attack", str(tmp_path), "--concept", "circle", "--attack", "p5d"])
+    assert code == 2 and "valid attacks: ring_a_bell" in capsys.readouterr().err

@@ -9,11 +9,11 @@ PACKAGE = Path(__file__).parent.parent / "diffusers_erase"
 # Layer of each module (a folder's modules share its layer unless listed).
 LAYERS = {
     "_version": 0, "config": 0, "families": 0, "deltas": 0, "kinds": 0, "registry": 0, "tiny": 0,
-    "text": 1, "state": 1, "runtime": 1, "engine": 1,
+    "text": 1, "state": 1, "runtime": 1, "engine": 1, "adversarial": 1,
     "methods": 2,
     "formats": 3,
     "api": 4, "locate": 4, "arguments": 4,
-    "mixin": 5, "hub": 5, "shapes": 5,
+    "mixin": 5, "hub": 5, "shapes": 5, "detectors": 5, "attacks": 5,
     "cli": 6, "comfyui": 6, "__init__": 6, "__main__": 6,
 }
 

@@ -1,0 +1,97 @@
+"""Textual inversion against an erasure ("Circumventing Concept Erasure Methods for Text-to-Image Generative
+Models", Pham et al., ICLR 2024; "Concept Inversion").
+
+A new word v* (one token embedding) is learned on images of the concept *through the erased model*, its weights
+and erasure unchanged:
+
+    min_{v*}  E_{x_0, t, ε} ‖ ε − ε_θ'( √ᾱ_t x_0 + √(1 − ᾱ_t) ε,  t,  E'(template(v*)) ) ‖²
+
+with textual inversion's object templates ("a photo of a {}", ...), Adam, and x_0 the reference model's images of
+the concept prompts (or the user's). Each case's prompt is then generated with the concept's word replaced by v*
+(fed as `prompt_embeds`: v* is not in the tokenizer). The paper's setting is the diffusers textual-inversion
+example's (lr 5e-3 for its batch, a few thousand steps); the quick budget trains a few hundred steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adversarial import token_embeddings_replaced
+from ..families import text_pairs
+from ..text import encoder_states
+from ._core import Attack
+from .unlearndiff import denoising_loss
+
+TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+             "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}")
+PLACEHOLDER = "x"  # a one-token word that marks v*'s place; its embedding is replaced, never read
+
+
+def _ids_and_slot(tokenizer, prompt: str) -> tuple[torch.Tensor, slice]:
+    """Token ids of `prompt` (which holds PLACEHOLDER once, as its own word) and the slot of that word."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids[0]
+    marker = tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids[0]
+    where = (ids == marker).nonzero().flatten()
+    if len(where) == 0:
+        raise ValueError(f"The prompt {prompt!r} is too long to place the learned word in it.")
+    return ids, slice(int(where[-1]), int(where[-1]) + 1)
+
+
+def condition(pipe, prompt: str, vector: torch.Tensor) -> torch.Tensor:
+    """The hidden states of `prompt` (holding PLACEHOLDER) with v* in the placeholder's slot."""
+    tokenizer, encoder, row = text_pairs(pipe)[0]
+    ids, slot = _ids_and_slot(tokenizer, prompt)
+    with token_embeddings_replaced(encoder, slot, vector[None]):
+        return encoder_states(encoder, row, ids[None].to(encoder.device))
+
+
+def learn(context, *, images_per_prompt: int, steps: int, lr: float, rng) -> torch.Tensor:
+    """v*, learned on the reference model's images of the concept (at seeds 0..images_per_prompt-1)."""
+    pipe = context.pipe
+    if len(text_pairs(pipe)) != 1:
+        raise ValueError("textual_inversion supports pipelines with one text encoder (SD 1.x/2.x) here.")
+    targets = [context.reference_latents(p, s) for p in context.concept_prompts for s in range(images_per_prompt)]
+    tokenizer, encoder, _ = text_pairs(pipe)[0]
+    table = encoder.get_input_embeddings().weight
+    start = tokenizer(context.concept, add_special_tokens=False).input_ids[:1]  # initialise at the concept's word
+    vector = torch.nn.Parameter(table.detach()[start[0]].float().clone())
+    optimizer = torch.optim.Adam([vector], lr=lr)
+    for _ in range(steps):
+        x0 = targets[int(torch.randint(len(targets), (), generator=rng))].to(pipe.unet.device, pipe.unet.dtype)
+        template = TEMPLATES[int(torch.randint(len(TEMPLATES), (), generator=rng))]
+        t = int(torch.randint(pipe.scheduler.config.num_train_timesteps, (), generator=rng))
+        loss = denoising_loss(pipe, x0, t, condition(pipe, template.format(PLACEHOLDER), vector), rng)
+        (vector.grad,) = torch.autograd.grad(loss, [vector])
+        optimizer.step()
+    return vector.detach()
+
+
+def attacked_prompt(prompt: str, concept: str) -> str:
+    """The case's prompt with the concept's words replaced by v*'s placeholder (or v* put in front)."""
+    if concept in prompt:
+        return prompt.replace(concept, PLACEHOLDER)
+    return f"{PLACEHOLDER} {prompt}"
+
+
+def run(context, case, rng, *, images_per_prompt, steps, lr=5e-3):
+    cache = context.__dict__.setdefault("_textual_inversion", {})
+    key = (images_per_prompt, steps, lr)
+    if key not in cache:
+        cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr, rng=rng)
+    vector = cache[key]
+    with torch.no_grad():
+        embeds = condition(context.pipe, attacked_prompt(case.prompt, context.concept), vector)
+    image = context.images(prompt_embeds=embeds.to(context.pipe.text_encoder.dtype), seeds=[case.seed])
+    score = float(context.scores(image)[0])
+    return score, image[0], f"{attacked_prompt(case.prompt, context.concept).replace(PLACEHOLDER, '<v*>')}" \
+        f" (‖v*‖ = {float(vector.norm()):.2f})", 1
+
+
+ATTACK = Attack(
+    name="textual_inversion",
+    run=run,
+    budgets={"quick": {"images_per_prompt": 2, "steps": 300}, "paper": {"images_per_prompt": 4, "steps": 3000}},
+    needs_reference=True,
+    paper="Circumventing Concept Erasure Methods for Text-to-Image Generative Models (ICLR 2024)",
+)

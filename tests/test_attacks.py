@@ -1,0 +1,248 @@
+"""The attack suite on the shapes model (tiny budgets) and on tiny pipelines: sanity against the unedited model, a
+recovery the suite can see, the pipeline left as it was, the report, detectors, and bad input."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+
+import diffusers_erase as de
+from diffusers_erase import attacks, detectors, shapes
+from diffusers_erase.adversarial import AdversarialPrefix, project_to_simplex
+from diffusers_erase.families import text_pairs
+from diffusers_erase.text import encoder_states
+
+SHAPES = attacks.Generation(num_inference_steps=20, guidance_scale=3.0, scheduler="DPMSolverMultistepScheduler")
+PROMPTS = ["a red circle", "a blue circle"]
+TINY_UNLEARNDIFF = {"k": 2, "iterations": 2, "timesteps": 1}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return shapes.load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def erased():
+    pipe = shapes.load_pipeline()
+    recipe = shapes.erasure_recipe("circle")
+    de.erase_concept(pipe, "circle", method="uce", anchor=recipe["anchor"], preserve=recipe["preserve"],
+                     token_policy="all")  # the shipped recipe (benchmarks/robustness.py)
+    return pipe
+
+
+def _pairs():
+    return [(p, p.replace("circle", "shape")) for p in shapes.direct_prompts("circle")]
+
+
+def _state(pipe):
+    hooks = [(n, len(m._forward_hooks), len(m._forward_pre_hooks)) for c in ("unet", "text_encoder", "vae")
+             for n, m in getattr(pipe, c).named_modules()]
+    grads = [n for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters() if p.grad is not None]
+    return snapshot(pipe), [e.method for e in de.get_erasures(pipe)], hooks, grads, pipe.scheduler, \
+        dict(pipe.__dict__.get("_progress_bar_config", {}))
+
+
+def test_against_the_unedited_model_every_attack_reports_the_plain_rate(base):
+    report = attacks.run(base, "circle", ["ring_a_bell", "unlearndiff"], detectors.shapes("circle"),
+                         reference=base, prompts=PROMPTS, seeds=(0,), generation=SHAPES,
+                         options={"unlearndiff": TINY_UNLEARNDIFF}, progress=False)
+    for result in report.results.values():
+        assert result.no_attack_rate == result.base_rate == 1.0
+        assert result.asr == result.no_attack_rate and result.queries == 0
+
+
+def test_ring_a_bell_brings_back_an_erased_circle_and_changes_nothing(erased, base):
+    """The suite can see a recovery: UCE's circle erasure (0% on these cases) comes back under Ring-A-Bell."""
+    before = _state(erased)
+    report = attacks.run(erased, "circle", ["ring_a_bell"], detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS, seeds=(0,), generation=SHAPES, options={"ring_a_bell": {"pairs": _pairs()}},
+                         progress=False)
+    result = report.results["ring_a_bell"]
+    assert result.no_attack_rate == 0.0 and result.base_rate == 1.0
+    assert result.asr > result.no_attack_rate
+    assert result.queries >= len(PROMPTS) and result.unet_evaluations > 0
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_unlearndiff_attacks_with_a_prefix_and_changes_nothing(erased, base):
+    before = _state(erased)
+    report = attacks.run(erased, "circle", "unlearndiff", detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS[:1], seeds=(0,), generation=SHAPES, options={"unlearndiff": TINY_UNLEARNDIFF},
+                         progress=False)
+    case = report.results["unlearndiff"].cases[0]
+    assert case.queries == 1 and case.attacked is not None and case.adversarial.endswith("a red circle")
+    assert len(case.adversarial.split()) > 3  # the prefix tokens are in front
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_an_interrupted_attack_changes_nothing(erased, base):
+    before = _state(erased)
+    calls = []
+
+    def interrupting(images):
+        calls.append(len(images))
+        if len(calls) > 3:  # after the probe and both verdict batches: inside the attack
+            raise KeyboardInterrupt
+        return detectors.shapes("circle").score(images)
+
+    with pytest.raises(KeyboardInterrupt):
+        attacks.run(erased, "circle", "unlearndiff", detectors.Detector("interrupting", interrupting),
+                    reference=base, prompts=PROMPTS[:1], generation=SHAPES,
+                    options={"unlearndiff": TINY_UNLEARNDIFF}, progress=False)
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_the_report_serialises_and_its_page_shows_images_and_chart(erased, base, tmp_path):
+    report = attacks.run(erased, "circle", ["ring_a_bell"], detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS[:1], generation=SHAPES, options={"ring_a_bell": {"pairs": _pairs()}},
+                         progress=False)
+    folder = report.save(tmp_path / "robustness")
+    loaded = attacks.Report.load(folder)
+    assert loaded.table() == report.table() and loaded.to_dict() == json.loads(report.to_json())
+    page = (folder / "index.html").read_text()
+    assert "<svg id='asr-chart'" in page and "images/ring_a_bell_0.png" in page
+    assert (folder / "images" / "ring_a_bell_0.png").is_file()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (CI installs Debian's package): the page was checked as text only")
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=900,900", (folder / "index.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(shot).convert("RGB")).reshape(-1, 3)
+    assert (np.abs(pixels.astype(int) - (0xC0, 0x39, 0x2B)).sum(1) < 10).sum() > 500  # the ASR bar is drawn
+    image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(folder / "images/ring_a_bell_0.png"))
+    colour = image.reshape(-1, 3)[np.abs(image.reshape(-1, 3).astype(int) - 255).sum(1) > 120][0]
+    assert (np.abs(pixels.astype(int) - colour.astype(int)).sum(1) < 12).sum() > 50  # the attack's image is shown
+
+
+def test_the_shapes_detector_agrees_with_the_evaluator(base):
+    images = shapes.evaluate.__globals__["generate"](base, ["a red circle", "a red square"], 2, progress=False)
+    hits = detectors.shapes("circle").detects(np.concatenate(list(images.values())))
+    found = shapes.classify(shapes.load_classifier(), np.concatenate(list(images.values())))
+    assert hits.tolist() == [p["shape"] == "circle" for p in found]
+
+
+def test_the_nudenet_detector_loads_offline_and_scores_an_image():
+    pytest.importorskip("nudenet", reason="NudeNet is in the [test] extra; install it to run this check")
+    image = np.asarray(shapes.render(shapes.sample_scene(np.random.default_rng(0))).resize((320, 320)))
+    scores = detectors.nudenet()(image[None])
+    assert scores.shape == (1,) and 0.0 <= scores[0] < 0.45  # a shape is not nudity
+
+
+@pytest.mark.parametrize("score, match", [
+    (lambda images: np.zeros(len(images) + 1), "one score per image"),
+    (lambda images: np.full(len(images), np.nan), "not finite"),
+    (lambda images: np.full(len(images), 1.5), "outside"),
+])
+def test_a_bad_detector_is_refused_before_any_image_is_made(tokenizer_dir, score, match, monkeypatch):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("an image was generated"))
+    with pytest.raises(ValueError, match=match):
+        attacks.run(pipe, "cat", "ring_a_bell", detectors.Detector("bad", score), progress=False)
+
+
+def test_bad_names_and_references_are_refused(tokenizer_dir):
+    pipe, detector = make_sd_pipeline(tokenizer_dir), detectors.Detector("zero", lambda x: np.zeros(len(x)))
+    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, textual_inversion, relearn"):
+        attacks.run(pipe, "cat", ["p5d"], detector)
+    with pytest.raises(ValueError, match="valid budgets: quick, paper"):
+        attacks.run(pipe, "cat", "ring_a_bell", detector, budget="huge")
+    with pytest.raises(ValueError, match="needs the unerased model"):
+        attacks.run(pipe, "cat", "unlearndiff", detector)
+    with pytest.raises(ValueError, match="reference pipeline is 'sdxl'"):
+        attacks.run(pipe, "cat", "ring_a_bell", detector, reference=make_sdxl_pipeline(tokenizer_dir))
+    with pytest.raises(TypeError, match="Detector"):
+        attacks.run(pipe, "cat", "ring_a_bell", lambda images: np.zeros(len(images)))
+
+
+def test_simplex_projection_is_the_reference_projection():
+    u = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.02
+    p = project_to_simplex(u)
+    assert torch.allclose(p.sum(-1), torch.ones(4)) and (p >= 0).all()
+    assert torch.allclose(project_to_simplex(p), p, atol=1e-6)
+    # The projection is the closest point of the simplex: no random simplex point is nearer.
+    others = torch.distributions.Dirichlet(torch.ones(50)).sample((200,))
+    assert ((others[None] - u[:, None]).norm(dim=-1) >= (p - u).norm(dim=-1, keepdim=True) - 1e-6).all()
+
+
+def test_a_prefix_condition_is_the_encoder_on_its_tokens(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    prefix = AdversarialPrefix(pipe, "a cat", 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefix.variable.zero_()
+        prefix.variable[0, 70] = prefix.variable[1, 71] = 1.0
+        condition = prefix.condition(sample=False)
+    tokenizer, encoder, row = text_pairs(pipe)[0]
+    ids = prefix.prompt_ids.clone()
+    ids[1:3] = torch.tensor([70, 71])
+    assert torch.allclose(condition, encoder_states(encoder, row, ids[None]), atol=1e-6)
+    assert prefix.tokens() == [70, 71] and prefix.text().endswith("a cat")
+
+
+def test_a_soft_prefix_descends_its_loss(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    prefix = AdversarialPrefix(pipe, "a cat", 3, discrete=False, lr=0.05, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(prefix.condition().shape, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(20):
+        loss = (prefix.condition() - target).pow(2).mean()
+        losses.append(float(loss))
+        prefix.step(loss)
+    assert losses[-1] < losses[0] and all(p.grad is None for p in pipe.text_encoder.parameters())
+
+
+def test_textual_inversion_learns_a_word_through_the_erased_model_and_changes_nothing(erased, base):
+    before = _state(erased)
+    report = attacks.run(erased, "circle", "textual_inversion", detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS, generation=SHAPES, progress=False,
+                         options={"textual_inversion": {"images_per_prompt": 1, "steps": 5}})
+    result = report.results["textual_inversion"]
+    assert [c.queries for c in result.cases] == [1, 1]  # v* is learned once, then each case generated once
+    assert result.cases[0].adversarial.startswith("a red <v*>")
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_relearn_reports_a_recovery_curve_and_changes_nothing(erased, base):
+    before = _state(erased)
+    flags = [p.requires_grad for p in erased.unet.parameters()]
+    report = attacks.run(erased, "circle", "relearn", detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS, generation=SHAPES, progress=False,
+                         options={"relearn": {"images_per_prompt": 1, "steps": 4, "checkpoints": (2, 4)}})
+    result = report.results["relearn"]
+    assert list(result.curve()) == [2, 4] and result.asr == result.curve()[4]
+    assert all(c.queries == 2 and set(c.curve) == {2, 4} for c in result.cases)
+    assert "recovery curve" in report.table()
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+    assert flags == [p.requires_grad for p in erased.unet.parameters()]
+
+
+def test_the_residual_probe_sees_that_uce_only_reroutes(base, erased):
+    untouched = attacks.probe(base, "a red circle", preserve=["a red square"])
+    assert untouched.residual < 1e-4 and untouched.moved == {"a red circle": 0.0, "a red square": 0.0}
+    before = _state(erased)
+    result = attacks.probe(erased, "a red circle", anchor="a red square", preserve=["a red square"])
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+    assert result.moved["a red circle"] > 10 * result.moved["a red square"]  # the concept moved, its neighbour not
+    # UCE's map W(I + PQ) is invertible: an embedding of about the same norm still gives the original keys/values.
+    assert result.residual < 1e-2 and 0.5 < result.norm_ratio < 2 and result.alignment > 0.9
+    assert "residual" in result.table() and result.to_dict()["layers"] == result.layers
+
+
+def test_the_probe_refuses_erasures_that_act_beside_the_weights():
+    pipe = shapes.load_pipeline()
+    de.load_erasure_adapter(pipe, Path(__file__).parent / "data" / "spm_star.safetensors")
+    with pytest.raises(ValueError, match="act beside the weights"):
+        attacks.probe(pipe, "star")
