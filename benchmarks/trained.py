@@ -2,6 +2,8 @@
 
     python benchmarks/trained.py                       # ESD (esd-x, ESDConfig.tiny()) erasing "circle"
     python benchmarks/trained.py --save tests/data/esd_circle.safetensors
+    python benchmarks/trained.py --method fewshot      # FewShotConfig.tiny() on 8 renders of circles
+    python benchmarks/trained.py --method advunlearn   # AdvUnlearnConfig.tiny(), the recipe's preserve as retain set
 
 Each row: the shapes evaluation of the erased concept (direct / synonym efficacy), every other shape's ratio to
 the base model, training seconds and the process's peak resident memory. Results go to
@@ -17,6 +19,7 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import diffusers_erase as de
@@ -27,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="esd", choices=["esd", "fewshot", "advunlearn"])
     parser.add_argument("--concept", default="circle")
     parser.add_argument("--anchor", default=None, help='the anchor (default: ESD\'s "")')
     parser.add_argument("--train-method", default="esd-x")
@@ -44,9 +48,20 @@ def main() -> None:
                            progress=False)
     options = {k: v for k, v in {"iterations": args.iterations, "lr": args.lr, "train_method": args.train_method,
                                  "lora_rank": args.lora_rank}.items() if v is not None}
-    config = de.ESDConfig.tiny(**options)
+    preserve = None
+    if args.method == "esd":
+        config = de.ESDConfig.tiny(**options)
+    elif args.method == "fewshot":
+        options.pop("train_method")
+        rng = np.random.default_rng(0)
+        images = [shapes.render(shapes.sample_scene(rng, shape=args.concept)) for _ in range(8)]
+        config = de.FewShotConfig.tiny(images=images, **options)
+    else:
+        options["train_method"] = "text_encoder_full" if args.train_method == "esd-x" else args.train_method
+        config = de.AdvUnlearnConfig.tiny(**options)
+        preserve = shapes.erasure_recipe(args.concept)["preserve"]  # the retain prompts
     start = time.perf_counter()
-    record = pipe.erase_concept(args.concept, method=config, anchor=args.anchor)
+    record = pipe.erase_concept(args.concept, method=config, anchor=args.anchor, preserve=preserve)
     seconds = time.perf_counter() - start
     if args.save is not None:
         pipe.save_erasure_adapter(args.save.parent, weight_name=args.save.name)
@@ -55,7 +70,7 @@ def main() -> None:
     score = after.erased[0]
     others = {s: after.scores[s].direct / max(base.scores[s].direct, 1e-9) for s in shapes.SHAPES
               if s != args.concept}
-    row = {"method": "esd", "concept": args.concept, "anchor": args.anchor or "", "options": config.to_dict(),
+    row = {"method": args.method, "concept": args.concept, "anchor": args.anchor or "", "options": config.to_dict(),
            "seconds": round(seconds, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
            "payload_bytes": sum(d.nbytes for d in record.edit.deltas.values()),

@@ -13,6 +13,7 @@
 Every pipeline method is also a plain function taking the pipeline first.
 """
 
+from . import attacks, detectors
 from ._version import __version__
 from .api import (
     erase_concept,
@@ -36,7 +37,9 @@ from .hub import (
     save_erasure_folder,
 )
 from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
+from .methods.advunlearn import AdvUnlearnConfig
 from .methods.esd import ESDConfig
+from .methods.fewshot import FewShotConfig
 from .methods.rece import RECEConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
@@ -45,6 +48,7 @@ from .registry import available_methods, register_method
 from .text import TOKEN_POLICIES
 
 __all__ = [
+    "AdvUnlearnConfig",
     "Dense",
     "Erasure",
     "ErasureConfig",
@@ -53,6 +57,7 @@ __all__ = [
     "LowRank",
     "Membrane",
     "ESDConfig",
+    "FewShotConfig",
     "RECEConfig",
     "SPMConfig",
     "TOKEN_POLICIES",
@@ -60,6 +65,8 @@ __all__ = [
     "UCEConfig",
     "WeightEdit",
     "__version__",
+    "attacks",
+    "detectors",
     "available_methods",
     "enable_erasure",
     "erase_concept",

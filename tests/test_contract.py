@@ -53,6 +53,7 @@ if "scale_guard" not in available_methods():
 
 TINY_SPM = dict(iterations=2, lr=1e-2, max_denoising_steps=3, la_samples=1)
 TINY_ESD = dict(iterations=2, lr=1e-2, ddim_steps=3)
+TINY_ADV = dict(iterations=2, lr=1e-2, ddim_steps=3, attack_step=1, warmup_iter=1, retain_batch=2)
 # (method, options, pipeline factory, exports that must round-trip)
 METHOD_CASES = [
     ("uce", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
@@ -61,6 +62,8 @@ METHOD_CASES = [
     ("spm", TINY_SPM, make_sd_pipeline, ("kohya", "lora")),
     ("esd", TINY_ESD, make_sd_pipeline, ()),
     ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),
+    ("advunlearn", TINY_ADV, make_sd_pipeline, ()),
+    ("fewshot", {"zero_shot": True, "lr": 1e-2, "epochs": 1}, make_sd_pipeline, ()),
     ("scale_guard", {}, make_sd_pipeline, ()),
 ]
 IDS = [f"{m}-{f.__name__.split('_')[1]}" + ("-lora" if o.get("lora_rank") else "") for m, o, f, _ in METHOD_CASES]

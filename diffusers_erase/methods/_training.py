@@ -53,7 +53,7 @@ class TrainedConfig(ErasureConfig):
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        if self.iterations < 1:
+        if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"{name}.iterations must be a positive integer, got {self.iterations!r}.")
         if not self.lr > 0:
             raise ValueError(f"{name}.lr must be > 0, got {self.lr!r}.")
@@ -183,15 +183,17 @@ def partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: floa
 
 
 def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor], config: TrainedConfig,
-             optimizer: torch.optim.Optimizer, what: str) -> None:
-    """Run `config.iterations` steps of `optimizer` on `loss_at(iteration)` with a progress bar and the callback.
+             optimizer: torch.optim.Optimizer, what: str, total: int | None = None) -> None:
+    """Run `total` (default `config.iterations`) steps of `optimizer` on `loss_at(iteration)` with a progress bar
+    and the callback.
     Float16 models get dynamic loss scaling (the deltas are float32). A non-finite loss stops the run: nothing has
     been applied to the pipeline, and the error names the iteration."""
     dtype = pipe.unet.dtype
     scaler = torch.amp.GradScaler(pipe.unet.device.type, enabled=dtype == torch.float16)
     params = trainable.parameters()
-    with pipe.progress_bar(total=config.iterations) as bar:
-        for iteration in range(config.iterations):
+    total = config.iterations if total is None else total
+    with pipe.progress_bar(total=total) as bar:
+        for iteration in range(total):
             loss = loss_at(iteration)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
