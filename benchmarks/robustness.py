@@ -1,6 +1,6 @@
 """Attack success on the shapes model's shipped recipe erasures, at the `quick` budget.
 
-    python benchmarks/robustness.py                       # uce, rece (circle), spm (star), esd (circle)
+    python benchmarks/robustness.py                  # uce, rece (circle), spm (star), esd, advunlearn (circle)
     python benchmarks/robustness.py --methods uce --attacks ring_a_bell
 
 For each erasure: every attack's ASR over the concept's direct prompts (one seed each), beside the erased model's
@@ -39,15 +39,15 @@ def erase(pipe, method: str) -> str:
     if method == "spm":
         de.load_erasure_adapter(pipe, DATA / "spm_star.safetensors")
         return "star"
-    if method == "esd":
-        de.load_erasure_adapter(pipe, DATA / "esd_circle.safetensors")
+    if method in ("esd", "advunlearn"):
+        de.load_erasure_adapter(pipe, DATA / f"{method}_circle.safetensors")
         return "circle"
     raise ValueError(f"unknown method {method!r}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["uce", "rece", "spm", "esd"])
+    parser.add_argument("--methods", nargs="+", default=["uce", "rece", "spm", "esd", "advunlearn"])
     parser.add_argument("--attacks", nargs="+", default=list(attacks.ATTACKS))
     parser.add_argument("--budget", default="quick")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
@@ -68,9 +68,11 @@ def main() -> None:
         print(f"## {method} ({concept}), {time.perf_counter() - start:.0f} s\n\n{report.table()}\n", flush=True)
         rows[method] = report.to_dict()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    kept = previous.get("results", {}) if previous.get("budget") == args.budget else {}
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                    "budget": args.budget, "results": rows}, indent=2) + "\n")
+                                    "budget": args.budget, "results": {**kept, **rows}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

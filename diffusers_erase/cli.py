@@ -20,13 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import api, attacks, detectors, hub, shapes
 from .arguments import apply_preset, method_config
 from .formats import native
 from .locate import adapter_file
+from .methods.advunlearn import AdvUnlearnConfig
 from .methods.esd import ESDConfig
+from .methods.fewshot import FewShotConfig
 from .methods.spm import SPMConfig
 from .mixin import enable_erasure
 from .registry import available_methods, get_method
@@ -224,6 +227,13 @@ def cmd_demo(args) -> int:
     if args.method == "esd":  # trained: the tiny model's budget, toward ESD's own "" (measured: docs/methods/esd.md)
         method, preserve, options = ESDConfig.tiny(**options), [], {}
         anchor = "" if args.anchor is None else args.anchor
+    if args.method == "advunlearn":  # the tiny budget; the recipe's preserve set is its retain set
+        method, options, anchor = AdvUnlearnConfig.tiny(**options), {}, ""
+    if args.method == "fewshot":  # the tiny budget, on renders of the concept from the world
+        rng = np.random.default_rng(0)
+        images = [shapes.render(shapes.sample_scene(rng, **{shapes.concept_attribute(args.concept): args.concept}))
+                  for _ in range(8)]
+        method, preserve, options, anchor = FewShotConfig.tiny(images=images, **options), [], {}, ""
     method_config(method, **options)  # checked before the first image is made
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)

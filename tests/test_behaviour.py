@@ -255,3 +255,27 @@ def test_esd_erases_circle_and_keeps_other_shapes(shapes_run):
     assert_erased(shapes, after, baseline, "circle", max_rate=0.10)
     assert after.erased[0].residue <= 0.20, after.to_markdown()
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
+
+
+# --- AdvUnlearn (trained, text encoder) -----------------------------------------------------------------------
+# The same bar. AdvUnlearnConfig.tiny() (text_encoder_full, 100 iterations, the circle recipe's preserve set as
+# retain prompts) trained once and shipped as a dense text-encoder adapter:
+#     python benchmarks/trained.py --method advunlearn --save tests/data/advunlearn_circle.safetensors
+# The loop itself is covered on tiny pipelines in tests/test_advunlearn.py.
+
+ADVUNLEARN_CIRCLE = Path(__file__).parent / "data" / "advunlearn_circle.safetensors"
+
+
+def test_advunlearn_erases_circle_and_keeps_other_shapes(shapes_run):
+    shapes, pipe, baseline = shapes_run
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    [record] = pipe.load_erasure_adapter(ADVUNLEARN_CIRCLE)
+    try:
+        assert record.method == "advunlearn" and all(n.startswith("text_encoder.") for n in record.modules)
+        after = shapes.evaluate(pipe, erased=["circle"], concepts=list(shapes.SHAPES), baseline=baseline,
+                                progress=False)
+    finally:
+        pipe.unload_erasure()
+    assert_erased(shapes, after, baseline, "circle", max_rate=0.10)
+    assert after.erased[0].residue <= 0.20, after.to_markdown()
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in before.items())

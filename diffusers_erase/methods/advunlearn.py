@@ -103,9 +103,9 @@ class AdvUnlearnConfig(TrainedConfig):
 
     @classmethod
     def tiny(cls, **overrides) -> "AdvUnlearnConfig":
-        """The budget for the bundled shapes model: fewer, larger steps, a short sampling schedule and a short
-        inner attack. Not meant for real checkpoints (use the defaults there)."""
-        options = dict(iterations=300, lr=1e-4, ddim_steps=20, attack_step=3, warmup_iter=50)
+        """The budget for the bundled shapes model: 100 iterations at lr 5e-4 (30 of warm-up), 20 DDIM steps, 3
+        attack steps. Not meant for real checkpoints (use the defaults there)."""
+        options = dict(iterations=100, lr=5e-4, ddim_steps=20, attack_step=3, warmup_iter=30)
         options.update(overrides)
         return cls(**options)
 
