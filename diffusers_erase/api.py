@@ -282,6 +282,9 @@ def layout(pipe) -> Layout:
     family = family_of(pipe)
     model = getattr(pipe, family.denoiser)
     params = {f"{family.denoiser}.{n}": tuple(p.shape) for n, p in model.named_parameters()}
+    encoder = family.text_encoders[0].encoder
+    if getattr(pipe, encoder, None) is not None:  # whole text encoders import as dense edits
+        params.update({f"{encoder}.{n}": tuple(p.shape) for n, p in getattr(pipe, encoder).named_parameters()})
     return Layout(
         family=family,
         unet_config=dict(model.config),
@@ -301,6 +304,8 @@ def _scope(erasure: Erasure) -> str:
     try:
         return get_method(erasure.method).config_cls.edit_scope
     except ValueError:  # "imported" and records of methods this version does not have: what their kind edits
+        if erasure.edit.deltas and all(isinstance(d, Dense) for d in erasure.edit.deltas.values()):
+            return "trainable"  # dense deltas (an imported text encoder): what a trained method may edit
         return erasure.edit.default_scope
 
 
@@ -511,6 +516,29 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata=metadata)
     return out_file
+
+
+@exclusive
+def export_text_encoder(pipe, save_directory) -> Path:
+    """Write the pipeline's text encoder, with the erasures that edit it, as a diffusers `text_encoder/` folder
+    (transformers `save_pretrained`, safetensors): the form AdvUnlearn and few-shot erasing publish, which
+    `CLIPTextModel.from_pretrained` loads and which swaps into any pipeline of the same text encoder. Returns the
+    folder (`save_directory/text_encoder`). `load_erasure_adapter` reads such a folder back as an imported edit.
+
+    Args:
+        save_directory (`str` or `os.PathLike`): the folder that receives `text_encoder/`.
+    """
+    encoder = family_of(pipe).text_encoders[0].encoder
+    edits = [e for e in get_erasures(pipe) if any(n.startswith(f"{encoder}.") for n in e.modules)]
+    if not edits:
+        raise ValueError(f"No erasure on this pipeline edits its {encoder}; there is no text encoder to export (use "
+                         "`export_adapter` for UNet edits).")
+    if any(not n.startswith(f"{encoder}.") for e in edits for n in e.modules):
+        raise ValueError(f"An erasure edits the {encoder} and other components together; a text encoder folder would "
+                         "carry only part of it. Save it with `save_erasure_adapter`.")
+    out = Path(save_directory) / encoder
+    getattr(pipe, encoder).save_pretrained(out, safe_serialization=True)  # the live weights carry the edits
+    return out
 
 
 def _export_info(pipe) -> dict:

@@ -1,11 +1,12 @@
 """Read any supported state dict into `(header, erasures)`: our formats 1 and 2, and the foreign formats (kohya
-and SPM LoRAs, `.diff` files, peft folders, partial weight files), which convert to format 1 first."""
+and SPM LoRAs, `.diff` files, peft folders, partial weight files, whole text encoders), which convert to format 1
+(text encoders: format 2) first."""
 
 from __future__ import annotations
 
 import torch
 
-from . import kohya, lora, native, partial, peft
+from . import kohya, lora, native, partial, peft, text_encoder
 from .layout import Layout
 
 
@@ -17,6 +18,8 @@ def parse_any(layout: Layout, tensors: dict[str, torch.Tensor], metadata: dict[s
         tensors, metadata = kohya.kohya_to_adapter(layout, tensors, metadata, source)
     elif peft.is_peft_state_dict(tensors):
         tensors = peft.peft_to_adapter(tensors)
+    elif native.METADATA_KEY not in metadata and text_encoder.is_text_encoder_state_dict(layout, tensors):
+        tensors, metadata = text_encoder.text_encoder_to_adapter(layout, tensors, metadata, source)
     elif native.METADATA_KEY not in metadata and partial.is_partial_weights(tensors):
         tensors, metadata = partial.partial_weights_to_adapter(layout, tensors, metadata, source)
     header = native.read_header(metadata, source)
