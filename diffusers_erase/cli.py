@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from . import api, attacks, detectors, hub, shapes
 from .arguments import apply_preset, method_config
@@ -203,9 +204,10 @@ def cmd_attack(args) -> int:
                                         scheduler="DPMSolverMultistepScheduler")
     report = attacks.run(pipe, args.concept, args.attack, detector, reference=reference, budget=args.budget,
                          prompts=args.prompt, seeds=range(args.seeds), generation=generation)
-    out = report.save(args.out)
-    print(report.table())
-    print(f"\nreport: {out / 'report.json'}   page: {out / 'index.html'}")
+    if PartialState().is_main_process:  # under accelerate/torchrun every process holds the gathered report
+        out = report.save(args.out)
+        print(report.table())
+        print(f"\nreport: {out / 'report.json'}   page: {out / 'index.html'}")
     return 0
 
 

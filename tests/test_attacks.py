@@ -246,3 +246,52 @@ def test_the_probe_refuses_erasures_that_act_beside_the_weights():
     de.load_erasure_adapter(pipe, Path(__file__).parent / "data" / "spm_star.safetensors")
     with pytest.raises(ValueError, match="act beside the weights"):
         attacks.probe(pipe, "star")
+
+
+SHARDED_SCRIPT = '''
+import json
+import sys
+from accelerate import PartialState
+import diffusers_erase as de
+from diffusers_erase import attacks, detectors, shapes
+
+base, pipe = shapes.load_pipeline(), shapes.load_pipeline()
+recipe = shapes.erasure_recipe("circle")
+de.erase_concept(pipe, "circle", method="uce", anchor=recipe["anchor"], preserve=recipe["preserve"],
+                 token_policy="all")
+generation = attacks.Generation(num_inference_steps=20, guidance_scale=3.0, scheduler="DPMSolverMultistepScheduler")
+report = attacks.run(pipe, "circle", ["ring_a_bell", "textual_inversion", "relearn"], detectors.shapes("circle"),
+                     reference=base, prompts=["a red circle", "a blue circle", "a green circle"],
+                     generation=generation, progress=False,
+                     options={"textual_inversion": {"images_per_prompt": 1, "steps": 5},
+                              "relearn": {"images_per_prompt": 1, "steps": 4, "checkpoints": (2, 4)}})
+state = PartialState()
+if state.is_main_process:
+    open(sys.argv[1], "w").write(json.dumps({"processes": state.num_processes, **report.to_dict()}))
+'''
+
+
+def test_a_sharded_run_over_two_processes_gives_the_single_process_report(tmp_path):
+    """Two CPU processes (`torchrun --nproc_per_node 2`: accelerate's MULTI_CPU state) split the cases; the gathered
+    report is the single run's."""
+    import os
+    import sys
+
+    script = tmp_path / "attack.py"
+    script.write_text(SHARDED_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, out in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], "sharded.json"),
+                          ([], "single.json")):
+        subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / out)], check=True, env=env,
+                       capture_output=True, timeout=600, cwd=tmp_path)
+    sharded, single = (json.loads((tmp_path / f).read_text()) for f in ("sharded.json", "single.json"))
+    assert (sharded["processes"], single["processes"]) == (2, 1)
+    for name in ("ring_a_bell", "textual_inversion", "relearn"):
+        a, b = sharded["results"][name]["cases"], single["results"][name]["cases"]
+        assert [c["prompt"] for c in a] == ["a red circle", "a blue circle", "a green circle"]
+        for x, y in zip(a, b):
+            assert (x["success"], x["adversarial"], x["queries"]) == (y["success"], y["adversarial"], y["queries"])
+            assert x["no_attack"] == pytest.approx(y["no_attack"], abs=1e-4)
+            assert (x["attacked"] is None) == (y["attacked"] is None)
+            if x["attacked"] is not None:
+                assert x["attacked"] == pytest.approx(y["attacked"], abs=1e-4)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..detectors import Detector
@@ -78,46 +80,64 @@ def run(pipe, concept: str, attacks, detector: Detector, *, reference=None, budg
     options = dict(options or {})
     chosen = _check(pipe, attacks, detector, reference, budget, options)
     prompts = list(prompts) if prompts else [t.format(concept) for t in DEFAULT_PROMPTS]
-    context = Context(pipe, reference, detector, concept, generation or Generation(), progress)
-    context.concept_prompts = prompts
+    # One process, or this process's share under `accelerate launch` (GPUs) or `torchrun` (CPU processes).
+    shard = PartialState(cpu=getattr(pipe, family_of(pipe).denoiser).device.type == "cpu")
+    context = Context(pipe, reference, detector, concept, generation or Generation(),
+                      progress and shard.is_main_process)
+    context.concept_prompts, context.seed = prompts, seed
     cases = [Case(p, int(s)) for p in prompts for s in seeds]
-    _verdicts(context, cases)
-    context.cases = cases
+    with shard.split_between_processes(list(range(len(cases)))) as mine:
+        mine = list(mine)
+    context.cases = [cases[i] for i in mine]
+    _verdicts(context, context.cases)
     results = {}
     for attack in chosen:
         settings = {**attack.budgets[budget], **options.get(attack.name, {})}
-        results[attack.name] = _attack(context, attack, budget, settings, cases, seed)
+        results[attack.name] = _gathered(shard, _attack(context, attack, budget, settings, mine, seed))
     return Report(concept=concept, detector=detector.name, threshold=detector.threshold, budget=budget,
                   generation=context.generation, results=results)
 
 
 def _verdicts(context: Context, cases: list[Case]) -> None:
-    """The no-attack score of every case (and the base model's, with a reference)."""
-    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-    for c, score in zip(cases, context.scores(context.images(prompts=prompts, seeds=seeds))):
-        c.no_attack = float(score)
-    if context.reference is not None:
-        for c, score in zip(cases, context.scores(context.images(context.reference, prompts=prompts, seeds=seeds))):
-            c.base = float(score)
+    """The no-attack score of every case (and the base model's, with a reference). One image per call, so a case's
+    verdict does not depend on which others share its batch (sharded and single runs agree)."""
+    for c in cases:
+        c.no_attack = float(context.scores(context.images(prompts=[c.prompt], seeds=[c.seed]))[0])
+        if context.reference is not None:
+            c.base = float(context.scores(context.images(context.reference, prompts=[c.prompt], seeds=[c.seed]))[0])
 
 
-def _attack(context: Context, attack: Attack, budget: str, settings: dict, cases, seed: int) -> AttackResult:
+def _attack(context: Context, attack: Attack, budget: str, settings: dict, indices: list[int],
+            seed: int) -> AttackResult:
     elapsed, before = time_it(), context.unet_evaluations
-    rng = torch.Generator().manual_seed(seed)
-    out = [Case(c.prompt, c.seed, c.no_attack, c.base) for c in cases]
+    out = [Case(c.prompt, c.seed, c.no_attack, c.base) for c in context.cases]
     images = {}
     with context.counting():
-        for index, case in enumerate(tqdm(out, desc=attack.name, disable=not context.progress)):
+        for index, case in zip(indices, tqdm(out, desc=attack.name, disable=not context.progress)):
             if case.no_attack >= context.detector.threshold:
                 case.success = True  # the erasure already fails here: no attack needed (UnlearnDiffAtk's protocol)
                 continue
+            rng = torch.Generator().manual_seed(seed * 1_000_003 + index)  # per case: shards draw the same
             score, image, adversarial, queries = attack.run(context, case, rng, **settings)
             case.attacked, case.adversarial, case.queries = score, adversarial, queries
             case.success = bool(score >= context.detector.threshold)
             if image is not None:
                 images[index] = np.asarray(image)
-    return AttackResult(attack.name, budget, _jsonable(settings), out, context.detector.threshold,
-                        seconds=elapsed(), unet_evaluations=context.unet_evaluations - before, images=images)
+    result = AttackResult(attack.name, budget, _jsonable(settings), out, context.detector.threshold,
+                          seconds=elapsed(), unet_evaluations=context.unet_evaluations - before, images=images)
+    result.indices = indices
+    return result
+
+
+def _gathered(shard, result: AttackResult) -> AttackResult:
+    """Every process's cases in case order (the wall time is the slowest process's, evaluations the sum)."""
+    if shard.num_processes == 1:
+        return result
+    parts = gather_object([(result.indices, result.cases, result.images, result.seconds, result.unet_evaluations)])
+    order = sorted(((i, c) for indices, cases, *_ in parts for i, c in zip(indices, cases)), key=lambda p: p[0])
+    images = {i: image for *_, part, _, _ in parts for i, image in part.items()}
+    return AttackResult(result.attack, result.budget, result.options, [c for _, c in order], result.threshold,
+                        seconds=max(p[3] for p in parts), unet_evaluations=sum(p[4] for p in parts), images=images)
 
 
 def _jsonable(settings: dict) -> dict:

@@ -106,7 +106,8 @@ class Context:
         self.pipe, self.reference, self.detector = pipe, reference, detector
         self.concept, self.generation, self.progress = concept, generation, progress
         self.concept_prompts: list[str] = []  # the prompts attacked (what attacks that learn from images use)
-        self.cases: list[Case] = []  # every case, with its no-attack score
+        self.cases: list[Case] = []  # this process's cases, with their no-attack scores
+        self.seed = 0  # what attacks that learn once per run (textual inversion, relearn) seed their draws with
         self.unet_evaluations = 0
         self._reference_latents: dict = {}
 

@@ -58,8 +58,9 @@ def run(context, case, rng, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, c
     cache = context.__dict__.setdefault("_relearn", {})
     key = (images_per_prompt, steps, lr, lora_rank, checkpoints)
     if key not in cache:
-        cache[key] = _relearn_all(context, rng, images_per_prompt=images_per_prompt, steps=steps, lr=lr,
-                                  lora_rank=lora_rank, checkpoints=checkpoints)
+        cache[key] = _relearn_all(context, torch.Generator().manual_seed(context.seed),  # same on every shard
+                                  images_per_prompt=images_per_prompt, steps=steps, lr=lr, lora_rank=lora_rank,
+                                  checkpoints=checkpoints)
     scores, images = cache[key][(case.prompt, case.seed)]
     case.curve = dict(zip(checkpoints, scores))
     return scores[-1], images[-1], f"rank-{lora_rank} LoRA, {steps} steps", len(checkpoints)

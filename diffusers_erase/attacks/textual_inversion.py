@@ -78,7 +78,8 @@ def run(context, case, rng, *, images_per_prompt, steps, lr=5e-3):
     cache = context.__dict__.setdefault("_textual_inversion", {})
     key = (images_per_prompt, steps, lr)
     if key not in cache:
-        cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr, rng=rng)
+        cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr,
+                           rng=torch.Generator().manual_seed(context.seed))  # the same word on every shard
     vector = cache[key]
     with torch.no_grad():
         embeds = condition(context.pipe, attacked_prompt(case.prompt, context.concept), vector)
