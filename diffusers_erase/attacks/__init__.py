@@ -123,10 +123,9 @@ def _attack(context: Context, attack: Attack, budget: str, settings: dict, indic
             case.success = bool(score >= context.detector.threshold)
             if image is not None:
                 images[index] = np.asarray(image)
-    result = AttackResult(attack.name, budget, _jsonable(settings), out, context.detector.threshold,
-                          seconds=elapsed(), unet_evaluations=context.unet_evaluations - before, images=images)
-    result.indices = indices
-    return result
+    return AttackResult(attack.name, budget, _jsonable(settings), out, context.detector.threshold,
+                        seconds=elapsed(), unet_evaluations=context.unet_evaluations - before, images=images,
+                        indices=list(indices))
 
 
 def _gathered(shard, result: AttackResult) -> AttackResult:
@@ -137,7 +136,8 @@ def _gathered(shard, result: AttackResult) -> AttackResult:
     order = sorted(((i, c) for indices, cases, *_ in parts for i, c in zip(indices, cases)), key=lambda p: p[0])
     images = {i: image for *_, part, _, _ in parts for i, image in part.items()}
     return AttackResult(result.attack, result.budget, result.options, [c for _, c in order], result.threshold,
-                        seconds=max(p[3] for p in parts), unet_evaluations=sum(p[4] for p in parts), images=images)
+                        seconds=max(p[3] for p in parts), unet_evaluations=sum(p[4] for p in parts), images=images,
+                        indices=[i for i, _ in order])
 
 
 def _jsonable(settings: dict) -> dict:

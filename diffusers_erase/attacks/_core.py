@@ -64,6 +64,7 @@ class AttackResult:
     seconds: float = 0.0
     unet_evaluations: int = 0
     images: dict = field(default_factory=dict, repr=False)  # case index -> uint8 image of the attack's best try
+    indices: list = field(default_factory=list, repr=False)  # the cases' indices in the run (a shard holds some)
 
     @property
     def asr(self) -> float:
