@@ -329,9 +329,27 @@ def test_partial_weight_files_as_uce_and_esd_write_them(sd_pipe, tokenizer_dir, 
     if dtype == torch.float32:
         assert record.rank == 2  # exact low rank recovered
     de.unload_erasure(fresh)
-    # ESD-x also trains to_q/to_out: refused, naming the diffusers way to load it.
-    esd = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight": torch.zeros(4, 4)}
-    assert_load_fails_cleanly(fresh, esd, "load_state_dict")
+
+
+def test_full_unet_state_dicts_as_the_esd_reference_publishes_them_import_as_dense_edits(tokenizer_dir, tmp_path):
+    """ESD-x trains to_q/to_out too, and the published ESD models are whole UNets: what differs becomes Dense
+    deltas (in the trained methods' scope); unchanged parameters are skipped; unload restores."""
+    trained = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(trained, "cat", method="esd", iterations=2, lr=1e-2, ddim_steps=3)
+    save_file({k: v.contiguous() for k, v in trained.unet.state_dict().items()}, str(tmp_path / "esd.safetensors"))
+    fresh = make_sd_pipeline(tokenizer_dir)
+    before = snapshot(fresh)
+    [record] = de.load_erasure_adapter(fresh, tmp_path / "esd.safetensors")
+    assert record.method == "imported" and all(isinstance(d, de.Dense) for d in record.edit.deltas.values())
+    assert set(changed(before, snapshot(fresh))) == set(record.modules)
+    assert any(".attn2.to_q." in n for n in record.modules)  # beyond K/V
+    for name, value in trained.unet.state_dict().items():
+        assert torch.allclose(fresh.unet.state_dict()[name], value, atol=1e-6), name
+    de.unload_erasure(fresh)
+    assert changed(before, snapshot(fresh)) == []
+    # A parameter no trained method edits (a norm) is refused, and nothing changes.
+    norm = next(k for k in before if k.startswith("unet.") and ".norm" in k and k.endswith(".weight"))
+    assert_load_fails_cleanly(fresh, {norm[len("unet."):]: before[norm] + 1}, "not a parameter a trained method")
 
 
 def test_export_peft_of_a_pipeline_loaded_from_a_path(tokenizer_dir, tmp_path):

@@ -1,13 +1,16 @@
-"""Partial UNet weight files, as UCE's and ESD's reference code write their results, imported as one exact low-rank
-edit of the cross-attention key/value projections."""
+"""Partial UNet weight files, as UCE's and ESD's reference code write their results: one exact low-rank edit of the
+cross-attention key/value projections when that is all they change, dense deltas otherwise."""
 
 from __future__ import annotations
 
 import torch
 
+from .._version import __version__
+from ..deltas import Dense
+from ..kinds import Erasure, WeightEdit
 from .layout import Layout
 from .lora import format1_header, pad_to_one_rank
-from .native import METADATA_KEY, check_tensor
+from .native import METADATA_KEY, check_tensor, write
 from .peft import PEFT_PREFIX
 
 
@@ -21,28 +24,27 @@ def partial_weights_to_adapter(layout: Layout, tensors, metadata, source: str = 
     """A partial UNet state dict (keys `<module path>.weight`, optionally `unet.`-prefixed: UCE's and ESD's output
     files) as one "imported" edit: ΔW = W_file − W_pipe, factored by SVD to the precision the file holds (the
     smallest rank whose reconstruction is within 2 ulp of the file's dtype; full rank when nothing smaller is).
-    Only cross-attention key/value weights can be held by an erasure; anything else is refused with the
-    diffusers way to load it."""
+    A file that also changes other parameters (ESD-x trains `to_q`/`to_out`, ESD-u the rest of the UNet; full UNet
+    state dicts as the published ESD models) is imported as dense deltas instead (`dense_adapter`)."""
     projections = layout.text_readers
-    ours, modules = {}, []
+    changed = {}  # parameter -> the file's value, where it differs from the pipeline's
     for key, value in tensors.items():
         check_tensor(value, f"{source}: {key}")
         name = key if key.startswith("unet.") else f"unet.{key}"
-        module, _, part = name.rpartition(".")
-        if part != "weight" or module not in projections:
-            if name not in layout.parameters:
-                raise ValueError(f"{source} holds {key}, which is not a parameter of this pipeline's UNet.")
-            current = layout.weight(name)
-            if torch.equal(current.detach().cpu().to(value.dtype), value):
-                continue  # saved but unchanged (ESD saves every parameter it trains)
-            raise ValueError(
-                f"{source} changes {key}; an erasure adapter holds cross-attention key/value edits only. Load this "
-                "file with `pipe.unet.load_state_dict(weights, strict=False)` (no unload) instead.")
-        weight = layout.weight(f"{module}.weight").detach().cpu().float()
-        if tuple(value.shape) != tuple(weight.shape):
+        if name not in layout.parameters:
+            raise ValueError(f"{source} holds {key}, which is not a parameter of this pipeline's UNet.")
+        current = layout.weight(name)
+        if tuple(value.shape) != tuple(current.shape):
             raise ValueError(f"{source} does not fit this pipeline: {key} is {tuple(value.shape)}, the pipeline's "
-                             f"is {tuple(weight.shape)}.")
-        delta = value.float() - weight
+                             f"is {tuple(current.shape)}.")
+        if not torch.equal(current.detach().cpu().to(value.dtype), value):
+            changed[name] = value  # (saved but unchanged: ESD saves every parameter it trains)
+    if any(name.rpartition(".")[0] not in projections or not name.endswith(".weight") for name in changed):
+        return dense_adapter(layout, changed, "partial_weights")  # not a K/V-only edit: dense deltas
+    ours, modules = {}, []
+    for name, value in changed.items():
+        module = name.rpartition(".")[0]
+        delta = value.float() - layout.weight(name).detach().cpu().float()
         if not delta.any():
             continue
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -67,3 +69,14 @@ def partial_weights_to_adapter(layout: Layout, tensors, metadata, source: str = 
     return ours, metadata
 
 
+def dense_adapter(layout: Layout, weights: dict[str, torch.Tensor], source_format: str):
+    """Format-2 tensors and metadata of one "imported" erasure: Dense Δ = W_file − W_pipe for each
+    `{parameter: new value}` that differs (full-weight imports: ESD files, whole text encoders)."""
+    deltas = {}
+    for name, value in weights.items():
+        delta = value.float() - layout.weight(name).detach().cpu().float()
+        if delta.any():
+            deltas[name] = Dense(delta)
+    erasure = Erasure(method="imported", concepts=[], anchors=[], preserve=[],
+                      options={"source_format": source_format}, edit=WeightEdit(deltas))
+    return write([erasure], {"library_version": __version__, "family": layout.family.name})

@@ -4,11 +4,11 @@ dense edit of the pipeline's text encoder, Δ = W_file − W_pipe on every param
 
 from __future__ import annotations
 
-from .._version import __version__
-from ..deltas import Dense
-from ..kinds import Erasure, WeightEdit
+import torch
+
 from .layout import Layout
-from .native import check_tensor, write
+from .native import check_tensor
+from .partial import dense_adapter
 
 PREFIX = "text_model."
 BUFFERS = ("position_ids",)  # saved by older transformers, not parameters
@@ -26,21 +26,18 @@ def is_text_encoder_state_dict(layout: Layout, tensors) -> bool:
 
 def text_encoder_to_adapter(layout: Layout, tensors, metadata, source: str = "text encoder"):
     """The file as one "imported" erasure of dense text-encoder deltas (format 2 tensors and metadata)."""
-    deltas = {}
+    weights = {}
     for key, value in tensors.items():
         if key.endswith(BUFFERS):
             continue
         check_tensor(value, f"{source}: {key}")
         name = _parameter(key)
-        base = layout.weight(name).detach().cpu().float()
+        base = layout.weight(name)
         if tuple(value.shape) != tuple(base.shape):
             raise ValueError(f"{source} does not fit this pipeline's text encoder: {key} is {tuple(value.shape)}, "
                              f"the pipeline's is {tuple(base.shape)}.")
-        delta = value.float() - base
-        if delta.any():
-            deltas[name] = Dense(delta)
-    if not deltas:
+        if not torch.equal(base.detach().cpu().float(), value.float()):
+            weights[name] = value
+    if not weights:
         raise ValueError(f"{source} is the same text encoder as this pipeline's: there is no edit to import.")
-    erasure = Erasure(method="imported", concepts=[], anchors=[], preserve=[],
-                      options={"source_format": "text_encoder"}, edit=WeightEdit(deltas))
-    return write([erasure], {"library_version": __version__, "family": layout.family.name})
+    return dense_adapter(layout, weights, "text_encoder")
