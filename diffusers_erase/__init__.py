@@ -31,6 +31,7 @@ from .api import (
 from .config import ErasureConfig
 from .deltas import Dense, LowRank, TextMap
 from .hub import (
+    card,
     model_card,
     push_erased_pipeline_to_hub,
     push_erasure_to_hub,
@@ -69,6 +70,7 @@ __all__ = [
     "attacks",
     "detectors",
     "available_methods",
+    "card",
     "enable_erasure",
     "erase_concept",
     "erasure_gates",

@@ -153,6 +153,28 @@ def read_header(path) -> tuple[dict, Path]:
     return native.check_file(tensors, metadata, str(path)), path  # no card or export of a file that cannot load
 
 
+def card(pipe, *, evaluation=None, robustness=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE):
+    """The model card of the erasures on `pipe`, as `push_erasure_to_hub` would write it, without saving anything.
+
+    Args:
+        evaluation (*optional*): an object with `to_markdown()` (e.g. `shapes.evaluate`'s result) or Markdown text
+            for the card's Evaluation section.
+        robustness (*optional*): an attack report (`attacks.run`'s) or Markdown text for its Robustness section.
+        base_model, repo_id, license: as for `model_card`.
+
+    Returns:
+        The `huggingface_hub.ModelCard` (`card.save(path)` writes it).
+    """
+    erasures = api.get_erasures(pipe)
+    if not erasures:
+        raise ValueError("This pipeline has no erasure to describe; call `erase_concept` or `load_erasure_adapter` "
+                         "first.")
+    tensors, metadata = api.adapter_state_dict(pipe, erasures)
+    header = native.check_file(tensors, metadata, "the pipeline's erasures")
+    return build_card(header, repo_id=repo_id, base_model=base_model or api.base_model_id(pipe),
+                      evaluation=evaluation, robustness=robustness, license=license)
+
+
 def model_card(adapter, *, evaluation=None, base_model=None, repo_id=None, license=DEFAULT_LICENSE, save=True,
                robustness=None):
     """(Re)generate the card of a saved adapter and, with `save`, write it as README.md next to the file. Images

@@ -114,3 +114,21 @@ def test_full_checkpoint_card_and_reload(erased, tokenizer_dir, tmp_path):
     fresh.erase_concept("cat", method="spm", iterations=2, max_denoising_steps=2, la_samples=1)
     with pytest.raises(ValueError, match="fuse_erasure"):
         de.save_erased_pipeline(fresh, tmp_path / "ckpt2")
+
+
+def test_a_card_of_the_pipelines_erasures_carries_the_robustness_report(erased):
+    from diffusers_erase import attacks
+
+    plain = de.card(erased)
+    assert "## Robustness" in plain.content and "No attack was run" in plain.content
+    case = attacks.Case("a cat", 0, no_attack=0.1, base=0.9, attacked=0.8, adversarial="E(prompt) + 3·v", queries=1,
+                        success=True)
+    result = attacks.AttackResult("ring_a_bell", "quick", {}, [case], 0.5, seconds=1.0, unet_evaluations=40)
+    report = attacks.Report("cat", "test", 0.5, "quick", attacks.Generation(), {"ring_a_bell": result})
+    content = de.card(erased, robustness=report).content
+    assert "| ring_a_bell | 100% | 0% | 100% | 1 | 40 | 1.0 |" in content and "No attack was run" not in content
+
+
+def test_a_card_needs_an_erasure(tokenizer_dir):
+    with pytest.raises(ValueError, match="no erasure to describe"):
+        de.card(make_sd_pipeline(tokenizer_dir))
