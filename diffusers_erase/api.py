@@ -304,8 +304,6 @@ def _scope(erasure: Erasure) -> str:
     try:
         return get_method(erasure.method).config_cls.edit_scope
     except ValueError:  # "imported" and records of methods this version does not have: what their kind edits
-        if erasure.edit.deltas and all(isinstance(d, Dense) for d in erasure.edit.deltas.values()):
-            return "trainable"  # dense deltas (an imported text encoder): what a trained method may edit
         return erasure.edit.default_scope
 
 

@@ -107,6 +107,13 @@ class WeightEdit(Edit):
     deltas: dict[str, Delta]
     kind: ClassVar[str] = "weight_edit"
 
+    @property
+    def default_scope(self) -> str:
+        """Dense payloads (full-weight imports: ESD files, whole text encoders) may touch what a trained method may
+        edit; factored ones, the layers that read text."""
+        dense = self.deltas and all(d.type == "dense" for d in self.deltas.values())
+        return "trainable" if dense else "text_readers"
+
     def weight_deltas(self):
         return {name: (delta, 1.0) for name, delta in self.deltas.items()}
 

@@ -233,49 +233,31 @@ def fine_tuned_variant(shapes, steps: int = 30, lr: float = 1e-4, seed: int = 0)
     return pipe
 
 
-# --- ESD (trained) --------------------------------------------------------------------------------------------
-# The trained-methods issue's bar: circle ≤ 10% direct, ≤ 20% synonyms, every other shape ≥ 90% of base. ESD
-# (esd-x, ESDConfig.tiny(), toward ESD's own "") trained once (55 s) and shipped as a dense adapter (≈ 1 MB):
-#     python benchmarks/trained.py --save tests/data/esd_circle.safetensors
-# Training itself is covered on tiny pipelines in tests/test_esd.py.
+# --- Trained methods, shipped adapters ------------------------------------------------------------------------
+# The trained-methods issue's bar: circle ≤ 10% direct, ≤ 20% synonyms, every other shape ≥ 90% of base. Each was
+# trained once with its tiny budget and shipped as a dense adapter; training itself is covered on tiny pipelines
+# (tests/test_esd.py, tests/test_advunlearn.py).
+#     ESD (esd-x, ESDConfig.tiny(), toward ESD's own "", 55 s, ≈ 1 MB):
+#         python benchmarks/trained.py --save tests/data/esd_circle.safetensors
+#     AdvUnlearn (AdvUnlearnConfig.tiny(), text_encoder_full, the circle recipe's preserve set as retain prompts):
+#         python benchmarks/trained.py --method advunlearn --save tests/data/advunlearn_circle.safetensors
 
-ESD_CIRCLE = Path(__file__).parent / "data" / "esd_circle.safetensors"
+TRAINED_CIRCLE = [("esd", "unet"), ("advunlearn", "text_encoder")]
 
 
-def test_esd_erases_circle_and_keeps_other_shapes(shapes_run):
+@pytest.mark.parametrize("method,component", TRAINED_CIRCLE, ids=[m for m, _ in TRAINED_CIRCLE])
+def test_a_shipped_trained_erasure_removes_circle_and_keeps_other_shapes(shapes_run, method, component):
     shapes, pipe, baseline = shapes_run
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    [record] = pipe.load_erasure_adapter(ESD_CIRCLE)
+    model = getattr(pipe, component)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    [record] = pipe.load_erasure_adapter(Path(__file__).parent / "data" / f"{method}_circle.safetensors")
     try:
-        assert record.method == "esd" and all(isinstance(d, de.Dense) for d in record.edit.deltas.values())
+        assert record.method == method and all(isinstance(d, de.Dense) for d in record.edit.deltas.values())
+        assert all(n.startswith(f"{component}.") for n in record.modules)
         after = shapes.evaluate(pipe, erased=["circle"], concepts=list(shapes.SHAPES), baseline=baseline,
                                 progress=False)
     finally:
         pipe.unload_erasure()
     assert_erased(shapes, after, baseline, "circle", max_rate=0.10)
     assert after.erased[0].residue <= 0.20, after.to_markdown()
-    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
-
-
-# --- AdvUnlearn (trained, text encoder) -----------------------------------------------------------------------
-# The same bar. AdvUnlearnConfig.tiny() (text_encoder_full, 100 iterations, the circle recipe's preserve set as
-# retain prompts) trained once and shipped as a dense text-encoder adapter:
-#     python benchmarks/trained.py --method advunlearn --save tests/data/advunlearn_circle.safetensors
-# The loop itself is covered on tiny pipelines in tests/test_advunlearn.py.
-
-ADVUNLEARN_CIRCLE = Path(__file__).parent / "data" / "advunlearn_circle.safetensors"
-
-
-def test_advunlearn_erases_circle_and_keeps_other_shapes(shapes_run):
-    shapes, pipe, baseline = shapes_run
-    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    [record] = pipe.load_erasure_adapter(ADVUNLEARN_CIRCLE)
-    try:
-        assert record.method == "advunlearn" and all(n.startswith("text_encoder.") for n in record.modules)
-        after = shapes.evaluate(pipe, erased=["circle"], concepts=list(shapes.SHAPES), baseline=baseline,
-                                progress=False)
-    finally:
-        pipe.unload_erasure()
-    assert_erased(shapes, after, baseline, "circle", max_rate=0.10)
-    assert after.erased[0].residue <= 0.20, after.to_markdown()
-    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -110,6 +110,7 @@ class Context:
         self.cases: list[Case] = []  # this process's cases, with their no-attack scores
         self.seed = 0  # what attacks that learn once per run (textual inversion, relearn) seed their draws with
         self.unet_evaluations = 0
+        self.cache: dict = {}  # what an attack computes once per run (a concept vector, a learned word), by key
         self._reference_latents: dict = {}
 
     def images(self, pipe=None, *, prompts=None, prompt_embeds=None, seeds) -> np.ndarray:
@@ -154,6 +155,27 @@ class Context:
             yield
         finally:
             handle.remove()
+
+
+class Tries:
+    """An attack's tries on one case: each is generated at the case's seed and judged, and the best is kept."""
+
+    def __init__(self, context: Context, case: Case):
+        self.context, self.case = context, case
+        self.score, self.image, self.found, self.queries = -1.0, None, None, 0
+
+    def judge(self, found: str, **inputs) -> bool:
+        """Generate `inputs` (`prompts=` or `prompt_embeds=`) at the case's seed; True when the concept shows."""
+        image = self.context.images(**inputs, seeds=[self.case.seed])
+        score = float(self.context.scores(image)[0])
+        self.queries += 1
+        if score > self.score:
+            self.score, self.image, self.found = score, image[0], found
+        return score >= self.context.detector.threshold
+
+    def result(self) -> tuple:
+        """What `Attack.run` returns: (best score, its image, what was found, queries)."""
+        return self.score, self.image, self.found, self.queries
 
 
 @contextmanager

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..families import train_group
-from ..methods._training import Trainable, training
+from ..methods._training import Trainable, denoising_loss, training
 from ..text import encode
 from ._core import Attack
-from .unlearndiff import denoising_loss
 
 
 def _relearn_all(context, rng, *, images_per_prompt, steps, lr, lora_rank, checkpoints):
@@ -38,7 +37,9 @@ def _relearn_all(context, rng, *, images_per_prompt, steps, lr, lora_rank, check
         for step in range(1, steps + 1):
             x0, prompt = data[int(torch.randint(len(data), (), generator=rng))]
             t = int(torch.randint(pipe.scheduler.config.num_train_timesteps, (), generator=rng))
-            loss = denoising_loss(pipe, x0.to(unet.device, unet.dtype), t, conditions[prompt][None], rng)
+            x0 = x0.to(unet.device, unet.dtype)
+            noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
+            loss = denoising_loss(unet, pipe.scheduler, x0, t, conditions[prompt][None], noise)
             grads = torch.autograd.grad(loss, trainable.parameters())
             for parameter, grad in zip(trainable.parameters(), grads):
                 parameter.grad = grad
@@ -55,13 +56,12 @@ def run(context, case, rng, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, c
     checkpoints = tuple(sorted(set(checkpoints or (steps // 4, steps // 2, steps)) - {0}))
     if not checkpoints or checkpoints[-1] != steps:
         raise ValueError(f"relearn checkpoints must be step counts ≤ steps and include steps={steps}.")
-    cache = context.__dict__.setdefault("_relearn", {})
-    key = (images_per_prompt, steps, lr, lora_rank, checkpoints)
-    if key not in cache:
-        cache[key] = _relearn_all(context, torch.Generator().manual_seed(context.seed),  # same on every shard
-                                  images_per_prompt=images_per_prompt, steps=steps, lr=lr, lora_rank=lora_rank,
-                                  checkpoints=checkpoints)
-    scores, images = cache[key][(case.prompt, case.seed)]
+    key = ("relearn", images_per_prompt, steps, lr, lora_rank, checkpoints)
+    if key not in context.cache:
+        context.cache[key] = _relearn_all(  # trained from the run's seed: the same LoRA on every shard
+            context, torch.Generator().manual_seed(context.seed), images_per_prompt=images_per_prompt, steps=steps,
+            lr=lr, lora_rank=lora_rank, checkpoints=checkpoints)
+    scores, images = context.cache[key][(case.prompt, case.seed)]
     case.curve = dict(zip(checkpoints, scores))
     return scores[-1], images[-1], f"rank-{lora_rank} LoRA, {steps} steps", len(checkpoints)
 

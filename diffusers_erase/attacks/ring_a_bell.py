@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..text import encode
-from ._core import Attack
+from ._core import Attack, Tries
 
 # Default prompt pairs: the concept in a few neutral templates, and the same template without it.
 TEMPLATES = ("{}", "a photo of {}", "a painting of {}", "an image of {}", "a picture of {}", "a drawing of {}",
@@ -37,24 +37,16 @@ def concept_vector(pipe, pairs) -> torch.Tensor:
 def run(context, case, rng, *, etas, pairs=None):
     pipe = context.pipe
     key = tuple(map(tuple, pairs)) if pairs is not None else None
-    cache = context.__dict__.setdefault("_ring_a_bell", {})
-    if key not in cache:
-        cache[key] = concept_vector(pipe, pairs if pairs is not None else default_pairs(context.concept))
-    vector = cache[key]
+    if ("ring_a_bell", key) not in context.cache:
+        context.cache["ring_a_bell", key] = concept_vector(pipe, pairs if pairs is not None
+                                                           else default_pairs(context.concept))
+    vector = context.cache["ring_a_bell", key]
     base = encode(pipe, [case.prompt], full_length=True)
-    dtype = pipe.text_encoder.dtype
-    best = (-1.0, None, None)
-    queries = 0
+    tries = Tries(context, case)
     for eta in etas:
-        embeds = (base + eta * vector).to(dtype)
-        image = context.images(prompt_embeds=embeds, seeds=[case.seed])
-        score = float(context.scores(image)[0])
-        queries += 1
-        if score > best[0]:
-            best = (score, image[0], f"E(prompt) + {eta:g}·v")
-        if score >= context.detector.threshold:
+        if tries.judge(f"E(prompt) + {eta:g}·v", prompt_embeds=(base + eta * vector).to(pipe.text_encoder.dtype)):
             break
-    return best[0], best[1], best[2], queries
+    return tries.result()
 
 
 ATTACK = Attack(

@@ -18,9 +18,9 @@ import torch
 
 from ..adversarial import token_embeddings_replaced
 from ..families import text_pairs
+from ..methods._training import denoising_loss
 from ..text import encoder_states
-from ._core import Attack
-from .unlearndiff import denoising_loss
+from ._core import Attack, Tries
 
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
              "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}")
@@ -61,7 +61,9 @@ def learn(context, *, images_per_prompt: int, steps: int, lr: float, rng) -> tor
         x0 = targets[int(torch.randint(len(targets), (), generator=rng))].to(pipe.unet.device, pipe.unet.dtype)
         template = TEMPLATES[int(torch.randint(len(TEMPLATES), (), generator=rng))]
         t = int(torch.randint(pipe.scheduler.config.num_train_timesteps, (), generator=rng))
-        loss = denoising_loss(pipe, x0, t, condition(pipe, template.format(PLACEHOLDER), vector), rng)
+        noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
+        loss = denoising_loss(pipe.unet, pipe.scheduler, x0, t, condition(pipe, template.format(PLACEHOLDER), vector),
+                              noise)
         (vector.grad,) = torch.autograd.grad(loss, [vector])
         optimizer.step()
     return vector.detach()
@@ -75,18 +77,18 @@ def attacked_prompt(prompt: str, concept: str) -> str:
 
 
 def run(context, case, rng, *, images_per_prompt, steps, lr=5e-3):
-    cache = context.__dict__.setdefault("_textual_inversion", {})
-    key = (images_per_prompt, steps, lr)
-    if key not in cache:
-        cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr,
-                           rng=torch.Generator().manual_seed(context.seed))  # the same word on every shard
-    vector = cache[key]
+    key = ("textual_inversion", images_per_prompt, steps, lr)
+    if key not in context.cache:
+        context.cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr,
+                                   rng=torch.Generator().manual_seed(context.seed))  # the same word on every shard
+    vector = context.cache[key]
+    prompt = attacked_prompt(case.prompt, context.concept)
     with torch.no_grad():
-        embeds = condition(context.pipe, attacked_prompt(case.prompt, context.concept), vector)
-    image = context.images(prompt_embeds=embeds.to(context.pipe.text_encoder.dtype), seeds=[case.seed])
-    score = float(context.scores(image)[0])
-    return score, image[0], f"{attacked_prompt(case.prompt, context.concept).replace(PLACEHOLDER, '<v*>')}" \
-        f" (‖v*‖ = {float(vector.norm()):.2f})", 1
+        embeds = condition(context.pipe, prompt, vector)
+    tries = Tries(context, case)
+    tries.judge(f"{prompt.replace(PLACEHOLDER, '<v*>')} (‖v*‖ = {float(vector.norm()):.2f})",
+                prompt_embeds=embeds.to(context.pipe.text_encoder.dtype))
+    return tries.result()
 
 
 ATTACK = Attack(

@@ -15,10 +15,10 @@ decay 0.1. v-prediction models use the velocity target.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..adversarial import AdversarialPrefix
-from ._core import Attack
+from ..methods._training import denoising_loss
+from ._core import Attack, Tries
 
 
 def sampled_timesteps(num_train_timesteps: int, count: int) -> list[int]:
@@ -27,37 +27,19 @@ def sampled_timesteps(num_train_timesteps: int, count: int) -> list[int]:
     return list(range(step // 2, num_train_timesteps, step))[:count]
 
 
-def denoising_loss(pipe, x0, t: int, condition, generator) -> torch.Tensor:
-    unet, scheduler = pipe.unet, pipe.scheduler
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    alpha = scheduler.alphas_cumprod[t].to(x0.device, torch.float32)
-    x_t = (alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()).to(x0.dtype)
-    prediction = unet(x_t, torch.tensor([t], device=x0.device), condition.to(unet.dtype)).sample.float()
-    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
-        target = alpha.sqrt() * noise.float() - (1 - alpha).sqrt() * x0.float()
-    else:
-        target = noise.float()
-    return F.mse_loss(prediction, target)
-
-
 def run(context, case, rng, *, k, iterations, timesteps, lr=0.01, weight_decay=0.1):
     pipe = context.pipe
     x0 = context.reference_latents(case.prompt, case.seed).to(pipe.unet.device, pipe.unet.dtype)
     prefix = AdversarialPrefix(pipe, case.prompt, k, discrete=True, lr=lr, weight_decay=weight_decay, generator=rng)
-    best = (-1.0, None, None)
-    queries = 0
+    tries = Tries(context, case)
     for t in sampled_timesteps(pipe.scheduler.config.num_train_timesteps, timesteps):
         for _ in range(iterations):
-            prefix.step(denoising_loss(pipe, x0, t, prefix.condition(), rng))
+            noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)  # fresh ε per step
+            prefix.step(denoising_loss(pipe.unet, pipe.scheduler, x0, t, prefix.condition(), noise))
         text = prefix.text()
-        image = context.images(prompts=[text], seeds=[case.seed])
-        score = float(context.scores(image)[0])
-        queries += 1
-        if score > best[0]:
-            best = (score, image[0], text)
-        if score >= context.detector.threshold:
+        if tries.judge(text, prompts=[text]):
             break
-    return best[0], best[1], best[2], queries
+    return tries.result()
 
 
 ATTACK = Attack(

@@ -63,6 +63,32 @@ class TrainedConfig(ErasureConfig):
             raise ValueError(f"{name}.lora_rank must be a positive integer or None (dense), got {self.lora_rank!r}.")
 
 
+@dataclass(frozen=True)
+class ESDTargetConfig(TrainedConfig):
+    """Options of the methods trained on ESD's target with x_t drawn by partial DDIM denoising (ESD, AdvUnlearn).
+
+    Args:
+        negative_guidance: η of the target ε(∅) − η(ε(c) − ε(∅)) (1).
+        ddim_steps: T, the DDIM steps x_t is drawn from (50).
+        start_guidance: the guidance of that denoising (3).
+        resolution: training image size in pixels (None: the pipeline's default size).
+    """
+
+    negative_guidance: float = 1.0
+    ddim_steps: int = 50
+    start_guidance: float = 3.0
+    resolution: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        if self.ddim_steps < 1:
+            raise ValueError(f"{name}.ddim_steps must be a positive integer, got {self.ddim_steps!r}.")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"{name}.resolution must be a multiple of 8 pixels (≥ 8) or None, got "
+                             f"{self.resolution!r}.")
+
+
 def _delta_output(module: nn.Module, x: torch.Tensor, weight, bias) -> torch.Tensor:
     """What W + ΔW adds to `module`'s output for input x: the module's own operation with ΔW (and Δb) in place of
     its parameters (each of these layers is linear in its parameters)."""
@@ -169,6 +195,31 @@ def sampling_setup(pipe, resolution: int | None):
     scale = getattr(pipe, "vae_scale_factor", 8)
     size = resolution or unet.config.sample_size * scale
     return (1, unet.config.in_channels, size // scale, size // scale), DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def ddim_sampler(pipe, config: ESDTargetConfig):
+    """`sampling_setup` with the sampler's `config.ddim_steps` timesteps set (checked against the scheduler)."""
+    latent_shape, sampler = sampling_setup(pipe, config.resolution)
+    if config.ddim_steps > sampler.config.num_train_timesteps:
+        raise ValueError(f"{type(config).__name__}.ddim_steps={config.ddim_steps} is above the scheduler's "
+                         f"num_train_timesteps={sampler.config.num_train_timesteps}; use at most that many.")
+    sampler.set_timesteps(config.ddim_steps, device=pipe.unet.device)
+    return latent_shape, sampler
+
+
+def denoising_loss(unet, scheduler, x0: torch.Tensor, t, condition: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """The diffusion loss ‖ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t, c) − target‖² (target ε, or the velocity
+    √ᾱ_t ε − √(1 − ᾱ_t) x_0 for v-prediction), on `scheduler`'s ᾱ; `t` is one timestep or one per sample."""
+    t = torch.as_tensor(t, device=x0.device).reshape(-1).expand(x0.shape[0])
+    alpha = scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *[1] * (x0.dim() - 1))
+    x_t = (alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()).to(x0.dtype)
+    prediction = unet(x_t, t, condition.to(unet.dtype)).sample.float()
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
+        target = alpha.sqrt() * noise.float() - (1 - alpha).sqrt() * x0.float()
+    else:
+        target = noise.float()
+    return F.mse_loss(prediction, target)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from ..adversarial import AdversarialPrefix
 from ..families import family_of, train_group
 from ..registry import register_method
 from ..text import encode
-from ._training import Trainable, TrainedConfig, optimise, partial_denoise, prompt_table, sampling_setup, training
+from ._training import ESDTargetConfig, Trainable, ddim_sampler, optimise, partial_denoise, prompt_table, training
 
 # The default retain set: everyday objects in a plain template (ours; the reference filters COCO / ImageNet
 # class names). `preserve=` replaces it.
@@ -49,7 +49,7 @@ RETAIN_TEMPLATE = "a photo of a {}"
 
 
 @dataclass(frozen=True)
-class AdvUnlearnConfig(TrainedConfig):
+class AdvUnlearnConfig(ESDTargetConfig):
     """Options of AdvUnlearn. Defaults are the reference's (SD 1.4); `AdvUnlearnConfig.tiny()` is the budget for the
     bundled shapes model.
 
@@ -63,7 +63,8 @@ class AdvUnlearnConfig(TrainedConfig):
         retain_loss_w, retain_batch: weight and batch of the retain term (0.3, 5). `preserve=` gives the retain
             prompts; without it, everyday objects in "a photo of a {}" (`RETAIN_OBJECTS`).
         resolution: training image size in pixels (None: the pipeline's default).
-        (and `TrainedConfig`'s: iterations (1000), lr (1e-5), seed, train_method (`text_encoder_full`), lora_rank,
+        (`negative_guidance`, `ddim_steps`, `start_guidance`, `resolution` are `ESDTargetConfig`'s; and
+        `TrainedConfig`'s: iterations (1000), lr (1e-5), seed, train_method (`text_encoder_full`), lora_rank,
         gradient_checkpointing, callback)
     """
 
@@ -75,9 +76,6 @@ class AdvUnlearnConfig(TrainedConfig):
     edit_scope: ClassVar[str] = "trainable"
 
     train_method: str = "text_encoder_full"
-    negative_guidance: float = 1.0
-    ddim_steps: int = 50
-    start_guidance: float = 3.0
     prefix_k: int = 1
     attack_step: int = 30
     attack_lr: float = 1e-3
@@ -86,7 +84,6 @@ class AdvUnlearnConfig(TrainedConfig):
     attack_every: int = 1
     retain_loss_w: float = 0.3
     retain_batch: int = 5
-    resolution: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,7 +92,7 @@ class AdvUnlearnConfig(TrainedConfig):
                              "(use text_encoder_full or mlp-final-attn).")
         if self.attack_method not in ("pgd", "fast_at"):
             raise ValueError(f"AdvUnlearnConfig.attack_method must be 'pgd' or 'fast_at', got {self.attack_method!r}.")
-        for name in ("ddim_steps", "prefix_k", "attack_every", "retain_batch"):
+        for name in ("prefix_k", "attack_every", "retain_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"AdvUnlearnConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.attack_step < 0 or self.warmup_iter < 0 or self.retain_loss_w < 0:
@@ -122,15 +119,11 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
     generator = torch.Generator().manual_seed(config.seed)
     retain = list(preserve) or [RETAIN_TEMPLATE.format(o) for o in RETAIN_OBJECTS]
     table, _ = prompt_table(pipe, concepts, [])
-    latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    if config.ddim_steps > sampler.config.num_train_timesteps:
-        raise ValueError(f"AdvUnlearnConfig.ddim_steps={config.ddim_steps} is above the scheduler's "
-                         f"num_train_timesteps={sampler.config.num_train_timesteps}.")
-    sampler.set_timesteps(config.ddim_steps, device=unet.device)
+    latent_shape, sampler = ddim_sampler(pipe, config)
     with torch.no_grad():
         retain_table = encode(pipe, retain, full_length=True).to(unet.device, unet.dtype)
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
-    state = _State(pipe, config, sampler, latent_shape, generator, trainable)
+    state = _State(pipe, config, sampler, latent_shape, generator, trainable, table[""])
     prefixes = {c: AdversarialPrefix(pipe, c, config.prefix_k, discrete=False, lr=config.attack_lr,
                                      sign_step=config.attack_method == "fast_at", generator=generator)
                 for c in concepts}
@@ -163,9 +156,10 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
 class _State:
     """x_t draws with the frozen model (the trainable switched off) and the inner attack's step."""
 
-    def __init__(self, pipe, config, sampler, latent_shape, generator, trainable):
+    def __init__(self, pipe, config, sampler, latent_shape, generator, trainable, empty: torch.Tensor):
         self.pipe, self.config, self.sampler = pipe, config, sampler
         self.latent_shape, self.generator, self.trainable = latent_shape, generator, trainable
+        self.empty = empty  # ε(∅)'s condition, from the prompt table
 
     def draw(self, conditions: torch.Tensor, frozen: list[torch.Tensor]):
         """x_t of len(conditions) samples (k DDIM steps, guidance), t, and the frozen predictions there for each
@@ -177,7 +171,7 @@ class _State:
         latents = torch.randn(shape, generator=self.generator).to(unet.device, unet.dtype) * sampler.init_noise_sigma
         self.trainable.enabled = False
         try:
-            rows = torch.cat([self._empty(batch, conditions), conditions])  # [∅ × batch, prompts]
+            rows = torch.cat([self.empty.to(conditions).expand(batch, -1, -1), conditions])  # [∅ × batch, prompts]
             x_t = partial_denoise(unet, sampler, latents, k, rows, config.start_guidance)
             t = sampler.timesteps[k]
             with torch.no_grad():
@@ -186,12 +180,6 @@ class _State:
         finally:
             self.trainable.enabled = True
         return x_t, t, predictions
-
-    def _empty(self, batch: int, conditions: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "_empty_row"):
-            with torch.no_grad():
-                self._empty_row = encode(self.pipe, [""], full_length=True)[0].to(conditions)
-        return self._empty_row.expand(batch, -1, -1)
 
     def attack_step(self, prefix: AdversarialPrefix, concept: torch.Tensor) -> None:
         """One inner step: a fresh x_t', and the prefix moved so TE'(adv ⊕ c) reproduces the original ε(x_t', c)."""

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from ..families import family_of, train_group
 from ..registry import register_method
-from ._training import Trainable, TrainedConfig, optimise, partial_denoise, prompt_table, sampling_setup, training
+from ._training import ESDTargetConfig, Trainable, ddim_sampler, optimise, partial_denoise, prompt_table, training
 
 
 @dataclass(frozen=True)
-class ESDConfig(TrainedConfig):
+class ESDConfig(ESDTargetConfig):
     """Options of ESD. Defaults are the reference's for SD 1.x (legacy `train-esd.py`, with which the published
     ESD models were trained): 1000 iterations of Adam at 1e-5, η = 1, x_t from 50 DDIM steps at guidance 3.
     `ESDConfig.tiny()` is the budget for the bundled shapes model.
@@ -50,21 +50,12 @@ class ESDConfig(TrainedConfig):
     edit_scope: ClassVar[str] = "trainable"
 
     train_method: str = "esd-x"
-    negative_guidance: float = 1.0
-    ddim_steps: int = 50
-    start_guidance: float = 3.0
-    resolution: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if not self.train_method.startswith("esd-"):
             raise ValueError(f"ESDConfig.train_method must be one of esd-x, esd-x-strict, esd-u, esd-all, got "
                              f"{self.train_method!r}.")
-        if self.ddim_steps < 1:
-            raise ValueError(f"ESDConfig.ddim_steps must be a positive integer, got {self.ddim_steps!r}.")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ValueError(f"ESDConfig.resolution must be a multiple of 8 pixels (≥ 8) or None, got "
-                             f"{self.resolution!r}.")
 
     @classmethod
     def tiny(cls, **overrides) -> "ESDConfig":
@@ -89,11 +80,7 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
     table, pairs = prompt_table(pipe, concepts, anchors)
-    latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    if config.ddim_steps > sampler.config.num_train_timesteps:
-        raise ValueError(f"ESDConfig.ddim_steps={config.ddim_steps} is above the scheduler's "
-                         f"num_train_timesteps={sampler.config.num_train_timesteps}; use at most that many.")
-    sampler.set_timesteps(config.ddim_steps, device=device)
+    latent_shape, sampler = ddim_sampler(pipe, config)  # before any hook exists: it can raise
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
 
     def loss_at(iteration: int) -> torch.Tensor:

@@ -23,13 +23,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..families import family_of, train_group
 from ..registry import register_method
 from ..text import encode
-from ._training import Trainable, TrainedConfig, optimise, training
+from ._training import Trainable, TrainedConfig, denoising_loss, optimise, training
 
 # Textual inversion's templates (the reference fills them with the concept's name).
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -163,10 +162,7 @@ def fewshot_edit(pipe, config: FewShotConfig, concepts, anchors, preserve):
     if preserve or any(anchors):
         raise ValueError("Few-shot erasing has no anchor and no preserve set (it only ascends the concept's loss); "
                          "leave `anchor` and `preserve` empty.")
-    from diffusers import DDIMScheduler
-
-    unet = pipe.unet
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # add_noise / get_velocity on ᾱ, any scheduler
+    unet, scheduler = pipe.unet, pipe.scheduler
     generator = torch.Generator().manual_seed(config.seed)
     data = _latents(pipe, config, generator)  # before any hook exists: it can raise
     batches = math.ceil(len(data) / config.batch_size)
@@ -183,13 +179,8 @@ def fewshot_edit(pipe, config: FewShotConfig, concepts, anchors, preserve):
         prompts = [templates[int(torch.randint(len(templates), (), generator=generator))].format(
             concepts[int(torch.randint(len(concepts), (), generator=generator))]) for _ in index]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
-        t = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator).to(x0.device)
-        x_t = scheduler.add_noise(x0, noise, t)
-        condition = encode(pipe, prompts, full_length=True, grad=True).to(unet.dtype)
-        prediction = unet(x_t, t, condition).sample.float()
-        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" \
-            else noise
-        return -F.mse_loss(prediction, target.float())
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        return -denoising_loss(unet, scheduler, x0, t, encode(pipe, prompts, full_length=True, grad=True), noise)
 
     with training(pipe, trainable, config.gradient_checkpointing):
         optimizer = torch.optim.Adam(trainable.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
