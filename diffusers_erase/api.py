@@ -318,7 +318,7 @@ def _fit(pipe, erasures: list[Erasure], header: dict, source: str, allow_other_t
         if module is not None and config_fingerprint(module) != expected:
             logger.warning(
                 "%s was made for a %s with another config; loading it anyway (same family).", source, component)
-    if any(isinstance(d, TextMap) for e in erasures for d in e.edit.deltas.values()):
+    if any(e.edit.text_space for e in erasures):
         _check_text_encoders(pipe, header, source, allow_other_text_encoder)
     for erasure in erasures:
         scope = _scope(erasure)

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from .deltas import Delta, LowRank
+from .deltas import Delta, LowRank, TextMap
 
 
 class Edit(ABC):
@@ -33,6 +33,12 @@ class Edit(ABC):
     def weight_deltas(self) -> dict[str, tuple[Delta, float]]:
         """`{parameter: (payload, scale)}` to add to the weights now."""
         return {}
+
+    @property
+    def text_space(self) -> bool:
+        """True when the edit holds vectors of text-embedding space, which belong to the text encoders it was made
+        with (loading checks their fingerprints)."""
+        return any(isinstance(d, TextMap) for d in self.deltas.values())
 
     @property
     def runs_beside_weights(self) -> bool:
@@ -200,6 +206,7 @@ class Guard(Edit):
 
     kind: ClassVar[str] = "guard"
     guard_type: ClassVar[str] = ""
+    text_space: ClassVar[bool] = False  # a guard whose tensors are text-space vectors sets True
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, settings: dict | None = None):
         self.deltas = {}

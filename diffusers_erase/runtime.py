@@ -33,8 +33,9 @@ so concurrent generations through one UNet each use their own (docs/threads.md).
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,8 @@ from .families import denoiser, module_of, runs_fused
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
 from .text import encode, token_overlap, token_sets
+
+logger = logging.getLogger(__name__)
 
 
 def low_rank_delta(module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
@@ -141,38 +144,62 @@ def _overlaps(gates: list[_Gate], prompt_tokens: set[int]) -> torch.Tensor:
     ])
 
 
-def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
-    """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, with
-    the token term of every attached membrane, so the denoiser hook can gate each sample."""
-    record = state(pipe)
-    record.per_call.recorded = []  # this thread's prompts only (state.ErasureState.per_call)
-    runtime = record.runtime
-    if runtime is None or not runtime.gates:
-        return
+def _prompt_sources(encode_prompt, args, kwargs, output) -> list[tuple[list[str], torch.Tensor, bool, int]]:
+    """(prompts, their embeddings, is the negative prompt, images per prompt) of one `encode_prompt` call; a source
+    whose embeddings were given by hand (no text) is left out."""
     try:
         bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
     except TypeError:
-        return
+        return []
     n = int(bound.get("num_images_per_prompt") or 1)
     sources = [(bound.get("prompt"), output[0], False)]
     if bound.get("negative_prompt_embeds") is None:
         # the pipelines encode a missing negative prompt as ""
         sources.append((bound.get("negative_prompt") or "", output[1], True))
+    found = []
     for prompts, embeds, negative in sources:
         if prompts is None or embeds is None:
-            continue  # embeddings given by hand: cosine term only
+            continue
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) == 1 and embeds.shape[0] > n:
             prompts = prompts * (embeds.shape[0] // n)  # one negative prompt for a batch of prompts
-        if len(prompts) * n != embeds.shape[0]:
-            continue
+        if len(prompts) * n == embeds.shape[0]:
+            found.append((prompts, embeds.detach(), negative, n))
+    return found
+
+
+def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
+    """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, for
+    the guards of this call (`Call.prompts`) and, with the token term of every attached membrane, for the denoiser
+    hook that gates each sample."""
+    record = state(pipe)
+    record.per_call.recorded = []  # this thread's prompts only (state.ErasureState.per_call)
+    runtime = record.runtime
+    if runtime is None:
+        return
+    sources = _prompt_sources(encode_prompt, args, kwargs, output)
+    call = current_call(record)
+    if call is not None:
+        call.prompts.extend(sources)
+    if not runtime.gates:
+        return
+    for prompts, embeds, negative, n in sources:
         for i, prompt_tokens in enumerate(token_sets(pipe, prompts)):
-            record.per_call.recorded.append((embeds[i * n].detach(), _overlaps(runtime.gates, prompt_tokens),
-                                             negative))
+            record.per_call.recorded.append((embeds[i * n], _overlaps(runtime.gates, prompt_tokens), negative))
 
 
 class PromptRecorder:
-    """Pipeline mixin: the token term of a gate needs the prompts, which only `encode_prompt` sees."""
+    """Pipeline mixin: the token term of a gate and the guards need the prompts, which only `encode_prompt` sees;
+    guards also need to know which denoising step of which call they are in (`Call`)."""
+
+    def __call__(self, *args, **kwargs):
+        record = state(self)
+        outer = getattr(record.per_call, "call", None)
+        record.per_call.call = Call()
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            record.per_call.call = outer
 
     def encode_prompt(self, *args, **kwargs):
         output = super().encode_prompt(*args, **kwargs)
@@ -204,6 +231,72 @@ def with_mixin(pipe, mixin: type):
 @dataclass
 class _Runtime:
     gates: list[_Gate]
+
+
+# ------------------------------------------------------------------------------------------------ guards' calls
+
+
+@dataclass
+class Call:
+    """One pipeline call on one thread, as the guards see it: the denoiser calls made so far (`step`: one per
+    denoising step in diffusers' SD/SDXL pipelines), the prompts its `encode_prompt` encoded (`_prompt_sources`),
+    and what each guard keeps between steps (`data`, by guard)."""
+
+    step: int = 0
+    prompts: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+
+def current_call(record) -> Call | None:
+    """This thread's pipeline call on the pipeline (or `state`) `record`, None outside one: a guard acts only in
+    pipeline calls, never on the denoiser calls of training, attacks or user code."""
+    record = record if hasattr(record, "per_call") else state(record)
+    return getattr(record.per_call, "call", None)
+
+
+def extend_gates(record, rows: torch.Tensor) -> None:
+    """A guard that grows the denoiser batch (SLD's safety branch) gives each new row the membrane gates of the
+    row `rows[i]` it was copied from, so membranes still gate every sample by its own prompt."""
+    gates = getattr(record.per_call, "gates", None)
+    if gates is not None:
+        record.per_call.gates = gates[rows.to(gates.device)]
+
+
+_WARNED: set = set()
+
+
+def outside_call(guard, pipe) -> None:
+    """Log once per guard that a denoiser call outside a pipeline call (training, attacks, a pipeline built from
+    this one's components without `enable_erasure`) ran without it."""
+    if id(guard) not in _WARNED:
+        _WARNED.add(id(guard))
+        logger.warning(
+            "The %s guard acts only inside calls of a pipeline that diffusers-erase prepared; a denoiser call outside "
+            "one ran without it. For a pipeline built from this one's components (from_pipe, Cls(**components)), "
+            "call diffusers_erase.enable_erasure(new_pipe) first.", guard.guard_type)
+
+
+@torch.no_grad()
+def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(1, tokens, dim) embeddings of `text` and (SDXL) its (1, dim) pooled embedding, as the pipeline's own
+    `encode_prompt` makes them, without recording them as a prompt of the call (guards encode their own text)."""
+    encode_prompt = super(PromptRecorder, pipe).encode_prompt if isinstance(pipe, PromptRecorder) else getattr(
+        pipe, "encode_prompt", None)
+    if encode_prompt is None:
+        raise ValueError(f"{type(pipe).__name__} has no `encode_prompt`, which guards use to encode their text.")
+    device = getattr(pipe, "_execution_device", None) or denoiser(pipe).device
+    output = encode_prompt(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    pooled = output[2] if len(output) > 3 else None
+    return output[0].detach(), None if pooled is None else pooled.detach()
+
+
+def _count_steps(record):
+    def hook(model, args, output):
+        call = current_call(record)
+        if call is not None:
+            call.step += 1
+
+    return hook
 
 
 def _denoiser_pre_hook(record, attentions: list[nn.Module]):
@@ -308,15 +401,20 @@ def refresh(pipe) -> None:
     detach(pipe)
     record.runtime = _Runtime(gates)
     record.hooks.extend(guard_handles)
+    model = denoiser(pipe)
+    if guards:  # after the guards' own hooks, so they see the step they act on
+        record.hooks.append(model.register_forward_hook(_count_steps(record)))
     if membranes:
         parents = {name.rpartition(".")[0] for name in per_module}
         attentions = [m for m in (get_module(pipe, n) for n in parents) if hasattr(m, "fused_projections")]
-        record.hooks.append(denoiser(pipe).register_forward_pre_hook(_denoiser_pre_hook(record, attentions),
-                                                                     with_kwargs=True))
+        # First of the denoiser's pre-hooks: the gates come from the pipeline's own rows, before a guard swaps
+        # (SAFREE) or adds (SLD) any.
+        record.hooks.append(model.register_forward_pre_hook(_denoiser_pre_hook(record, attentions),
+                                                            with_kwargs=True, prepend=True))
         for module, hook in hooks:
             record.hooks.append(module.register_forward_hook(hook))
-        if hasattr(pipe, "encode_prompt"):
-            with_mixin(pipe, PromptRecorder)
+    if hasattr(pipe, "encode_prompt"):
+        with_mixin(pipe, PromptRecorder)
 
 
 def prompt_gates(pipe, prompts: list[str]) -> torch.Tensor:
