@@ -20,7 +20,7 @@ def _fails_cleanly(pipe, error, match, *args, **kwargs):
 def test_unknown_method_lists_the_available_ones(sd_pipe):
     # (the contract matrix's test-only `scale_guard` is registered while the tests run)
     listed = (r"Unknown erasure method 'ucee'. Available methods: advunlearn, esd, fewshot, rece, "
-              r"(scale_guard, )?spm, uce")
+              r"safree, (scale_guard, )?sld, spm, uce")
     _fails_cleanly(sd_pipe, ValueError, listed, "cat", method="ucee")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -213,61 +214,62 @@ class SafreeGuard(Guard):
                              "concept again on this pipeline (`method=\"safree\"`).")
         if not torch.isfinite(vectors).all():
             raise ValueError("The SAFREE guard's keyword subspace holds non-finite values.")
-        p_c = projector(vectors)
-        record, key = state(pipe), id(self)
+        record = state(pipe)
+        hook = partial(self._swap_rows, pipe, record, projector(vectors))
+        return [denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)]
 
-        def substitutions(call) -> list:
-            """(row the pipeline made, row to use, pooled row to use or None, last step) for this call."""
-            found, seen = [], set()
-            for prompts, embeds, negative, n in call.prompts:
-                for i, prompt in enumerate(prompts):
-                    if (negative, prompt) in seen:
-                        continue
-                    seen.add((negative, prompt))
-                    if not negative:
-                        filtered = filter_prompt(pipe, prompt, embeds[i * n], p_c, self.settings)
-                        if filtered is not None:
-                            found.append((embeds[i * n], filtered[0], None, filtered[1]))
-                    elif self.settings.get("keyword_negative_prompt") and not prompt:
-                        hidden, pooled_row = encode_text(pipe, ", ".join(self.settings["keywords"]))
-                        found.append((embeds[i * n], hidden[0].to(embeds.dtype),
-                                      None if pooled_row is None else pooled_row[0], math.inf))
-            return found
-
-        def before(module, args, kwargs):
-            call = current_call(record)
-            if call is None:
-                outside_call(self, pipe)
-                return None
-            if key not in call.data:  # the first step of this call: filter each prompt it encoded, once
-                call.data[key] = substitutions(call)
-            active = [s for s in call.data[key] if call.step <= s[3]]
-            positional = "encoder_hidden_states" not in kwargs and len(args) > 2
-            hidden = args[2] if positional else kwargs.get("encoder_hidden_states")
-            if not active or hidden is None:
-                return None
-            swapped, added = hidden, kwargs.get("added_cond_kwargs")
-            for row, replacement, pooled_row, _ in active:
-                if row.shape != hidden.shape[1:]:
+    def _substitutions(self, pipe, call, p_c) -> list:
+        """(row the pipeline made, row to use, pooled row to use or None, last step) for the prompts of `call`."""
+        found, seen = [], set()
+        for prompts, embeds, negative, n in call.prompts:
+            for i, prompt in enumerate(prompts):
+                if (negative, prompt) in seen:
                     continue
-                match = (hidden == row.to(hidden.device, hidden.dtype)).flatten(1).all(dim=1)
-                if not bool(match.any()):
-                    continue
-                swapped = swapped.clone() if swapped is hidden else swapped
-                swapped[match] = replacement.to(hidden.device, hidden.dtype)
-                if pooled_row is not None and isinstance(added, dict) and torch.is_tensor(added.get("text_embeds")):
-                    text_embeds = added["text_embeds"].clone()
-                    text_embeds[match] = pooled_row.to(text_embeds.device, text_embeds.dtype)
-                    added = {**added, "text_embeds": text_embeds}
-            if swapped is hidden:
-                return None
-            if added is not None:
-                kwargs = {**kwargs, "added_cond_kwargs": added}
-            if positional:
-                return args[:2] + (swapped,) + args[3:], kwargs
-            return args, {**kwargs, "encoder_hidden_states": swapped}
+                seen.add((negative, prompt))
+                if not negative:
+                    filtered = filter_prompt(pipe, prompt, embeds[i * n], p_c, self.settings)
+                    if filtered is not None:
+                        found.append((embeds[i * n], filtered[0], None, filtered[1]))
+                elif self.settings.get("keyword_negative_prompt") and not prompt:
+                    hidden, pooled_row = encode_text(pipe, ", ".join(self.settings["keywords"]))
+                    found.append((embeds[i * n], hidden[0].to(embeds.dtype),
+                                  None if pooled_row is None else pooled_row[0], math.inf))
+        return found
 
-        return [denoiser(pipe).register_forward_pre_hook(before, with_kwargs=True)]
+    def _swap_rows(self, pipe, record, p_c, module, args, kwargs):
+        """Pre-hook: each row of the denoiser's text input that is a filtered prompt's own embedding becomes its
+        filtered embedding while the step is ≤ its T (and the pooled row too, for a keyword negative prompt)."""
+        call = current_call(record)
+        if call is None:
+            outside_call(self, pipe)
+            return None
+        if id(self) not in call.data:  # the first step of this call: filter each prompt it encoded, once
+            call.data[id(self)] = self._substitutions(pipe, call, p_c)
+        active = [s for s in call.data[id(self)] if call.step <= s[3]]
+        positional = "encoder_hidden_states" not in kwargs and len(args) > 2
+        hidden = args[2] if positional else kwargs.get("encoder_hidden_states")
+        if not active or hidden is None:
+            return None
+        swapped, added = hidden, kwargs.get("added_cond_kwargs")
+        for row, replacement, pooled_row, _ in active:
+            if row.shape != hidden.shape[1:]:
+                continue
+            match = (hidden == row.to(hidden.device, hidden.dtype)).flatten(1).all(dim=1)
+            if not bool(match.any()):
+                continue
+            swapped = swapped.clone() if swapped is hidden else swapped
+            swapped[match] = replacement.to(hidden.device, hidden.dtype)
+            if pooled_row is not None and isinstance(added, dict) and torch.is_tensor(added.get("text_embeds")):
+                text_embeds = added["text_embeds"].clone()
+                text_embeds[match] = pooled_row.to(text_embeds.device, text_embeds.dtype)
+                added = {**added, "text_embeds": text_embeds}
+        if swapped is hidden:
+            return None
+        if added is not None:
+            kwargs = {**kwargs, "added_cond_kwargs": added}
+        if positional:
+            return args[:2] + (swapped,) + args[3:], kwargs
+        return args, {**kwargs, "encoder_hidden_states": swapped}
 
 
 @register_method(SAFREEConfig)

@@ -18,8 +18,8 @@ does nothing, as in diffusers.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -30,8 +30,6 @@ from ..kinds import Guard, register_guard
 from ..registry import register_method
 from ..runtime import current_call, encode_text, extend_gates, outside_call
 from ..state import state
-
-logger = logging.getLogger(__name__)
 
 # diffusers' `SafetyConfig` (pipelines/deprecated/stable_diffusion_safe/__init__.py), by preset.
 SAFETY_CONFIGS = {
@@ -134,59 +132,54 @@ class SafetyGuidance(Guard):
             raise ValueError("An SLD guard needs its safety concept text (`settings.safety_concept`).")
         encode_text(pipe, self.settings["safety_concept"])  # fails here, not in the first generation
         record = state(pipe)
-        model = denoiser(pipe)
-        key = id(self)
+        return [denoiser(pipe).register_forward_pre_hook(partial(self._add_safety_rows, pipe, record),
+                                                         with_kwargs=True),
+                denoiser(pipe).register_forward_hook(partial(self._guide, record), with_kwargs=True)]
 
-        def before(module, args, kwargs):
-            call = current_call(record)
-            if call is None:
-                outside_call(self, pipe)
-                return None
-            sample = args[0] if args else kwargs.get("sample")
-            batch = sample.shape[0]
-            if not getattr(pipe, "do_classifier_free_guidance", False) or batch % 2:
-                call.data.setdefault(key, {})["active"] = False
-                return None  # no guidance batch: SLD does nothing, as in diffusers
-            data = call.data.setdefault(key, {})
-            if "hidden" not in data:  # once per call, with the text encoder as it is now (as the safe pipeline)
-                data["hidden"], data["pooled"] = encode_text(pipe, self.settings["safety_concept"])
-            hidden, pooled = data["hidden"], data["pooled"]
-            context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            if context is None or context.shape[1] != hidden.shape[1]:
-                raise ValueError(f"SLD encodes its safety concept at {hidden.shape[1]} tokens but the denoiser "
-                                 f"reads {None if context is None else context.shape[1]}; SLD needs the "
-                                 "pipeline's own text embeddings.")
-            args = tuple(_with_safety_rows(a, batch, None) for a in args)
-            kwargs = {k: _with_safety_rows(v, batch, hidden if k == "encoder_hidden_states" else None)
-                      for k, v in kwargs.items()}
-            if isinstance(kwargs.get("added_cond_kwargs"), dict):
-                kwargs["added_cond_kwargs"] = {
-                    k: _with_safety_rows(v, batch, pooled if k == "text_embeds" else None)
-                    for k, v in kwargs["added_cond_kwargs"].items()}
-            if len(args) > 2:
-                args = args[:2] + (_with_safety_rows(context, batch, hidden),) + args[3:]
-            extend_gates(record, torch.cat([torch.arange(batch), torch.arange(batch // 2, batch)]))
-            data.update(active=True, half=batch // 2)
-            return args, kwargs
+    def _add_safety_rows(self, pipe, record, module, args, kwargs):
+        """Pre-hook: [∅; c] (2B rows) → [∅; c; S] (3B rows) in every batch-shaped input of the denoiser."""
+        call = current_call(record)
+        if call is None:
+            outside_call(self, pipe)
+            return None
+        data = call.data.setdefault(id(self), {})
+        sample = args[0] if args else kwargs.get("sample")
+        batch = sample.shape[0]
+        data["active"] = bool(getattr(pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        if not data["active"]:
+            return None  # no guidance batch: SLD does nothing, as in diffusers
+        if "hidden" not in data:  # once per call, with the text encoder as it is now (as the safe pipeline)
+            data["hidden"], data["pooled"] = encode_text(pipe, self.settings["safety_concept"])
+        hidden, pooled = data["hidden"], data["pooled"]
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if context is None or context.shape[1] != hidden.shape[1]:
+            raise ValueError(f"SLD encodes its safety concept at {hidden.shape[1]} tokens but the denoiser reads "
+                             f"{None if context is None else context.shape[1]}; SLD needs the pipeline's own text "
+                             "embeddings.")
+        args = tuple(_with_safety_rows(a, batch, hidden if i == 2 else None) for i, a in enumerate(args))
+        kwargs = {k: _with_safety_rows(v, batch, hidden if k == "encoder_hidden_states" else None)
+                  for k, v in kwargs.items()}
+        if isinstance(kwargs.get("added_cond_kwargs"), dict):
+            kwargs["added_cond_kwargs"] = {k: _with_safety_rows(v, batch, pooled if k == "text_embeds" else None)
+                                           for k, v in kwargs["added_cond_kwargs"].items()}
+        extend_gates(record, torch.cat([torch.arange(batch), torch.arange(batch // 2, batch)]))
+        data["half"] = batch // 2
+        return args, kwargs
 
-        def after(module, args, kwargs, output):
-            call = current_call(record)
-            data = call.data.get(key) if call is not None else None
-            if not data or not data.get("active"):
-                return None
-            half = data["half"]
-            prediction = output[0] if isinstance(output, tuple) else output.sample
-            eps = prediction.float()
-            uncond, text, safety = eps[:half], eps[half:2 * half], eps[2 * half:]
-            guidance, data["momentum"] = safety_guidance(uncond, text, safety, data.get("momentum"), call.step,
-                                                         self.settings)
-            prediction = torch.cat([uncond, text - guidance]).to(prediction.dtype)
-            if isinstance(output, tuple):
-                return (prediction, *output[1:])
-            return type(output)(sample=prediction)
-
-        return [model.register_forward_pre_hook(before, with_kwargs=True),
-                model.register_forward_hook(after, with_kwargs=True)]
+    def _guide(self, record, module, args, kwargs, output):
+        """Forward hook: [ε_∅; ε_c; ε_S] → [ε_∅; ε_c − g_S], so the pipeline's guidance gives eq. 3."""
+        call = current_call(record)
+        data = call.data.get(id(self)) if call is not None else None
+        if not data or not data.get("active"):
+            return None
+        half = data["half"]
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        eps = prediction.float()
+        uncond, text, safety = eps[:half], eps[half:2 * half], eps[2 * half:]
+        guidance, data["momentum"] = safety_guidance(uncond, text, safety, data.get("momentum"), call.step,
+                                                     self.settings)
+        prediction = torch.cat([uncond, text - guidance]).to(prediction.dtype)
+        return (prediction, *output[1:]) if isinstance(output, tuple) else type(output)(sample=prediction)
 
 
 @register_method(SLDConfig)
