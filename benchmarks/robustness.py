@@ -2,6 +2,7 @@
 
     python benchmarks/robustness.py                  # uce, rece (circle), spm (star), esd, advunlearn (circle)
     python benchmarks/robustness.py --methods uce --attacks ring_a_bell
+    python benchmarks/robustness.py --methods sld-max safree uce+safree    # the guards (sld-<preset>)
 
 For each erasure: every attack's ASR over the concept's direct prompts (one seed each), beside the erased model's
 own rate (no attack) and the base model's, with queries, UNet evaluations and wall time. Ring-A-Bell's concept
@@ -41,6 +42,16 @@ def erase(pipe, method: str) -> str:
         return "star"
     if method in ("esd", "advunlearn"):
         de.load_erasure_adapter(pipe, DATA / f"{method}_circle.safetensors")
+        return "circle"
+    if method.startswith("sld-"):  # a guard: sld-<preset>
+        de.erase_concept(pipe, "circle", method="sld", preset=method.removeprefix("sld-"))
+        return "circle"
+    if method == "safree":
+        de.erase_concept(pipe, "circle", method="safree")
+        return "circle"
+    if method == "uce+safree":  # the guard stacked on the recipe erasure
+        erase(pipe, "uce")
+        de.erase_concept(pipe, "circle", method="safree")
         return "circle"
     raise ValueError(f"unknown method {method!r}")
 

@@ -43,6 +43,8 @@ from .methods.advunlearn import AdvUnlearnConfig
 from .methods.esd import ESDConfig
 from .methods.fewshot import FewShotConfig
 from .methods.rece import RECEConfig
+from .methods.safree import SAFREEConfig
+from .methods.sld import SLDConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .mixin import ErasureMixin, enable_erasure
@@ -61,6 +63,8 @@ __all__ = [
     "ESDConfig",
     "FewShotConfig",
     "RECEConfig",
+    "SAFREEConfig",
+    "SLDConfig",
     "SPMConfig",
     "TOKEN_POLICIES",
     "TextMap",

@@ -4,6 +4,7 @@
     diffusers-erase erase shapes --concept circle --anchor square --out erase-circle/
     diffusers-erase erase ./my-sd15 --concept "Van Gogh" --anchor art --preserve Monet --option lamb=0.5 --out vg/
     diffusers-erase demo --concept star --method spm       # trains a membrane (SPMConfig.tiny(), 8 min)
+    diffusers-erase demo --method sld --option preset=max  # a sampling-time guard (Safe Latent Diffusion)
     diffusers-erase export erase-circle/ --model shapes --format kohya --out circle_kohya.safetensors
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
@@ -236,6 +237,8 @@ def cmd_demo(args) -> int:
         images = [shapes.render(shapes.sample_scene(rng, **{shapes.concept_attribute(args.concept): args.concept}))
                   for _ in range(8)]
         method, preserve, options, anchor = FewShotConfig.tiny(images=images, **options), [], {}, ""
+    if args.method in ("sld", "safree"):  # guards steer sampling: no anchor, no preserve set
+        anchor, preserve = args.anchor, args.preserve or []
     method_config(method, **options)  # checked before the first image is made
     pipe = _load_pipeline("shapes", "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)

@@ -236,7 +236,15 @@ class Guard(Edit):
     @classmethod
     def describe(cls, record):
         spec = record.get("guard") or {}
-        return f"A sampling-time guard (`{spec.get('type')}`) that changes no weight."
+        guard = GUARDS.get(spec.get("type"))
+        detail = guard.summary(spec.get("settings") or {}) if guard is not None else ""
+        return f"A sampling-time guard (`{spec.get('type')}`) that changes no weight" + (
+            f"; {detail}." if detail else ".")
+
+    @classmethod
+    def summary(cls, settings: dict) -> str:
+        """What the guard acts on, for model cards, from its settings ("" for nothing to add)."""
+        return ""
 
     def export_problem(self):
         return "A guard acts while sampling and changes no weight, so it has no LoRA form; share the adapter file."

@@ -201,6 +201,13 @@ class SafreeGuard(Guard):
     guard_type = "safree"
     text_space = True  # its subspace belongs to the text encoders it was made with (checked by fingerprint)
 
+    @classmethod
+    def summary(cls, settings):
+        keywords = list(settings.get("keywords") or [])
+        shown = ", ".join(f"`{k}`" for k in keywords[:5]) + (f" and {len(keywords) - 5} more" if len(keywords) > 5
+                                                              else "")
+        return f"trigger tokens are projected out of the subspace of {shown}"
+
     def attach(self, pipe):
         family = family_of(pipe)
         if family.name not in GUARD_FAMILIES:

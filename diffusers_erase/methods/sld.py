@@ -123,6 +123,11 @@ class SafetyGuidance(Guard):
 
     guard_type = "sld"
 
+    @classmethod
+    def summary(cls, settings):
+        return (f"safety concept `{settings.get('safety_concept')}`, s_S {settings.get('sld_guidance_scale')}, "
+                f"warm-up {settings.get('sld_warmup_steps')} steps")
+
     def attach(self, pipe):
         family = family_of(pipe)
         if family.name not in GUARD_FAMILIES:
