@@ -287,11 +287,26 @@ def ldm_unet_path(path: str, unet_config) -> str:
     return f"{prefixes[match[1]]}.{match[2]}"
 
 
+def kohya_text_prefix(component: str, family: Family) -> str | None:
+    """kohya-ss's prefix of a text encoder's modules: `lora_te_` (SD 1.x/2.x), `lora_te1_`/`lora_te2_` (SDXL's
+    CLIP-L and CLIP-G), which AUTOMATIC1111, ComfyUI and diffusers' `load_lora_weights` read; None for another
+    component."""
+    encoders = [t.encoder for t in family.text_encoders]
+    if component not in encoders:
+        return None
+    return "lora_te_" if len(encoders) == 1 else f"lora_te{encoders.index(component) + 1}_"
+
+
 def kohya_name(module: str, unet_config, family: Family) -> str:
-    """`lora_unet_…` name of one of our modules (`unet.<diffusers path>`), in the family's kohya spelling."""
+    """kohya name of one of our modules: `lora_unet_…` for `unet.<diffusers path>` (in the family's spelling), or
+    `lora_te…_<path>` for a text encoder's `<encoder>.<transformers path>`."""
     component, _, path = module.partition(".")
+    prefix = kohya_text_prefix(component, family)
+    if prefix is not None:
+        # kohya-ss names CLIP's modules by transformers' `text_model.` path, which transformers 5 no longer has.
+        return prefix + ("" if path.startswith("text_model.") else "text_model_") + path.replace(".", "_")
     if component != "unet":
-        raise ValueError(f"{module} is not a UNet module; only UNet edits are exported.")
+        raise ValueError(f"{module} is neither a UNet nor a text-encoder module; it has no kohya name.")
     if family.kohya_ldm_names or not a1111_reads_diffusers_names(unet_config):
         path = ldm_unet_path(path, unet_config)
     return KOHYA_UNET_PREFIX + path.replace(".", "_")

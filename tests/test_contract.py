@@ -64,6 +64,7 @@ METHOD_CASES = [
     ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),
     ("advunlearn", TINY_ADV, make_sd_pipeline, ()),
     ("fewshot", {"zero_shot": True, "lr": 1e-2, "epochs": 1}, make_sd_pipeline, ()),
+    ("fewshot", {"zero_shot": True, "lr": 1e-2, "epochs": 1, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora")),
     ("sld", {"sld_warmup_steps": 0}, make_sd_pipeline, ()),
     ("sld", {"sld_warmup_steps": 0}, make_sdxl_pipeline, ()),
     ("safree", {}, make_sd_pipeline, ()),

@@ -367,3 +367,39 @@ def test_export_peft_of_a_pipeline_loaded_from_a_path(tokenizer_dir, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "model")
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_low_rank_text_encoder_edits_export_under_kohya_te_keys(tokenizer_dir, tmp_path):
+    """kohya-ss's `lora_te_text_model_…` names, which diffusers' `load_lora_weights` (and the UIs) read: the text
+    encoder of a plain pipeline that loads the export matches ours."""
+    pytest.importorskip("peft")
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "cat", method="fewshot", zero_shot=True, lr=1e-2, epochs=1, lora_rank=2)
+    path = de.export_adapter(pipe, tmp_path / "te.safetensors", format="kohya")
+    keys = load_file(path)
+    assert keys and all(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
+
+    def embeddings(p):
+        with torch.no_grad():
+            return p.text_encoder(p.tokenizer(["a cat on a mat"], return_tensors="pt").input_ids)[0]
+
+    plain, base = make_sd_pipeline(tokenizer_dir), make_sd_pipeline(tokenizer_dir)
+    plain.load_lora_weights(str(path))
+    assert (embeddings(base) - embeddings(pipe)).abs().max() > 1e-3  # the edit is there to reproduce
+    assert torch.allclose(embeddings(plain), embeddings(pipe), atol=1e-5)
+    fresh = make_sd_pipeline(tokenizer_dir)
+    de.load_erasure_adapter(fresh, path)  # and our own loader restores the trained record from its header
+    assert de.get_erasures(fresh)[0].method == "fewshot"
+    assert torch.equal(embeddings(fresh), embeddings(pipe))
+
+
+def test_kohya_text_encoder_prefixes_follow_kohya_ss():
+    from diffusers_erase.families import FAMILIES, kohya_name
+
+    assert kohya_name("text_encoder.encoder.layers.0.mlp.fc1", {}, FAMILIES["sd1"]) == (
+        "lora_te_text_model_encoder_layers_0_mlp_fc1")
+    assert kohya_name("text_encoder.text_model.encoder.layers.0.mlp.fc1", {}, FAMILIES["sd2"]) == (
+        "lora_te_text_model_encoder_layers_0_mlp_fc1")  # transformers < 5 spells the text_model level itself
+    assert kohya_name("text_encoder_2.encoder.layers.3.self_attn.q_proj", {}, FAMILIES["sdxl"]) == (
+        "lora_te2_text_model_encoder_layers_3_self_attn_q_proj")
+    assert kohya_name("text_encoder.encoder.layers.3.self_attn.q_proj", {}, FAMILIES["sdxl"]).startswith("lora_te1_")

@@ -60,7 +60,8 @@ def test_sld_acts_per_sample_and_not_without_guidance(sd_pipe):
     base_single = _images(sd_pipe, ["a tree"], guidance=1.0)
     de.erase_concept(sd_pipe, "a cat", method="sld", sld_warmup_steps=0)
     batch = _images(sd_pipe, ["a cat", "a tree"])
-    assert torch.allclose(batch[1:], _images(sd_pipe, ["a tree"], seeds=[1]), atol=1e-5)  # a sample sees its own rows only
+    # a sample sees its own rows only
+    assert torch.allclose(batch[1:], _images(sd_pipe, ["a tree"], seeds=[1]), atol=1e-5)
     assert torch.equal(_images(sd_pipe, ["a tree"], guidance=1.0), base_single)  # no guidance batch: nothing
 
 

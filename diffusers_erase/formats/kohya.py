@@ -190,7 +190,7 @@ def kohya_to_adapter(layout: Layout, tensors, metadata, source: str = "kohya LoR
                 "be gated. If it is an SPM, pass its erased prompts: `load_erasure_adapter(tensors, "
                 "metadata={'prompts': 'snoopy', 'rank': '1', 'alpha': '1'})` with the file's tensors; for a "
                 "general LoRA use `pipe.load_lora_weights`.")
-    ours = _kohya_factors(groups, names, {**layout.text_readers, **layout.membrane_targets}, source)
+    ours = _kohya_factors(groups, names, layout.module_shapes(), source)
     if METADATA_KEY not in metadata:
         ours = pad_to_one_rank(ours)
         metadata[METADATA_KEY] = format1_header(layout.family.name, _foreign_record(ours, metadata, source))

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ..families import Family, kohya_aliases
+from ..families import Family, kohya_aliases, kohya_name, kohya_text_prefix
 
 
 @dataclass
@@ -23,5 +23,21 @@ class Layout:
     parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every parameter an edit may touch
 
     def kohya_names(self) -> dict[str, str]:
-        """`{kohya name: module}` for every module an erasure can touch, under both kohya spellings."""
-        return kohya_aliases({**self.text_readers, **self.membrane_targets}, self.unet_config)
+        """`{kohya name: module}` for every module an erasure can touch: UNet modules under both kohya spellings,
+        text-encoder Linears under kohya-ss's `lora_te…_` names."""
+        names = kohya_aliases({**self.text_readers, **self.membrane_targets}, self.unet_config)
+        names.update({kohya_name(m, self.unet_config, self.family): m for m in self.text_encoder_modules()})
+        return names
+
+    def text_encoder_modules(self) -> dict[str, tuple[int, ...]]:
+        """`{module: weight shape}` of the text encoders' Linear layers among `parameters` (trained edits)."""
+        out = {}
+        for parameter, shape in self.parameters.items():
+            module, _, leaf = parameter.rpartition(".")
+            if leaf == "weight" and len(shape) == 2 and kohya_text_prefix(module.partition(".")[0], self.family):
+                out[module] = shape
+        return out
+
+    def module_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Weight shape of every module a LoRA-form erasure may adapt."""
+        return {**self.text_readers, **self.membrane_targets, **self.text_encoder_modules()}
