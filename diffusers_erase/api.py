@@ -503,6 +503,9 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
     if out_file.is_dir():
         raise ValueError(f"{out_file} is a directory; pass a file name ending in .safetensors.")
     erasures = _erasures_to_export(pipe, adapter)
+    if format == "diff" and any(isinstance(d, Dense) for e in erasures for d in e.edit.deltas.values()):
+        save_file(*_dense_diff(pipe, erasures, out_file))
+        return out_file
     ours, metadata = lora_state_dict(pipe, erasures)
     if format == "lora":
         tensors = ours
@@ -514,6 +517,19 @@ def export_adapter(pipe, out_file, *, adapter=None, format: str = "kohya") -> Pa
     out_file.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_file), metadata=metadata)
     return out_file
+
+
+def _dense_diff(pipe, erasures: list[Erasure], out_file: Path):
+    """(tensors, path, metadata) of a `.diff` export with dense payloads (trained edits): every touched weight's and
+    bias's total change, under kohya names, with our format-2 header (records without their tensors)."""
+    on_pipe = erasures == get_erasures(pipe)
+    weight = (lambda name: base_weight(pipe, name)) if on_pipe else (lambda name: get_parameter(pipe, name).detach())
+    family = family_of(pipe)
+    tensors = kohya.write_diffs(lora.differences(erasures, weight), family, getattr(pipe, family.denoiser).config)
+    _, metadata = native.write(erasures, _file_header(pipe))  # the records; the tensors are the diffs
+    metadata = {**metadata, **kohya.header_fields(_export_info(pipe), metadata, out_file, "diff", 0)}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    return tensors, str(out_file), metadata
 
 
 @exclusive

@@ -304,7 +304,8 @@ def kohya_name(module: str, unet_config, family: Family) -> str:
     prefix = kohya_text_prefix(component, family)
     if prefix is not None:
         # kohya-ss names CLIP's modules by transformers' `text_model.` path, which transformers 5 no longer has.
-        return prefix + ("" if path.startswith("text_model.") else "text_model_") + path.replace(".", "_")
+        level = "" if path.startswith(("text_model.", "text_projection")) else "text_model_"
+        return prefix + level + path.replace(".", "_")
     if component != "unet":
         raise ValueError(f"{module} is neither a UNet nor a text-encoder module; it has no kohya name.")
     if family.kohya_ldm_names or not a1111_reads_diffusers_names(unet_config):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -181,6 +182,7 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     call = current_call(record)
     if call is not None:
         call.prompts.extend(sources)
+        call.rows = output[0].shape[0] if torch.is_tensor(output[0]) else None
     if not runtime.gates:
         return
     for prompts, embeds, negative, n in sources:
@@ -194,12 +196,12 @@ class PromptRecorder:
 
     def __call__(self, *args, **kwargs):
         record = state(self)
-        outer = getattr(record.per_call, "call", None)
-        record.per_call.call = Call()
+        outer = getattr(record.calls, "call", None)
+        record.calls.call = Call(self)
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            record.per_call.call = outer
+            record.calls.call = outer
 
     def encode_prompt(self, *args, **kwargs):
         output = super().encode_prompt(*args, **kwargs)
@@ -238,20 +240,23 @@ class _Runtime:
 
 @dataclass
 class Call:
-    """One pipeline call on one thread, as the guards see it: the denoiser calls made so far (`step`: one per
+    """One pipeline call on one thread, as the guards see it: the pipeline running (which may be another than the
+    one a guard was attached through: pipelines share the UNet), the denoiser calls made so far (`step`: one per
     denoising step in diffusers' SD/SDXL pipelines), the prompts its `encode_prompt` encoded (`_prompt_sources`),
     and what each guard keeps between steps (`data`, by guard)."""
 
+    pipe: object
     step: int = 0
     prompts: list = field(default_factory=list)
+    rows: int | None = None  # rows of the last `encode_prompt`'s prompt embeddings (given by hand or not)
     data: dict = field(default_factory=dict)
 
 
 def current_call(record) -> Call | None:
     """This thread's pipeline call on the pipeline (or `state`) `record`, None outside one: a guard acts only in
     pipeline calls, never on the denoiser calls of training, attacks or user code."""
-    record = record if hasattr(record, "per_call") else state(record)
-    return getattr(record.per_call, "call", None)
+    record = record if hasattr(record, "calls") else state(record)
+    return getattr(record.calls, "call", None)
 
 
 def extend_gates(record, rows: torch.Tensor) -> None:
@@ -262,14 +267,14 @@ def extend_gates(record, rows: torch.Tensor) -> None:
         record.per_call.gates = gates[rows.to(gates.device)]
 
 
-_WARNED: set = set()
+_WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
-def outside_call(guard, pipe) -> None:
+def outside_call(guard) -> None:
     """Log once per guard that a denoiser call outside a pipeline call (training, attacks, a pipeline built from
     this one's components without `enable_erasure`) ran without it."""
-    if id(guard) not in _WARNED:
-        _WARNED.add(id(guard))
+    if guard not in _WARNED:
+        _WARNED.add(guard)
         logger.warning(
             "The %s guard acts only inside calls of a pipeline that diffusers-erase prepared; a denoiser call outside "
             "one ran without it. For a pipeline built from this one's components (from_pipe, Cls(**components)), "

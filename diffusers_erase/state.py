@@ -34,6 +34,8 @@ class ErasureState:
     runtime: object | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     per_call: threading.local = field(default_factory=threading.local, repr=False)
+    # This thread's running pipeline call (`runtime.Call`), apart from `per_call` so a hook refresh keeps it.
+    calls: threading.local = field(default_factory=threading.local, repr=False)
 
 
 _CREATING = threading.Lock()

@@ -403,3 +403,22 @@ def test_kohya_text_encoder_prefixes_follow_kohya_ss():
     assert kohya_name("text_encoder_2.encoder.layers.3.self_attn.q_proj", {}, FAMILIES["sdxl"]) == (
         "lora_te2_text_model_encoder_layers_3_self_attn_q_proj")
     assert kohya_name("text_encoder.encoder.layers.3.self_attn.q_proj", {}, FAMILIES["sdxl"]).startswith("lora_te1_")
+
+
+def test_dense_edits_export_as_exact_diffs_and_load_back(tokenizer_dir, tmp_path):
+    """ESD's dense UNet deltas (biases too, as `.diff_b`) stacked on a UCE edit: one `.diff` file of the total
+    change, which ComfyUI's `load_lora` and A1111's `network_full` add as-is, and which loads back exactly."""
+    pipe = make_sd_pipeline(tokenizer_dir)
+    de.erase_concept(pipe, "tree")
+    de.erase_concept(pipe, "cat", method="esd", iterations=2, lr=1e-2, ddim_steps=3)
+    path = export_adapter(pipe, tmp_path / "esd.safetensors", format="diff")
+    keys = load_file(path)
+    assert any(k.endswith("_attn2_to_out_0.diff_b") for k in keys) and all(k.endswith((".diff", ".diff_b"))
+                                                                           for k in keys)
+    fresh = make_sd_pipeline(tokenizer_dir)
+    loaded = de.load_erasure_adapter(fresh, path)
+    assert [(e.method, e.concepts) for e in loaded] == [("imported", ["tree", "cat"])]
+    for name, value in snapshot(pipe).items():
+        assert torch.allclose(snapshot(fresh)[name], value, atol=1e-6), name
+    de.unload_erasure(fresh)
+    assert changed(snapshot(make_sd_pipeline(tokenizer_dir)), snapshot(fresh)) == []

@@ -28,7 +28,8 @@ def _hooks(pipe) -> int:
 # ------------------------------------------------------------------------------------------------ SLD
 
 
-def test_sld_matches_diffusers_safe_pipeline(sd_pipe):
+@pytest.mark.parametrize("extra", [{}, {"num_images_per_prompt": 2, "negative_prompt": ["a dog", "a car"]}])
+def test_sld_matches_diffusers_safe_pipeline(sd_pipe, extra):
     from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
 
     options = {"sld_warmup_steps": 1, "sld_guidance_scale": 50.0, "sld_threshold": 0.01, "sld_momentum_scale": 0.3,
@@ -38,9 +39,10 @@ def test_sld_matches_diffusers_safe_pipeline(sd_pipe):
     safe.safety_concept = "a cat"
     safe.set_progress_bar_config(disable=True)
     prompts = ["a cat", "a tree"]
-    reference = _images(safe, prompts, steps=4, **options)
+    seeds = range(len(prompts) * extra.get("num_images_per_prompt", 1))
+    reference = _images(safe, prompts, steps=4, seeds=seeds, **options, **extra)
     de.erase_concept(sd_pipe, "a cat", method="sld", **options)
-    assert torch.allclose(_images(sd_pipe, prompts, steps=4), reference, atol=1e-5)
+    assert torch.allclose(_images(sd_pipe, prompts, steps=4, seeds=seeds, **extra), reference, atol=1e-5)
 
 
 def test_sld_guidance_formula_elementwise():
@@ -156,10 +158,16 @@ def test_safree_uses_filtered_rows_for_steps_up_to_t_then_the_prompts_own(sd_pip
 
 
 def test_safree_leaves_a_prompt_without_trigger_tokens_bit_exact(sd_pipe):
-    prompts = ["a cat", "a tree"]
+    prompts = ["a cat", "a tree"]  # at α = 0.1 on this model "a cat" has a trigger token, "a tree" none
+    settings = {"alpha": 0.1, "self_validating": False, "up_t": 10, "svf_center": 5.333, "svf_slope": 5.0}
+    p_c = safree.projector(safree.pooled(sd_pipe, ["cat"]))
+    found = [safree.filter_prompt(sd_pipe, p, sd_pipe.encode_prompt(p, "cpu", 1, False)[0][0], p_c, settings)
+             for p in prompts]
+    assert found[0] is not None and found[1] is None
     base = _images(sd_pipe, prompts)
-    de.erase_concept(sd_pipe, "cat", method="safree", alpha=100.0)  # no token is 101× the others' mean
-    assert torch.equal(_images(sd_pipe, prompts), base)
+    de.erase_concept(sd_pipe, "cat", method="safree", alpha=0.1, self_validating=False)
+    guarded = _images(sd_pipe, prompts)
+    assert not torch.equal(guarded[0], base[0]) and torch.equal(guarded[1], base[1])
 
 
 def test_safree_filters_each_sample_of_a_batch_on_its_own(sd_pipe):
@@ -277,3 +285,23 @@ def test_guards_refuse_a_pipeline_without_a_unet():
 
     with pytest.raises(ValueError, match="Supported families"):
         de.erase_concept(NotAPipeline(), "a cat", method="sld")
+
+
+def test_guards_act_in_a_pipeline_built_from_the_components(sd_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    de.erase_concept(sd_pipe, "a cat", method="sld", sld_warmup_steps=0)  # sd_pipe itself is never called
+    sibling = StableDiffusionPipeline(**sd_pipe.components)
+    sibling.set_progress_bar_config(disable=True)
+    de.enable_erasure(sibling)
+    guarded, unguided = _images(sibling, ["a cat"]), _images(sibling, ["a cat"], guidance=1.0)
+    de.unload_erasure(sibling)
+    assert not torch.equal(guarded, _images(sibling, ["a cat"]))  # its own guidance flag, not sd_pipe's
+    assert torch.equal(unguided, _images(sibling, ["a cat"], guidance=1.0))
+
+
+def test_a_second_sld_guard_is_refused_and_the_first_kept(sd_pipe):
+    de.erase_concept(sd_pipe, "a cat", method="sld")
+    with pytest.raises(ValueError, match="one SLD guard"):
+        de.erase_concept(sd_pipe, "a dog", method="sld")
+    assert [e.concepts for e in de.get_erasures(sd_pipe)] == [["a cat"]] and _hooks(sd_pipe) == 3

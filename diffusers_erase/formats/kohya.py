@@ -67,6 +67,7 @@ from ..kinds import describe_record, record_kind
 from .layout import Layout
 from .lora import format1_header, pad_to_one_rank
 from .native import METADATA_KEY, check_tensor, read_header
+from .partial import dense_delta_adapter
 
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
@@ -88,6 +89,18 @@ def write(ours: dict[str, torch.Tensor], family: Family, unet_config, fmt: str) 
             # A Conv2d's factors are conv-shaped (rank, in, kh, kw) / (out, rank, 1, 1): multiply as matrices.
             delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
             tensors[f"{name}.diff"] = delta.reshape(up.shape[0], *down.shape[1:]).contiguous()
+    return tensors
+
+
+def write_diffs(differences: dict[str, torch.Tensor], family: Family, unet_config) -> dict[str, torch.Tensor]:
+    """`.diff` (weights) and `.diff_b` (biases) tensors of full parameter changes, as ComfyUI's `load_lora` and
+    AUTOMATIC1111's `network_full` read them."""
+    tensors = {}
+    for parameter, delta in differences.items():
+        module, _, leaf = parameter.rpartition(".")
+        if leaf not in ("weight", "bias"):
+            raise ValueError(f"{parameter} is neither a weight nor a bias; a .diff file holds only those.")
+        tensors[f"{kohya_name(module, unet_config, family)}.{'diff' if leaf == 'weight' else 'diff_b'}"] = delta
     return tensors
 
 
@@ -145,7 +158,7 @@ def is_kohya_state_dict(tensors) -> bool:
 
 
 def is_diff_state_dict(tensors) -> bool:
-    return bool(tensors) and all(key.endswith(".diff") for key in tensors)
+    return bool(tensors) and all(key.endswith((".diff", ".diff_b")) for key in tensors)
 
 
 def check_family(layout: Layout, metadata: dict[str, str], source: str) -> None:
@@ -285,6 +298,8 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     check_family(layout, metadata, source)
     names = layout.kohya_names()
     projections = layout.text_readers
+    if _dense_diff(tensors, names, projections, metadata):
+        return _dense_diff_to_adapter(layout, tensors, layout.diff_names(), metadata, source)
     concepts, methods, listed = [], [], None
     if METADATA_KEY in metadata:  # our own export: its header must be sound and name exactly these modules
         header = read_header(metadata, source)
@@ -328,3 +343,37 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
               "rank": ours[f"{modules[0]}.lora_A.weight"].shape[0], "modules": modules, "seconds": 0.0}
     metadata[METADATA_KEY] = format1_header(layout.family.name, record)
     return ours, metadata
+
+
+def _dense_diff(tensors, names, projections, metadata) -> bool:
+    """A `.diff` file of dense edits: bias diffs, modules beyond the K/V projections, or our format-2 header (what
+    `export_adapter(format="diff")` writes for dense payloads)."""
+    if METADATA_KEY in metadata and json.loads(metadata[METADATA_KEY]).get("format_version", 1) >= 2:
+        return True
+    return any(key.endswith(".diff_b") or names.get(key.partition(".")[0]) not in projections for key in tensors)
+
+
+def _dense_diff_to_adapter(layout: Layout, tensors, names, metadata, source):
+    """Each `.diff` / `.diff_b` as an exact dense change of that weight / bias: one "imported" erasure naming the
+    concepts of the file's header (erasures summed into one diff cannot be told apart)."""
+    concepts = []
+    if METADATA_KEY in metadata:
+        header = read_header(metadata, source)
+        if header["family"] != layout.family.name:
+            raise ValueError(f"{source} was made for a {header['family']!r} pipeline, but this is a "
+                             f"{layout.family.name!r} pipeline; load an adapter made for the same model family.")
+        concepts = [c for record in header["erasures"] for c in record["concepts"]]
+    deltas = {}
+    for key, delta in tensors.items():
+        base, _, part = key.partition(".")
+        if base not in names:
+            raise ValueError(f"{source} holds {key}, which names no module a diffusers-erase edit may touch here "
+                             "(the UNet's transformer blocks and the text encoder).")
+        parameter = f"{names[base]}.{'weight' if part == 'diff' else 'bias'}"
+        check_tensor(delta, f"{source}: {key}")
+        expected = layout.parameters.get(parameter)
+        if expected is None or tuple(delta.shape) != tuple(expected):
+            raise ValueError(f"{source}: {key} is {tuple(delta.shape)} but {parameter} is "
+                             f"{None if expected is None else tuple(expected)} in this pipeline.")
+        deltas[parameter] = delta.float()
+    return dense_delta_adapter(layout, deltas, "diff", concepts)

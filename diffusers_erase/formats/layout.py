@@ -29,14 +29,25 @@ class Layout:
         names.update({kohya_name(m, self.unet_config, self.family): m for m in self.text_encoder_modules()})
         return names
 
-    def text_encoder_modules(self) -> dict[str, tuple[int, ...]]:
-        """`{module: weight shape}` of the text encoders' Linear layers among `parameters` (trained edits)."""
+    def text_encoder_modules(self, linear_only: bool = True) -> dict[str, tuple[int, ...]]:
+        """`{module: weight shape}` of the text encoders' Linear layers among `parameters` (trained edits); with
+        `linear_only=False`, of every text-encoder module with a weight (norms and embeddings too)."""
         out = {}
         for parameter, shape in self.parameters.items():
             module, _, leaf = parameter.rpartition(".")
-            if leaf == "weight" and len(shape) == 2 and kohya_text_prefix(module.partition(".")[0], self.family):
+            linear = len(shape) == 2 and "embedding" not in module  # token/position embeddings are not Linears
+            if (leaf == "weight" and (linear or not linear_only)
+                    and kohya_text_prefix(module.partition(".")[0], self.family)):
                 out[module] = shape
         return out
+
+    def diff_names(self) -> dict[str, str]:
+        """`{kohya name: module}` a `.diff` file may name: `kohya_names`, and every text-encoder module (a dense
+        text-encoder edit also changes norms and embeddings)."""
+        names = self.kohya_names()
+        names.update({kohya_name(m, self.unet_config, self.family): m
+                      for m in self.text_encoder_modules(linear_only=False)})
+        return names
 
     def module_shapes(self) -> dict[str, tuple[int, ...]]:
         """Weight shape of every module a LoRA-form erasure may adapt."""

@@ -56,6 +56,20 @@ def expand(erasures: list[Erasure], base_weight: Callable[[str], torch.Tensor]) 
     return out
 
 
+def differences(erasures: list[Erasure], base_weight: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The total change ΔW of every parameter the erasures touch, applied in order (a text map on the weight just
+    before it, as when installed); any payload type, biases included. What a `.diff` export holds."""
+    running: dict[str, torch.Tensor] = {}
+    for erasure in erasures:
+        problem = erasure.edit.export_problem()
+        if problem:
+            raise ValueError(problem)
+        for name, delta in erasure.edit.deltas.items():
+            weight = running.get(name, base_weight(name).detach().float())
+            running[name] = weight + delta.matrix(weight).reshape(weight.shape)
+    return {name: (value - base_weight(name).detach().float()).cpu().contiguous() for name, value in running.items()}
+
+
 def write(erasures: list[Erasure], expanded: list[dict[str, LowRank]], shapes: dict[str, tuple], header: dict):
     """A format-1 state dict (tensors, metadata) of the expanded erasures; `shapes`: each parameter's shape."""
     parts: dict[str, list[torch.Tensor]] = {}

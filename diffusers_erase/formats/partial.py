@@ -72,11 +72,13 @@ def partial_weights_to_adapter(layout: Layout, tensors, metadata, source: str = 
 def dense_adapter(layout: Layout, weights: dict[str, torch.Tensor], source_format: str):
     """Format-2 tensors and metadata of one "imported" erasure: Dense Δ = W_file − W_pipe for each
     `{parameter: new value}` that differs (full-weight imports: ESD files, whole text encoders)."""
-    deltas = {}
-    for name, value in weights.items():
-        delta = value.float() - layout.weight(name).detach().cpu().float()
-        if delta.any():
-            deltas[name] = Dense(delta)
-    erasure = Erasure(method="imported", concepts=[], anchors=[], preserve=[],
-                      options={"source_format": source_format}, edit=WeightEdit(deltas))
+    deltas = {name: value.float() - layout.weight(name).detach().cpu().float() for name, value in weights.items()}
+    return dense_delta_adapter(layout, deltas, source_format)
+
+
+def dense_delta_adapter(layout: Layout, deltas: dict[str, torch.Tensor], source_format: str, concepts=()):
+    """Format-2 tensors and metadata of one "imported" erasure of the `{parameter: Δ}` that are not zero."""
+    edit = WeightEdit({name: Dense(delta) for name, delta in deltas.items() if delta.any()})
+    erasure = Erasure(method="imported", concepts=list(concepts), anchors=[], preserve=[],
+                      options={"source_format": source_format}, edit=edit)
     return write([erasure], {"library_version": __version__, "family": layout.family.name})

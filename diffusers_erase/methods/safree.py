@@ -150,8 +150,9 @@ def _masked_pooled(pipe, prompt: str) -> torch.Tensor | None:
             return None
         masked = torch.tensor(ids).repeat(n, 1)
         masked[torch.arange(n), torch.arange(1, n + 1)] = MASK_ID
+        device = getattr(pipe, "_execution_device", None) or encoder.device  # not `meta` under offload
         with torch.no_grad():
-            hidden = encoder_states(encoder, row, masked.to(encoder.device)).float()
+            hidden = encoder_states(encoder, row, masked.to(device)).float()
         states.append(hidden[:, n + 1])
     if len({s.shape[0] for s in states}) != 1:
         raise ValueError(f"The text encoders tokenize {prompt!r} to different lengths; SAFREE masks one token "
@@ -222,7 +223,7 @@ class SafreeGuard(Guard):
         if not torch.isfinite(vectors).all():
             raise ValueError("The SAFREE guard's keyword subspace holds non-finite values.")
         record = state(pipe)
-        hook = partial(self._swap_rows, pipe, record, projector(vectors))
+        hook = partial(self._swap_rows, record, projector(vectors))
         return [denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)]
 
     def _substitutions(self, pipe, call, p_c) -> list:
@@ -243,15 +244,15 @@ class SafreeGuard(Guard):
                                   None if pooled_row is None else pooled_row[0], math.inf))
         return found
 
-    def _swap_rows(self, pipe, record, p_c, module, args, kwargs):
+    def _swap_rows(self, record, p_c, module, args, kwargs):
         """Pre-hook: each row of the denoiser's text input that is a filtered prompt's own embedding becomes its
         filtered embedding while the step is ≤ its T (and the pooled row too, for a keyword negative prompt)."""
         call = current_call(record)
         if call is None:
-            outside_call(self, pipe)
+            outside_call(self)
             return None
         if id(self) not in call.data:  # the first step of this call: filter each prompt it encoded, once
-            call.data[id(self)] = self._substitutions(pipe, call, p_c)
+            call.data[id(self)] = self._substitutions(call.pipe, call, p_c)
         active = [s for s in call.data[id(self)] if call.step <= s[3]]
         positional = "encoder_hidden_states" not in kwargs and len(args) > 2
         hidden = args[2] if positional else kwargs.get("encoder_hidden_states")

@@ -18,6 +18,7 @@ does nothing, as in diffusers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -47,6 +48,7 @@ SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humil
                   "nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
                   "weapons, child abuse, brutality, cruelty")
 GUARD_FAMILIES = ("sd1", "sd2", "sdxl")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,10 @@ def safety_guidance(eps_uncond, eps_text, eps_safety, momentum, step: int, setti
 
 def _with_safety_rows(value, batch: int, safety: torch.Tensor | None):
     """`value` with one more row per prompt row: copies of rows [B, 2B) of a 2B-row tensor, or `safety` (broadcast
-    to B rows) in their place; other values pass through."""
+    to B rows) in their place; lists and tuples (IP-Adapter image embeddings, ControlNet residuals) element by
+    element; other values pass through."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_safety_rows(v, batch, None) for v in value)
     if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != batch:
         return value
     half = batch // 2
@@ -135,22 +140,29 @@ class SafetyGuidance(Guard):
         SLDConfig(**{k: v for k, v in self.settings.items() if k.startswith("sld_")})  # ranges, for loaded files
         if not str(self.settings.get("safety_concept") or "").strip():
             raise ValueError("An SLD guard needs its safety concept text (`settings.safety_concept`).")
-        encode_text(pipe, self.settings["safety_concept"])  # fails here, not in the first generation
         record = state(pipe)
-        return [denoiser(pipe).register_forward_pre_hook(partial(self._add_safety_rows, pipe, record),
-                                                         with_kwargs=True),
+        if sum(isinstance(e.edit, SafetyGuidance) for e in record.erasures) > 1:
+            raise ValueError("A pipeline takes one SLD guard (a second would split the batch the first grew); "
+                             "erase several concepts with one: `erase_concept([...], method=\"sld\")`.")
+        encode_text(pipe, self.settings["safety_concept"])  # fails here, not in the first generation
+        return [denoiser(pipe).register_forward_pre_hook(partial(self._add_safety_rows, record), with_kwargs=True),
                 denoiser(pipe).register_forward_hook(partial(self._guide, record), with_kwargs=True)]
 
-    def _add_safety_rows(self, pipe, record, module, args, kwargs):
+    def _add_safety_rows(self, record, module, args, kwargs):
         """Pre-hook: [∅; c] (2B rows) → [∅; c; S] (3B rows) in every batch-shaped input of the denoiser."""
         call = current_call(record)
         if call is None:
-            outside_call(self, pipe)
+            outside_call(self)
             return None
-        data = call.data.setdefault(id(self), {})
+        pipe, data = call.pipe, call.data.setdefault(id(self), {})
         sample = args[0] if args else kwargs.get("sample")
         batch = sample.shape[0]
-        data["active"] = bool(getattr(pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        data["active"] = guided and batch == 2 * (call.rows or batch // 2) and batch % 2 == 0
+        if guided and not data["active"] and not data.get("warned"):
+            data["warned"] = True  # PAG, InstructPix2Pix, SAG: another batch layout than [∅; c]
+            logger.warning("SLD skips a denoiser call of %d rows: it guides diffusers' [negative; prompt] batch of "
+                           "2 × %s rows only.", batch, call.rows)
         if not data["active"]:
             return None  # no guidance batch: SLD does nothing, as in diffusers
         if "hidden" not in data:  # once per call, with the text encoder as it is now (as the safe pipeline)
