@@ -100,7 +100,12 @@ def write_diffs(differences: dict[str, torch.Tensor], family: Family, unet_confi
         module, _, leaf = parameter.rpartition(".")
         if leaf not in ("weight", "bias"):
             raise ValueError(f"{parameter} is neither a weight nor a bias; a .diff file holds only those.")
-        tensors[f"{kohya_name(module, unet_config, family)}.{'diff' if leaf == 'weight' else 'diff_b'}"] = delta
+        try:
+            name = kohya_name(module, unet_config, family)
+        except ValueError as error:
+            raise ValueError(f"{error} A .diff export covers the UNet's transformer blocks and the text encoders; "
+                             "save this edit (ESD's esd-u/esd-all train more) with `save_erasure_adapter`.") from None
+        tensors[f"{name}.{'diff' if leaf == 'weight' else 'diff_b'}"] = delta
     return tensors
 
 
