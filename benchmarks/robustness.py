@@ -81,6 +81,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     kept = previous.get("results", {}) if previous.get("budget") == args.budget else {}
+    for method, row in rows.items():  # a run of some attacks keeps the other attacks' results of that erasure
+        if method in kept:
+            row["results"] = {**kept[method].get("results", {}), **row["results"]}
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                                     "budget": args.budget, "results": {**kept, **rows}}, indent=2) + "\n")

@@ -28,11 +28,14 @@ from .text import encoder_states
 
 
 @contextmanager
-def token_embeddings_replaced(encoder: nn.Module, positions: slice, values: torch.Tensor):
-    """While active, `encoder`'s token embeddings at `positions` of every row are `values` (k, dim)."""
+def token_embeddings_replaced(encoder: nn.Module, positions: slice | torch.Tensor, values: torch.Tensor):
+    """While active, `encoder`'s token embeddings at `positions` (a slice, or a tensor of k indices) of every row
+    are `values` (k, dim)."""
     def hook(module, args, output):
         rows = values.to(output.dtype)[None].expand(output.shape[0], -1, -1)
-        return torch.cat([output[:, : positions.start], rows, output[:, positions.stop :]], dim=1)
+        if isinstance(positions, slice):
+            return torch.cat([output[:, : positions.start], rows, output[:, positions.stop :]], dim=1)
+        return output.index_copy(1, positions.to(output.device), rows)
 
     handle = encoder.get_input_embeddings().register_forward_hook(hook)
     try:

@@ -14,12 +14,14 @@ from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
 import diffusers_erase as de
 from diffusers_erase import attacks, detectors, shapes
 from diffusers_erase.adversarial import AdversarialPrefix, project_to_simplex
+from diffusers_erase.attacks.p4d import PEZPrompt
 from diffusers_erase.families import text_pairs
 from diffusers_erase.text import encoder_states
 
 SHAPES = attacks.Generation(num_inference_steps=20, guidance_scale=3.0, scheduler="DPMSolverMultistepScheduler")
 PROMPTS = ["a red circle", "a blue circle"]
 TINY_UNLEARNDIFF = {"k": 2, "iterations": 2, "timesteps": 1}
+TINY_P4D = {"iterations": 3, "eval_every": 2}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,7 @@ def test_a_bad_detector_is_refused_before_any_image_is_made(tokenizer_dir, score
 
 def test_bad_names_and_references_are_refused(tokenizer_dir):
     pipe, detector = make_sd_pipeline(tokenizer_dir), detectors.Detector("zero", lambda x: np.zeros(len(x)))
-    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, textual_inversion, relearn"):
+    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, p4d, textual_inversion, relearn"):
         attacks.run(pipe, "cat", ["p5d"], detector)
     with pytest.raises(ValueError, match="valid budgets: quick, paper"):
         attacks.run(pipe, "cat", "ring_a_bell", detector, budget="huge")
@@ -295,3 +297,39 @@ def test_a_sharded_run_over_two_processes_gives_the_single_process_report(tmp_pa
             assert (x["attacked"] is None) == (y["attacked"] is None)
             if x["attacked"] is not None:
                 assert x["attacked"] == pytest.approx(y["attacked"], abs=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["n", "k"])
+def test_p4d_optimises_a_prompt_and_changes_nothing(erased, base, variant):
+    before = _state(erased)
+    report = attacks.run(erased, "circle", "p4d", detectors.shapes("circle"), reference=base, prompts=PROMPTS[:1],
+                         seeds=(0,), generation=SHAPES, options={"p4d": {**TINY_P4D, "variant": variant}},
+                         progress=False)
+    case = report.results["p4d"].cases[0]
+    assert 1 <= case.queries <= 2 and case.attacked is not None and case.adversarial
+    if variant == "k":  # the prompt's own tokens stay, with a learned token before every 3
+        assert all(word in case.adversarial for word in ("red", "circle"))
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_p4d_layouts_and_projection(tokenizer_dir):
+    pipe = make_sd_pipeline(tokenizer_dir)
+    rng = torch.Generator().manual_seed(0)
+    words = pipe.tokenizer("a cat", add_special_tokens=False)["input_ids"]  # 5 tokens with this tokenizer
+    k = PEZPrompt(pipe, "a cat", "k", 16, 3, 0.1, 0.1, rng)
+    assert k.layout == [None, *words[:3], None, *words[3:]] and k.positions.tolist() == [1, 5]
+    n = PEZPrompt(pipe, "a cat", "n", 4, 3, 0.1, 0.1, rng)
+    assert n.layout == [None] * 4 and n.ids[5] == pipe.tokenizer.eos_token_id
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        n.variable.copy_(table[[70, 71, 72, 73]] * 3.0)  # cosine: the scale does not matter
+    assert n.projected()[0].tolist() == [70, 71, 72, 73]
+    ids = n.ids.clone()
+    ids[1:5] = torch.tensor([70, 71, 72, 73])
+    with torch.no_grad():
+        expected = encoder_states(pipe.text_encoder, text_pairs(pipe)[0][2], ids[None])
+    assert torch.allclose(n.condition(), expected, atol=1e-6)
+    loss = n.condition().pow(2).mean()
+    n.step(loss)  # the straight-through gradient reaches the continuous embeddings
+    assert not torch.equal(n.variable, table[[70, 71, 72, 73]] * 3.0)

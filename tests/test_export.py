@@ -262,7 +262,11 @@ def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, to
     tensors, metadata = _read(kohya)
     general = dict(tensors, **{"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 32),
                                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(37, 1)})
-    assert_load_fails_cleanly(sd_pipe, general, "load_lora_weights", metadata=metadata)
+    # Text-encoder LoRA keys are ours when the header lists them; these are not listed, and without our header a
+    # general LoRA is sent to diffusers.
+    assert_load_fails_cleanly(sd_pipe, general, "inconsistent with its header", metadata=metadata)
+    bare = {k: v for k, v in metadata.items() if k != "diffusers_erase"}
+    assert_load_fails_cleanly(sd_pipe, general, "load_lora_weights", metadata=bare)
     attn1 = dict(tensors, **{"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight":
                              torch.zeros(1, 4)})
     assert_load_fails_cleanly(sd_pipe, attn1, "incomplete", metadata=metadata)

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from ..detectors import Detector
 from ..families import family_of
-from . import relearn, ring_a_bell, textual_inversion, unlearndiff
+from . import p4d, relearn, ring_a_bell, textual_inversion, unlearndiff
 from ._core import Attack, AttackResult, Case, Context, Generation, time_it
 from .intrinsic import IntrinsicResult, probe
 from .report import Report
 
-ATTACKS: dict[str, Attack] = {a.name: a for a in (ring_a_bell.ATTACK, unlearndiff.ATTACK, textual_inversion.ATTACK,
-                                                  relearn.ATTACK)}
+ATTACKS: dict[str, Attack] = {a.name: a for a in (ring_a_bell.ATTACK, unlearndiff.ATTACK, p4d.ATTACK,
+                                                  textual_inversion.ATTACK, relearn.ATTACK)}
 BUDGETS = ("quick", "paper")
 # A concept's prompts when none are given: the concept in the Ring-A-Bell templates.
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting of {}")

@@ -303,7 +303,7 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     check_family(layout, metadata, source)
     names = layout.kohya_names()
     projections = layout.text_readers
-    if _dense_diff(tensors, names, projections, metadata):
+    if _dense_diff(tensors, names, projections, metadata, source):
         return _dense_diff_to_adapter(layout, tensors, layout.diff_names(), metadata, source)
     concepts, methods, listed = [], [], None
     if METADATA_KEY in metadata:  # our own export: its header must be sound and name exactly these modules
@@ -350,10 +350,10 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     return ours, metadata
 
 
-def _dense_diff(tensors, names, projections, metadata) -> bool:
+def _dense_diff(tensors, names, projections, metadata, source) -> bool:
     """A `.diff` file of dense edits: bias diffs, modules beyond the K/V projections, or our format-2 header (what
     `export_adapter(format="diff")` writes for dense payloads)."""
-    if METADATA_KEY in metadata and json.loads(metadata[METADATA_KEY]).get("format_version", 1) >= 2:
+    if METADATA_KEY in metadata and read_header(metadata, source).get("format_version", 1) >= 2:
         return True
     return any(key.endswith(".diff_b") or names.get(key.partition(".")[0]) not in projections for key in tensors)
 
