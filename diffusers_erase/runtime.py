@@ -169,6 +169,15 @@ def _prompt_sources(encode_prompt, args, kwargs, output) -> list[tuple[list[str]
     return found
 
 
+def _encoding_options(encode_prompt, args, kwargs) -> dict:
+    """The `clip_skip` and `lora_scale` an `encode_prompt` call was given (so a guard encodes its text alike)."""
+    try:
+        bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+    return {k: bound[k] for k in ("clip_skip", "lora_scale") if bound.get(k) is not None}
+
+
 def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, for
     the guards of this call (`Call.prompts`) and, with the token term of every attached membrane, for the denoiser
@@ -183,6 +192,7 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     if call is not None:
         call.prompts.extend(sources)
         call.rows = output[0].shape[0] if torch.is_tensor(output[0]) else None
+        call.encoding = _encoding_options(encode_prompt, args, kwargs)
     if not runtime.gates:
         return
     for prompts, embeds, negative, n in sources:
@@ -249,6 +259,7 @@ class Call:
     step: int = 0
     prompts: list = field(default_factory=list)
     rows: int | None = None  # rows of the last `encode_prompt`'s prompt embeddings (given by hand or not)
+    encoding: dict = field(default_factory=dict)  # its `clip_skip` / `lora_scale`, for the guards' own text
     data: dict = field(default_factory=dict)
 
 
@@ -282,15 +293,17 @@ def outside_call(guard) -> None:
 
 
 @torch.no_grad()
-def encode_text(pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(pipe, text: str, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(1, tokens, dim) embeddings of `text` and (SDXL) its (1, dim) pooled embedding, as the pipeline's own
-    `encode_prompt` makes them, without recording them as a prompt of the call (guards encode their own text)."""
+    `encode_prompt` makes them (with `options`: the call's `Call.encoding`), without recording them as a prompt of
+    the call (guards encode their own text)."""
     encode_prompt = super(PromptRecorder, pipe).encode_prompt if isinstance(pipe, PromptRecorder) else getattr(
         pipe, "encode_prompt", None)
     if encode_prompt is None:
         raise ValueError(f"{type(pipe).__name__} has no `encode_prompt`, which guards use to encode their text.")
     device = getattr(pipe, "_execution_device", None) or denoiser(pipe).device
-    output = encode_prompt(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    output = encode_prompt(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                           **options)
     pooled = output[2] if len(output) > 3 else None
     return output[0].detach(), None if pooled is None else pooled.detach()
 

@@ -305,3 +305,35 @@ def test_a_second_sld_guard_is_refused_and_the_first_kept(sd_pipe):
     with pytest.raises(ValueError, match="one SLD guard"):
         de.erase_concept(sd_pipe, "a dog", method="sld")
     assert [e.concepts for e in de.get_erasures(sd_pipe)] == [["a cat"]] and _hooks(sd_pipe) == 3
+
+
+def _denoiser_inputs(pipe, prompts, **kwargs) -> torch.Tensor:
+    """The text rows the UNet reads at the first step (after every guard's pre-hook)."""
+    seen = []
+    handle = denoiser(pipe).register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
+    _images(pipe, prompts, steps=1, **kwargs)
+    handle.remove()
+    return seen[0]
+
+
+def test_sld_encodes_its_safety_concept_as_the_call_encodes_the_prompt(sdxl_pipe):
+    # (SDXL: diffusers' SD 1.x `clip_skip` path reads `text_encoder.text_model`, which transformers 5 removed)
+    de.erase_concept(sdxl_pipe, "a cat", method="sld", sld_warmup_steps=0)
+    rows = _denoiser_inputs(sdxl_pipe, ["a tree"], clip_skip=1, height=32, width=32)
+
+    def encoded(**options):
+        return sdxl_pipe.encode_prompt(prompt="a cat", device="cpu", num_images_per_prompt=1,
+                                       do_classifier_free_guidance=False, **options)[0][0]
+
+    assert torch.allclose(rows[2], encoded(clip_skip=1), atol=1e-6)
+    assert not torch.allclose(encoded(clip_skip=1), encoded(), atol=1e-3)
+
+
+def test_safree_swaps_only_the_prompt_half_of_the_guidance_batch(sd_pipe):
+    record = de.erase_concept(sd_pipe, "cat", method="safree", self_validating=False)
+    own = sd_pipe.encode_prompt("a cat", "cpu", 1, False)[0][0]
+    filtered, _ = safree.filter_prompt(sd_pipe, "a cat", own, safree.projector(record.edit.tensors["keywords"]),
+                                       record.edit.settings)
+    rows = _denoiser_inputs(sd_pipe, ["a cat"], negative_prompt=["a cat"])  # the same text on both halves
+    assert torch.equal(rows[0], own) and torch.allclose(rows[1], filtered)

@@ -227,7 +227,8 @@ class SafreeGuard(Guard):
         return [denoiser(pipe).register_forward_pre_hook(hook, with_kwargs=True)]
 
     def _substitutions(self, pipe, call, p_c) -> list:
-        """(row the pipeline made, row to use, pooled row to use or None, last step) for the prompts of `call`."""
+        """(row the pipeline made, row to use, pooled row to use or None, last step, is a negative-prompt row) for
+        the prompts of `call`."""
         found, seen = [], set()
         for prompts, embeds, negative, n in call.prompts:
             for i, prompt in enumerate(prompts):
@@ -237,11 +238,11 @@ class SafreeGuard(Guard):
                 if not negative:
                     filtered = filter_prompt(pipe, prompt, embeds[i * n], p_c, self.settings)
                     if filtered is not None:
-                        found.append((embeds[i * n], filtered[0], None, filtered[1]))
+                        found.append((embeds[i * n], filtered[0], None, filtered[1], False))
                 elif self.settings.get("keyword_negative_prompt") and not prompt:
-                    hidden, pooled_row = encode_text(pipe, ", ".join(self.settings["keywords"]))
+                    hidden, pooled_row = encode_text(pipe, ", ".join(self.settings["keywords"]), **call.encoding)
                     found.append((embeds[i * n], hidden[0].to(embeds.dtype),
-                                  None if pooled_row is None else pooled_row[0], math.inf))
+                                  None if pooled_row is None else pooled_row[0], math.inf, True))
         return found
 
     def _swap_rows(self, record, p_c, module, args, kwargs):
@@ -259,10 +260,16 @@ class SafreeGuard(Guard):
         if not active or hidden is None:
             return None
         swapped, added = hidden, kwargs.get("added_cond_kwargs")
-        for row, replacement, pooled_row, _ in active:
+        rows = call.rows or 0
+        guided = rows and hidden.shape[0] >= 2 * rows  # [negative; prompt] (and SLD's safety rows after them)
+        for row, replacement, pooled_row, _, negative in active:
             if row.shape != hidden.shape[1:]:
                 continue
             match = (hidden == row.to(hidden.device, hidden.dtype)).flatten(1).all(dim=1)
+            if guided:  # a prompt's rows only in the prompt half, a negative prompt's only in the negative half
+                region = torch.zeros_like(match)
+                region[slice(0, rows) if negative else slice(rows, 2 * rows)] = True
+                match &= region
             if not bool(match.any()):
                 continue
             swapped = swapped.clone() if swapped is hidden else swapped

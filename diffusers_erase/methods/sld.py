@@ -166,7 +166,7 @@ class SafetyGuidance(Guard):
         if not data["active"]:
             return None  # no guidance batch: SLD does nothing, as in diffusers
         if "hidden" not in data:  # once per call, with the text encoder as it is now (as the safe pipeline)
-            data["hidden"], data["pooled"] = encode_text(pipe, self.settings["safety_concept"])
+            data["hidden"], data["pooled"] = encode_text(pipe, self.settings["safety_concept"], **call.encoding)
         hidden, pooled = data["hidden"], data["pooled"]
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if context is None or context.shape[1] != hidden.shape[1]:
