@@ -207,6 +207,7 @@ class Guard(Edit):
     kind: ClassVar[str] = "guard"
     guard_type: ClassVar[str] = ""
     text_space: ClassVar[bool] = False  # a guard whose tensors are text-space vectors sets True
+    families: ClassVar[tuple[str, ...]] = ("sd1", "sd2", "sdxl")  # what its hooks understand (checked at attach)
 
     def __init__(self, tensors: dict[str, torch.Tensor] | None = None, settings: dict | None = None):
         self.deltas = {}

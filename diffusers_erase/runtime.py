@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import denoiser, module_of, runs_fused
+from .families import denoiser, family_of, module_of, runs_fused
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
 from .text import encode, token_overlap, token_sets
@@ -145,13 +145,9 @@ def _overlaps(gates: list[_Gate], prompt_tokens: set[int]) -> torch.Tensor:
     ])
 
 
-def _prompt_sources(encode_prompt, args, kwargs, output) -> list[tuple[list[str], torch.Tensor, bool, int]]:
-    """(prompts, their embeddings, is the negative prompt, images per prompt) of one `encode_prompt` call; a source
-    whose embeddings were given by hand (no text) is left out."""
-    try:
-        bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return []
+def _prompt_sources(bound: dict, output) -> list[tuple[list[str], torch.Tensor, bool, int]]:
+    """(prompts, their embeddings, is the negative prompt, images per prompt) of one `encode_prompt` call (its
+    `bound` arguments); a source whose embeddings were given by hand (no text) is left out."""
     n = int(bound.get("num_images_per_prompt") or 1)
     sources = [(bound.get("prompt"), output[0], False)]
     if bound.get("negative_prompt_embeds") is None:
@@ -169,15 +165,6 @@ def _prompt_sources(encode_prompt, args, kwargs, output) -> list[tuple[list[str]
     return found
 
 
-def _encoding_options(encode_prompt, args, kwargs) -> dict:
-    """The `clip_skip` and `lora_scale` an `encode_prompt` call was given (so a guard encodes its text alike)."""
-    try:
-        bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
-    except TypeError:
-        return {}
-    return {k: bound[k] for k in ("clip_skip", "lora_scale") if bound.get(k) is not None}
-
-
 def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     """Called by `PromptRecorder.encode_prompt`: remember which prompt each row of its embeddings came from, for
     the guards of this call (`Call.prompts`) and, with the token term of every attached membrane, for the denoiser
@@ -187,12 +174,17 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     runtime = record.runtime
     if runtime is None:
         return
-    sources = _prompt_sources(encode_prompt, args, kwargs, output)
+    try:
+        bound = inspect.signature(encode_prompt).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = None
+    sources = _prompt_sources(bound, output) if bound is not None else []
     call = current_call(record)
     if call is not None:
         call.prompts.extend(sources)
         call.rows = output[0].shape[0] if torch.is_tensor(output[0]) else None
-        call.encoding = _encoding_options(encode_prompt, args, kwargs)
+        # the guards encode their own text as this prompt was encoded
+        call.encoding = {k: bound[k] for k in ("clip_skip", "lora_scale") if (bound or {}).get(k) is not None}
     if not runtime.gates:
         return
     for prompts, embeds, negative, n in sources:
@@ -264,10 +256,22 @@ class Call:
 
 
 def current_call(record) -> Call | None:
-    """This thread's pipeline call on the pipeline (or `state`) `record`, None outside one: a guard acts only in
-    pipeline calls, never on the denoiser calls of training, attacks or user code."""
-    record = record if hasattr(record, "calls") else state(record)
+    """This thread's pipeline call on the erasure state `record`, None outside one: a guard acts only in pipeline
+    calls, never on the denoiser calls of training, attacks or user code."""
     return getattr(record.calls, "call", None)
+
+
+def text_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The `encoder_hidden_states` of a denoiser call (keyword, or the third positional argument)."""
+    hidden = kwargs.get("encoder_hidden_states")
+    return args[2] if hidden is None and len(args) > 2 else hidden
+
+
+def with_text_input(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """(args, kwargs) of a denoiser call with `hidden` as its `encoder_hidden_states`, where the call passed them."""
+    if "encoder_hidden_states" not in kwargs and len(args) > 2:
+        return args[:2] + (hidden,) + args[3:], kwargs
+    return args, {**kwargs, "encoder_hidden_states": hidden}
 
 
 def extend_gates(record, rows: torch.Tensor) -> None:
@@ -326,9 +330,7 @@ def _denoiser_pre_hook(record, attentions: list[nn.Module]):
         if any(runs_fused(m) for m in attentions):
             raise ValueError("The UNet's q/k/v projections were fused after a membrane was loaded, which bypasses "
                              "it; call `pipe.unfuse_qkv_projections()` (or unload the erasure).")
-        hidden = kwargs.get("encoder_hidden_states")
-        if hidden is None and len(args) > 2:
-            hidden = args[2]
+        hidden = text_input(args, kwargs)
         runtime, call = record.runtime, record.per_call
         if hidden is None or runtime is None or not runtime.gates:
             call.gates = None
@@ -408,10 +410,14 @@ def refresh(pipe) -> None:
         up = torch.cat([u for _, u, _ in parts], dim=1).to(weight.device, weight.dtype)
         index = torch.tensor([m for m, _, d in parts for _ in range(d.shape[0])], device=weight.device)
         hooks.append((module, _module_hook(record, down, up, index)))
-    guard_handles = []
+    guard_handles, family = [], family_of(pipe).name
     try:
         for erasure in guards:
-            guard_handles.extend(erasure.edit.attach(pipe))
+            guard = erasure.edit
+            if family not in guard.families:
+                raise ValueError(f"The {guard.guard_type} guard runs on the {', '.join(guard.families)} families, not "
+                                 f"{family!r}.")
+            guard_handles.extend(guard.attach(pipe))
     except BaseException:
         for handle in guard_handles:
             handle.remove()

@@ -337,3 +337,10 @@ def test_safree_swaps_only_the_prompt_half_of_the_guidance_batch(sd_pipe):
                                        record.edit.settings)
     rows = _denoiser_inputs(sd_pipe, ["a cat"], negative_prompt=["a cat"])  # the same text on both halves
     assert torch.equal(rows[0], own) and torch.allclose(rows[1], filtered)
+
+
+def test_a_guard_on_a_family_it_does_not_declare_is_refused_and_nothing_attached(sd_pipe, monkeypatch):
+    monkeypatch.setattr(safree.SafreeGuard, "families", ("sdxl",))
+    with pytest.raises(ValueError, match=r"safree guard runs on the sdxl families, not 'sd1'"):
+        de.erase_concept(sd_pipe, "cat", method="safree")
+    assert de.get_erasures(sd_pipe) == [] and _hooks(sd_pipe) == 0

@@ -60,17 +60,17 @@ class PEZPrompt:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.ids = torch.tensor(ids + [pad] * (length - len(ids)))
         self.positions = torch.tensor([1 + i for i, w in enumerate(layout) if w is None])
-        table = self.encoder.get_input_embeddings().weight
+        table = self.encoder.get_input_embeddings().weight.detach().float()
+        self.table, self.unit_table = table, F.normalize(table, dim=-1)  # frozen: normalised once, not per step
         drawn = torch.randint(table.shape[0], (len(self.positions),), generator=generator)
-        self.variable = torch.nn.Parameter(table.detach()[drawn.to(table.device)].float().clone())
+        self.variable = torch.nn.Parameter(table[drawn.to(table.device)].clone())
         self.optimizer = torch.optim.AdamW([self.variable], lr=lr, weight_decay=weight_decay)
 
     def projected(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, embeddings) of the learnable positions: the nearest vocabulary rows by cosine similarity."""
-        table = self.encoder.get_input_embeddings().weight.detach().float()
         with torch.no_grad():
-            nearest = (F.normalize(self.variable, dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1)
-        return nearest, table[nearest]
+            nearest = (F.normalize(self.variable, dim=-1) @ self.unit_table.T).argmax(-1)
+        return nearest, self.table[nearest]
 
     def condition(self) -> torch.Tensor:
         """(1, tokens, dim) hidden states of the projected prompt, with the straight-through gradient to the

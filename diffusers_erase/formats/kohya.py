@@ -303,14 +303,16 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     check_family(layout, metadata, source)
     names = layout.kohya_names()
     projections = layout.text_readers
-    if _dense_diff(tensors, names, projections, metadata, source):
-        return _dense_diff_to_adapter(layout, tensors, layout.diff_names(), metadata, source)
-    concepts, methods, listed = [], [], None
-    if METADATA_KEY in metadata:  # our own export: its header must be sound and name exactly these modules
+    header = None
+    if METADATA_KEY in metadata:  # our own export: its header must be sound and of this family
         header = read_header(metadata, source)
         if header["family"] != layout.family.name:
             raise ValueError(f"{source} was made for a {header['family']!r} pipeline, but this is a "
                              f"{layout.family.name!r} pipeline; load an adapter made for the same model family.")
+    if _dense_diff(tensors, names, projections, header):
+        return _dense_diff_to_adapter(layout, tensors, layout.diff_names(), header, source)
+    concepts, methods, listed = [], [], None
+    if header is not None:  # it must name exactly these modules
         records = header["erasures"]
         listed = {m for record in records for m in record["modules"]}
         for record in records:
@@ -350,24 +352,18 @@ def diff_to_adapter(layout: Layout, tensors, metadata, source: str = "diff file"
     return ours, metadata
 
 
-def _dense_diff(tensors, names, projections, metadata, source) -> bool:
+def _dense_diff(tensors, names, projections, header: dict | None) -> bool:
     """A `.diff` file of dense edits: bias diffs, modules beyond the K/V projections, or our format-2 header (what
     `export_adapter(format="diff")` writes for dense payloads)."""
-    if METADATA_KEY in metadata and read_header(metadata, source).get("format_version", 1) >= 2:
+    if header is not None and header.get("format_version", 1) >= 2:
         return True
     return any(key.endswith(".diff_b") or names.get(key.partition(".")[0]) not in projections for key in tensors)
 
 
-def _dense_diff_to_adapter(layout: Layout, tensors, names, metadata, source):
+def _dense_diff_to_adapter(layout: Layout, tensors, names, header: dict | None, source):
     """Each `.diff` / `.diff_b` as an exact dense change of that weight / bias: one "imported" erasure naming the
     concepts of the file's header (erasures summed into one diff cannot be told apart)."""
-    concepts = []
-    if METADATA_KEY in metadata:
-        header = read_header(metadata, source)
-        if header["family"] != layout.family.name:
-            raise ValueError(f"{source} was made for a {header['family']!r} pipeline, but this is a "
-                             f"{layout.family.name!r} pipeline; load an adapter made for the same model family.")
-        concepts = [c for record in header["erasures"] for c in record["concepts"]]
+    concepts = [c for record in header["erasures"] for c in record["concepts"]] if header is not None else []
     deltas = {}
     for key, delta in tensors.items():
         base, _, part = key.partition(".")

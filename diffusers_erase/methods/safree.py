@@ -21,9 +21,9 @@ Each prompt of a batch is filtered on its own, and a prompt with no trigger toke
 guard changes nothing for it. The unconditional (negative-prompt) rows are never touched.
 
 Left out, with the reason (docs/methods/safree.md): the latent re-attention (`-lra`). At `b8b2c3f` its FreeU
-forwards take the `safree=None` branch, which builds a NotImplementedError without raising it, so no Fourier filter
-or backbone scaling runs, and the third denoiser branch it adds is computed and dropped: the reference's numbers
-come from the projection and the self-validating filter. The reference's generation script also passes the
+forwards take the `safree=None` branch, which constructs an exception object and never raises it, so no Fourier
+filter or backbone scaling runs, and the third denoiser branch it adds is computed and dropped: the reference's
+numbers come from the projection and the self-validating filter. The reference's generation script also passes the
 joined keywords as the negative prompt; that is negative prompting, not the filter, so it is an option
 (`keyword_negative_prompt=True`), off by default.
 """
@@ -38,10 +38,10 @@ from typing import ClassVar
 import torch
 
 from ..config import ErasureConfig
-from ..families import denoiser, family_of, text_pairs
+from ..families import denoiser, text_pairs
 from ..kinds import Guard, register_guard
 from ..registry import register_method
-from ..runtime import current_call, encode_text, outside_call
+from ..runtime import current_call, encode_text, outside_call, text_input, with_text_input
 from ..state import state
 from ..text import encode, encoder_states, token_lengths
 
@@ -52,7 +52,6 @@ NUDITY_KEYWORDS = (
     "Sexual Pleasure", "Sexual Fantasy", "Carnal Desires", "Sexual Gratification",
 )
 KEYWORDS = {"nudity": NUDITY_KEYWORDS, "nsfw": NUDITY_KEYWORDS, "sexual": NUDITY_KEYWORDS}
-GUARD_FAMILIES = ("sd1", "sd2", "sdxl")
 MASK_ID = 0  # the reference masks a token by id 0 (CLIP's "!")
 
 
@@ -210,9 +209,6 @@ class SafreeGuard(Guard):
         return f"trigger tokens are projected out of the subspace of {shown}"
 
     def attach(self, pipe):
-        family = family_of(pipe)
-        if family.name not in GUARD_FAMILIES:
-            raise ValueError(f"SAFREE runs on the {', '.join(GUARD_FAMILIES)} families, not {family.name!r}.")
         SAFREEConfig(**{k: v for k, v in self.settings.items() if k in _OPTIONS})  # ranges, for loaded files
         vectors = self.tensors.get("keywords")
         dim = sum(encoder.config.hidden_size for _, encoder, _ in text_pairs(pipe))
@@ -255,8 +251,7 @@ class SafreeGuard(Guard):
         if id(self) not in call.data:  # the first step of this call: filter each prompt it encoded, once
             call.data[id(self)] = self._substitutions(call.pipe, call, p_c)
         active = [s for s in call.data[id(self)] if call.step <= s[3]]
-        positional = "encoder_hidden_states" not in kwargs and len(args) > 2
-        hidden = args[2] if positional else kwargs.get("encoder_hidden_states")
+        hidden = text_input(args, kwargs)
         if not active or hidden is None:
             return None
         swapped, added = hidden, kwargs.get("added_cond_kwargs")
@@ -282,9 +277,7 @@ class SafreeGuard(Guard):
             return None
         if added is not None:
             kwargs = {**kwargs, "added_cond_kwargs": added}
-        if positional:
-            return args[:2] + (swapped,) + args[3:], kwargs
-        return args, {**kwargs, "encoder_hidden_states": swapped}
+        return with_text_input(args, kwargs, swapped)
 
 
 @register_method(SAFREEConfig)

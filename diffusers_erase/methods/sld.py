@@ -26,10 +26,10 @@ from typing import ClassVar
 import torch
 
 from ..config import ErasureConfig
-from ..families import denoiser, family_of
+from ..families import denoiser
 from ..kinds import Guard, register_guard
 from ..registry import register_method
-from ..runtime import current_call, encode_text, extend_gates, outside_call
+from ..runtime import current_call, encode_text, extend_gates, outside_call, text_input
 from ..state import state
 
 # diffusers' `SafetyConfig` (pipelines/deprecated/stable_diffusion_safe/__init__.py), by preset.
@@ -47,7 +47,6 @@ SAFETY_CONFIGS = {
 SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, sexual, "
                   "nudity, bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, "
                   "weapons, child abuse, brutality, cruelty")
-GUARD_FAMILIES = ("sd1", "sd2", "sdxl")
 logger = logging.getLogger(__name__)
 
 
@@ -134,9 +133,6 @@ class SafetyGuidance(Guard):
                 f"warm-up {settings.get('sld_warmup_steps')} steps")
 
     def attach(self, pipe):
-        family = family_of(pipe)
-        if family.name not in GUARD_FAMILIES:
-            raise ValueError(f"SLD runs on the {', '.join(GUARD_FAMILIES)} families, not {family.name!r}.")
         SLDConfig(**{k: v for k, v in self.settings.items() if k.startswith("sld_")})  # ranges, for loaded files
         if not str(self.settings.get("safety_concept") or "").strip():
             raise ValueError("An SLD guard needs its safety concept text (`settings.safety_concept`).")
@@ -158,7 +154,8 @@ class SafetyGuidance(Guard):
         sample = args[0] if args else kwargs.get("sample")
         batch = sample.shape[0]
         guided = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        data["active"] = guided and batch == 2 * (call.rows or batch // 2) and batch % 2 == 0
+        # [negative; prompt]: 2 × the prompt rows encode_prompt returned (any even batch if none was recorded)
+        data["active"] = guided and (batch == 2 * call.rows if call.rows else batch % 2 == 0)
         if guided and not data["active"] and not data.get("warned"):
             data["warned"] = True  # PAG, InstructPix2Pix, SAG: another batch layout than [∅; c]
             logger.warning("SLD skips a denoiser call of %d rows: it guides diffusers' [negative; prompt] batch of "
@@ -168,7 +165,7 @@ class SafetyGuidance(Guard):
         if "hidden" not in data:  # once per call, with the text encoder as it is now (as the safe pipeline)
             data["hidden"], data["pooled"] = encode_text(pipe, self.settings["safety_concept"], **call.encoding)
         hidden, pooled = data["hidden"], data["pooled"]
-        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        context = text_input(args, kwargs)
         if context is None or context.shape[1] != hidden.shape[1]:
             raise ValueError(f"SLD encodes its safety concept at {hidden.shape[1]} tokens but the denoiser reads "
                              f"{None if context is None else context.shape[1]}; SLD needs the pipeline's own text "
