@@ -149,23 +149,27 @@ def bench_case(pipe, method: str, n_concepts: int, n_preserve: int, repeats: int
     from diffusers_erase import engine
     from diffusers_erase.methods import uce as uce_module
     from diffusers_erase.registry import get_method
-    from diffusers_erase.text import concept_anchor_columns, preserve_statistics
+    from diffusers_erase.text import columns_by_policy, preserve_statistics
 
     concepts, preserve = prompts_for(n_concepts, n_preserve)
     anchors = [""] * len(concepts)
     config = get_method(method).config_cls()
     os.environ["DIFFUSERS_ERASE_CACHE"] = "off"
 
-    def encode_all():
-        columns = concept_anchor_columns(pipe, concepts, anchors, config.token_policy)
-        gram = preserve_statistics(pipe, preserve, config.token_policy)[0] if preserve else None
-        return columns, gram
+    policies = tuple(p for p in dict.fromkeys([config.token_policy, getattr(config, "initial_token_policy", None)])
+                     if p)
 
-    encode_s, ((erase, target), gram) = timed(encode_all, repeats if n_preserve <= 100 else 1)
+    def encode_all():
+        columns = columns_by_policy(pipe, concepts, anchors, policies)
+        policy = config.preserve_token_policy or config.token_policy
+        gram = preserve_statistics(pipe, preserve, policy)[0] if preserve else None
+        return columns, gram, uce_module.corpus_prior(pipe, config)
+
+    encode_s, encoded = timed(encode_all, repeats if n_preserve <= 100 else 1)
 
     # (b) the algebra alone: the handler with its encoding replaced by the precomputed columns, plus the write.
     original = uce_module.encode_for_edit
-    uce_module.encode_for_edit = lambda *a, **k: (erase, target, gram)
+    uce_module.encode_for_edit = lambda *a, **k: encoded
     try:
         handler = get_method(method).handler
         if method == "rece":

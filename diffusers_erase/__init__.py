@@ -45,6 +45,7 @@ from .methods.fewshot import FewShotConfig
 from .methods.rece import RECEConfig
 from .methods.safree import SAFREEConfig
 from .methods.sld import SLDConfig
+from .methods.speed import SPEEDConfig
 from .methods.spm import SPMConfig
 from .methods.uce import UCEConfig
 from .mixin import ErasureMixin, enable_erasure
@@ -65,6 +66,7 @@ __all__ = [
     "RECEConfig",
     "SAFREEConfig",
     "SLDConfig",
+    "SPEEDConfig",
     "SPMConfig",
     "TOKEN_POLICIES",
     "TextMap",

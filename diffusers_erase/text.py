@@ -52,11 +52,14 @@ def _converted(pipe, prompts: list[str], tokenizer) -> list[str]:
     return [convert(p, tokenizer) for p in prompts] if convert is not None else list(prompts)
 
 
-def token_lengths(pipe, prompts: list[str], what: str = "prompt") -> list[int]:
-    """Real token counts (with start and end tokens); raises for a prompt that would be truncated."""
+def token_lengths(pipe, prompts: list[str], what: str = "prompt", truncate: bool = False) -> list[int]:
+    """Real token counts (with start and end tokens); raises for a prompt that would be truncated, unless
+    `truncate` (a caption corpus: then the count is cut to what the encoder reads, as the pipeline would)."""
     tokenizer = text_pairs(pipe)[0][0]
     limit = tokenizer.model_max_length
     lengths = [len(ids) for ids in tokenizer(_converted(pipe, prompts, tokenizer), truncation=False)["input_ids"]]
+    if truncate:
+        return [min(n, limit) for n in lengths]
     for prompt, n in zip(prompts, lengths):
         if n > limit:
             raise ValueError(
@@ -234,7 +237,17 @@ def _cached_statistics(path: Path, dim: int) -> tuple[torch.Tensor, int] | None:
     return gram, int(count.item())
 
 
-def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Tensor, int]:
+def statistics_key(pipe, prompts: list[str], policy: str) -> str:
+    """What preservation statistics depend on: the text encoders' weights and settings, the policy, the prompts."""
+    encoders = [
+        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False),
+         row.hidden]
+        for tok, e, row in text_pairs(pipe)
+    ]
+    return hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
+
+
+def preserve_statistics(pipe, prompts: list[str], policy: str, truncate: bool = False) -> tuple[torch.Tensor, int]:
     """Σ c cᵀ over the token columns of the preserved prompts (dim × dim, float64) and the number of columns.
 
     float64, because with a small λ the solve needs this sum to stay positive semi-definite beyond float32
@@ -242,15 +255,12 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
 
     This is all a closed-form edit needs from the preserve set, so it is cached on disk, keyed by the text
     encoders' weights, the token policy and the prompts: a second erase with the same set skips the encoding.
+    `truncate` reads prompts longer than the encoder's window cut to it (a caption corpus) instead of refusing
+    them.
     """
     check_token_policy(policy)
     pairs = text_pairs(pipe)
-    encoders = [
-        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False),
-         row.hidden]
-        for tok, e, row in pairs
-    ]
-    key = hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
+    key = statistics_key(pipe, prompts, policy)
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
     dim = sum(e.config.hidden_size for _, e, _ in pairs)
@@ -260,7 +270,7 @@ def preserve_statistics(pipe, prompts: list[str], policy: str) -> tuple[torch.Te
             return cached
         path.unlink(missing_ok=True)  # damaged or foreign: recomputed, never trusted
 
-    lengths = token_lengths(pipe, prompts, "preserved prompt")  # fails before any encoding work
+    lengths = token_lengths(pipe, prompts, "preserved prompt", truncate)  # fails before any encoding work
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)

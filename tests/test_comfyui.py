@@ -113,7 +113,7 @@ def test_closed_form_node_reproduces_erase_concept(comfy):
     pipe, model, clip = comfy
     (patched,) = ApplyClosedFormErasure().apply(model, clip, "cat", "animal", "dog, tree", 0.5, "last_subject")
     assert model.patches == {}  # the input MODEL is never patched in place
-    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog", "tree"], lamb=0.5)
+    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog", "tree"], lamb=0.5, preserve_corpus=None)
     _assert_matches_pipeline(patched, pipe, atol=1e-5)
 
 

@@ -59,6 +59,8 @@ METHOD_CASES = [
     ("uce", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("uce", {}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("rece", {"epochs": 1}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
+    ("speed", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
+    ("speed", {"params": "KV"}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("spm", TINY_SPM, make_sd_pipeline, ("kohya", "lora")),
     ("esd", TINY_ESD, make_sd_pipeline, ("diff",)),
     ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),

@@ -76,7 +76,8 @@ def test_erased_concept_maps_onto_anchor_and_preserved_prompts_stay(sd_pipe):
     concept, anchor = concept_anchor_columns(pipe, ["cat"], ["animal"], "last_subject")
     kept = prompt_columns(pipe, ["dog", "tree"], "last_subject")
     before = {n: (m(concept), m(anchor), m(kept)) for n, m in layers.items()}
-    pipe.erase_concept("cat", anchor="animal", preserve=["dog", "tree"], lamb=1e-4, preserve_scale=1.0)
+    pipe.erase_concept("cat", anchor="animal", preserve=["dog", "tree"], lamb=1e-4, preserve_scale=1.0,
+                       preserve_corpus=None)
     for name, module in layers.items():
         old_concept, old_anchor, old_kept = before[name]
         assert torch.allclose(module(concept), old_anchor, atol=2e-3), name
@@ -111,6 +112,7 @@ def test_functions_and_config_objects(sd_pipe):
     record = de.erase_concept(sd_pipe, "cat", method=de.UCEConfig(lamb=0.3, token_policy="eot"), erase_scale=2.0)
     assert record.options == {"lamb": 0.3, "erase_scale": 2.0, "preserve_scale": 1.0, "token_policy": "eot",
                               "preserve_token_policy": None, "expand_prompts": False, "templates": "object",
+                              "preserve_corpus": "builtin", "preserve_corpus_weight": 300.0, "preserve_expand": 0,
                               "preset": None}
     assert de.get_erasures(sd_pipe) == [record]
     de.unload_erasure(sd_pipe)
@@ -147,7 +149,8 @@ def test_rece_epoch_sends_the_adversarial_embedding_to_the_anchor(sd_pipe):
     erase, target = concept_anchor_columns(pipe, ["cat"], [""], "all")
     layers = cross_attention_projections(pipe)
     originals = {n: m.weight.detach().clone() for n, m in layers.items()}
-    pipe.erase_concept("cat", method="uce", token_policy="all", lamb=0.5, preserve=[""])  # RECE's first step
+    pipe.erase_concept("cat", method="uce", token_policy="all", lamb=0.5, preserve=[""],
+                       preserve_corpus=None)  # RECE's first step
     after_uce = {n: m.weight.detach().clone() for n, m in layers.items()}
     # RECE's attack on the UCE-edited model, written layer by layer as in the paper.
     lhs = sum(w.T @ w for w in after_uce.values()) + 0.1 * torch.eye(erase.shape[1])

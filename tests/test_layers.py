@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).parent.parent / "diffusers_erase"
 
 # Layer of each module (a folder's modules share its layer unless listed).
 LAYERS = {
-    "_version": 0, "config": 0, "families": 0, "deltas": 0, "kinds": 0, "registry": 0, "tiny": 0,
+    "_version": 0, "config": 0, "corpus": 0, "families": 0, "deltas": 0, "kinds": 0, "registry": 0, "tiny": 0,
     "text": 1, "state": 1, "runtime": 1, "engine": 1, "adversarial": 1,
     "methods": 2,
     "formats": 3,

@@ -71,6 +71,7 @@ class RECEConfig(UCEConfig):
     }
 
     preserve_scale: float | None = None
+    preserve_corpus: str | list | tuple | None = None  # the reference's; "builtin" measured in docs/shapes.md
     token_policy: str = "all"
     preserve_token_policy: str | None = "all"
     initial_token_policy: str = "tail"
@@ -111,11 +112,12 @@ def adversarial_solve(gram, p, q, reg: float, columns):
 
 
 def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: bool | None = None, initial=None,
-                preserve_count: int = 1):
+                preserve_count: int = 1, prior=None):
     """Text-space edits (P, Q) after each epoch (index 0: the UCE edit); W_l becomes W_l (I + P Q).
 
     `initial`: the (erase, target) columns of the initial UCE edit when they differ from the re-edits' (the
     reference starts from a tail-policy UCE checkpoint); `preserve_count` sets its legacy s_p = max(0.1, 1/N).
+    `prior` (the corpus term, already weighted) enters every solve.
 
     With more token columns than dimensions (`gram_form`, the default then), each round carries only
     dim × dim statistics, since c_adv = A c gives Σ c_adv c_advᵀ = A S_ee Aᵀ and Σ c_a c_advᵀ = S_te Aᵀ,
@@ -126,8 +128,9 @@ def rece_epochs(erase, target, keep_gram, gram, config: RECEConfig, gram_form: b
     erase, target = erase.to(gram.device, torch.float64), target.to(gram.device, torch.float64)
     eye = torch.eye(gram.shape[0], device=gram.device, dtype=torch.float64)
     first = dict(lamb=config.lamb, erase_scale=config.erase_scale,
-                 preserve_scale=config.preserve_weight(preserve_count))
-    adv = dict(lamb=config.adv_lamb, erase_scale=config.adv_erase_scale, preserve_scale=config.adv_preserve_scale)
+                 preserve_scale=config.preserve_weight(preserve_count), prior=prior)
+    adv = dict(lamb=config.adv_lamb, erase_scale=config.adv_erase_scale, preserve_scale=config.adv_preserve_scale,
+               prior=prior)
     if gram_form is None:
         gram_form = erase.shape[0] > erase.shape[1]
     start_erase, start_target = (erase, target) if initial is None else (
@@ -158,7 +161,7 @@ _warned_no_callback = False
 @register_method(RECEConfig)
 def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
     global _warned_no_callback
-    columns, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve,
+    columns, keep_gram, prior = encode_for_edit(pipe, config, concepts, anchors, preserve,
                                          (config.token_policy, config.initial_token_policy))
     erase, target = columns[config.token_policy]
     initial = columns[config.initial_token_policy]
@@ -168,7 +171,7 @@ def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
                        "epoch with the best detector score (pass epoch_callback=f(pipe, epoch) -> score).",
                        config.epochs)
     epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config, initial=initial,
-                         preserve_count=len(preserve))
+                         preserve_count=len(preserve), prior=prior)
     p, q = epochs[-1]
     if config.epoch_callback is not None:
         scores = []

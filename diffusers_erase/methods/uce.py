@@ -27,11 +27,22 @@ from typing import ClassVar
 import torch
 
 from ..config import ErasureConfig
+from ..corpus import expand_preserved, read_corpus
 from ..deltas import TextMap
 from ..families import text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
-from ..text import TEMPLATES, check_token_policy, columns_by_policy, expand_prompts, preserve_statistics
+from ..text import (
+    TEMPLATES,
+    check_token_policy,
+    columns_by_policy,
+    expand_prompts,
+    preserve_statistics,
+    statistics_key,
+)
+
+# The current reference script's columns and preservation (the presets reproduce it; the defaults generalise).
+_REFERENCE = {"token_policy": "last_subject", "preserve_token_policy": None, "preserve_corpus": None}
 
 
 @dataclass(frozen=True)
@@ -64,14 +75,14 @@ class UCEConfig(ErasureConfig):
     presets: ClassVar[dict[str, dict]] = {
         # uce_sd_erase.py's concept types: guide "" (the BOS column) for objects, "art" for styles; the README's
         # moderation command erases single words ("nudity") toward "" with no preserve set.
-        "object": {"anchor": "", "options": {"token_policy": "last_subject", "templates": "object"}},
-        "art": {"anchor": "art", "options": {"token_policy": "last_subject", "templates": "art"}},
-        "nudity": {"anchor": "", "options": {"token_policy": "last_subject", "templates": "object"}},
+        "object": {"anchor": "", "options": {**_REFERENCE, "templates": "object"}},
+        "art": {"anchor": "art", "options": {**_REFERENCE, "templates": "art"}},
+        "nudity": {"anchor": "", "options": {**_REFERENCE, "templates": "object"}},
         # The script behind the paper's numbers (train-scripts/train_erase.py): tail columns aligned with the
         # guide, "" always preserved, preserved prompts at all 77 positions, s_p = max(0.1, 1/N).
         "paper": {"anchor": "", "preserve": [""], "options": {"token_policy": "tail", "preserve_token_policy": "all",
                                                              "preserve_scale": None, "lamb": 0.5,
-                                                             "erase_scale": 1.0}},
+                                                             "erase_scale": 1.0, "preserve_corpus": None}},
     }
 
     lamb: float = 0.5
@@ -81,14 +92,22 @@ class UCEConfig(ErasureConfig):
     preserve_token_policy: str | None = None
     expand_prompts: bool = False
     templates: str = "object"
+    preserve_corpus: str | list | tuple | None = "builtin"
+    preserve_corpus_weight: float = 300.0
+    preserve_expand: int = 0
     preset: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("lamb", "erase_scale", "preserve_scale"):
+        for name in ("lamb", "erase_scale", "preserve_scale", "preserve_corpus_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be a number ≥ 0, got {value!r}.")
+        if isinstance(self.preserve_corpus, list):  # frozen and hashable, and equal after a JSON round trip
+            object.__setattr__(self, "preserve_corpus", tuple(self.preserve_corpus))
+        if self.preserve_expand < 0:
+            raise ValueError(f"{type(self).__name__}.preserve_expand must be an integer ≥ 0, got "
+                             f"{self.preserve_expand!r}.")
         if self.erase_scale == 0:
             raise ValueError(f"{type(self).__name__}.erase_scale must be > 0, or nothing is erased.")
         check_token_policy(self.token_policy)
@@ -105,13 +124,16 @@ class UCEConfig(ErasureConfig):
         return max(0.1, 1.0 / count) if count else 1.0
 
 
-def _factor_system(s_ee, keep_gram, *, lamb, erase_scale, preserve_scale):
-    """Cholesky factor of M = λI + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ (float64, so that a near-singular system is
-    caught rather than silently solved into garbage; no explicit inverse is ever formed)."""
+def _factor_system(s_ee, keep_gram, *, lamb, erase_scale, preserve_scale, prior=None):
+    """Cholesky factor of M = λI + s_e Σ c_e c_eᵀ + s_p Σ c_p c_pᵀ (+ `prior`, an already weighted general
+    preservation term) in float64, so that a near-singular system is caught rather than silently solved into
+    garbage; no explicit inverse is ever formed."""
     m = erase_scale * s_ee
     m.diagonal().add_(lamb)
     if keep_gram is not None and preserve_scale:
         m += preserve_scale * keep_gram.to(m.device, torch.float64)
+    if prior is not None:
+        m += prior.to(m.device, torch.float64)
     chol, info = torch.linalg.cholesky_ex(m)
     if info.item() != 0 or not torch.isfinite(chol).all():
         raise FloatingPointError(
@@ -129,6 +151,7 @@ def closed_form_edit(
     lamb: float,
     erase_scale: float,
     preserve_scale: float,
+    prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-space factors (P, Q) of the UCE closed form: every projection W becomes W (I + P Q).
 
@@ -136,6 +159,7 @@ def closed_form_edit(
         erase: (E, dim) token columns to erase, row i sent to what W gives row i of `target`.
         target: (E, dim) anchor token columns.
         keep_gram: Σ c_p c_pᵀ (dim × dim) of the preserved columns, or None.
+        prior: a weighted general preservation term added to M as it is (`corpus_prior`), or None.
 
     With more token columns than dimensions (E > dim) the rank-E factors would be larger than the map itself,
     so P is the full dim × dim map P Q = s_e (Σ c_a c_eᵀ − Σ c_e c_eᵀ) M⁻¹ and Q = I.
@@ -143,16 +167,18 @@ def closed_form_edit(
     c, t = erase.double(), target.double()
     if c.shape[0] > c.shape[1]:
         return closed_form_map(c.T @ c, t.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale,
-                               preserve_scale=preserve_scale)
-    chol = _factor_system(c.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+                               preserve_scale=preserve_scale, prior=prior)
+    chol = _factor_system(c.T @ c, keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                          prior=prior)
     q = erase_scale * torch.cholesky_solve(c.T, chol).T  # M is symmetric: (M⁻¹ C_e)ᵀ = C_eᵀ M⁻¹
     return (t - c).T.contiguous(), q  # float64; `text_edit` casts
 
 
-def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale):
+def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale, prior=None):
     """The UCE map from the statistics S_ee = Σ c_e c_eᵀ and S_te = Σ c_a c_eᵀ alone: (P Q, I), both dim × dim."""
     s_ee, s_te = s_ee.double(), s_te.double()
-    chol = _factor_system(s_ee.clone(), keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale)
+    chol = _factor_system(s_ee.clone(), keep_gram, lamb=lamb, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                          prior=prior)
     pq = erase_scale * torch.cholesky_solve((s_te - s_ee).T, chol).T  # X M⁻¹ = (M⁻¹ Xᵀ)ᵀ
     return pq, torch.eye(s_ee.shape[0], device=s_ee.device, dtype=torch.float64)
 
@@ -175,21 +201,42 @@ def text_edit(pipe, p: torch.Tensor, q: torch.Tensor) -> WeightEdit:
     return WeightEdit(deltas)
 
 
+def corpus_prior(pipe, config: UCEConfig) -> torch.Tensor | None:
+    """w · mean c cᵀ over every token column of the general caption corpus (float64), or None: the corpus held
+    as strongly as `preserve_corpus_weight` columns of its average second moment, so the weight means the same
+    whatever the text width or the embeddings' scale. The statistics are cached per text encoder."""
+    if config.preserve_corpus is None or not config.preserve_corpus_weight:
+        return None
+    captions = read_corpus(config.preserve_corpus)
+    key = statistics_key(pipe, captions, "all")
+    if key not in _CORPUS_MEANS:  # also kept in memory: the disk cache may be off, and the corpus is large
+        gram, count = preserve_statistics(pipe, captions, "all", truncate=True)
+        _CORPUS_MEANS.clear()
+        _CORPUS_MEANS[key] = gram / count
+    return config.preserve_corpus_weight * _CORPUS_MEANS[key]
+
+
+_CORPUS_MEANS: dict[str, torch.Tensor] = {}  # the last text encoder's corpus statistics
+
+
 def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policies=None):
     """`{policy: (concept columns, anchor columns)}` for `policies` (default: the config's token policy; one
-    encoding serves them all) and the preserve statistics, as the closed-form methods use them."""
+    encoding serves them all), the preserve statistics and the corpus prior, as the closed-form methods use
+    them."""
     subjects = None
     if config.expand_prompts:
         concepts, anchors, subjects = expand_prompts(concepts, anchors, config.templates)
     columns = columns_by_policy(pipe, concepts, anchors, policies or (config.token_policy,), subjects)
+    if config.preserve_expand:
+        preserve = [v for p in preserve for v in expand_preserved(p, config.preserve_expand)]
     keep_gram = (preserve_statistics(pipe, preserve, config.preserve_token_policy or config.token_policy)[0]
                  if preserve else None)
-    return columns, keep_gram
+    return columns, keep_gram, corpus_prior(pipe, config)
 
 
 @register_method(UCEConfig)
 def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
-    columns, keep_gram = encode_for_edit(pipe, config, concepts, anchors, preserve)
+    columns, keep_gram, prior = encode_for_edit(pipe, config, concepts, anchors, preserve)
     erase, target = columns[config.token_policy]
     p, q = closed_form_edit(
         erase,
@@ -198,5 +245,6 @@ def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
         lamb=config.lamb,
         erase_scale=config.erase_scale,
         preserve_scale=config.preserve_weight(len(preserve)),
+        prior=prior,
     )
     return text_edit(pipe, p, q)

@@ -28,6 +28,7 @@ from .world import (
     concept_prompts,
     direct_prompts,
     erasure_recipe,
+    held_out_prompts,
     render,
     sample_scene,
     synonym_prompts,
@@ -37,8 +38,8 @@ PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline"
 
 __all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "CONCEPTS", "EvaluationResult", "PIPELINE_DIR", "Prompt",
            "SHAPES", "STYLES", "SYNONYMS", "ShapesClassifier", "classify", "concept_attribute", "concept_prompts",
-           "direct_prompts", "erasure_recipe", "evaluate", "load_classifier", "load_pipeline", "render",
-           "sample_scene", "synonym_prompts", "world"]
+           "direct_prompts", "erasure_recipe", "evaluate", "held_out_prompts", "load_classifier", "load_pipeline",
+           "render", "sample_scene", "synonym_prompts", "world"]
 
 
 def load_pipeline(torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):

@@ -52,6 +52,8 @@ class ConceptScore:
     synonym_none: float
     # Accuracy on the other attributes these prompts ask for (e.g. the colour in "a red circle").
     direct_other_attributes: float
+    # Rate on `world.held_out_prompts` (colour, background, style and framing together), when measured.
+    held_out: float = None
 
 
 @dataclass
@@ -64,6 +66,12 @@ class ErasureScore:
     residue_before: float = None
     specificity_before: float = None
     specificity_ratio: float = None
+    # The same over the other concepts' held-out prompts (`evaluate(..., held_out=True)`), and the lowest
+    # per-concept ratio to the baseline: the neighbour an erasure damaged most.
+    held_out_specificity: float = None
+    held_out_specificity_before: float = None
+    held_out_worst_ratio: float = None
+    held_out_worst_concept: str = None
 
 
 @dataclass
@@ -93,11 +101,20 @@ class EvaluationResult:
                              f"{_arrow(e.residue_before, e.residue)} | "
                              f"{_arrow(e.specificity_before, e.specificity)} | {ratio} |")
             lines.append("")
-        lines += ["| concept | attribute | direct | synonym | none (direct) | other asked attributes (direct) |",
-                  "|---|---|---|---|---|---|"]
+        held = any(s.held_out is not None for s in self.scores.values())
+        if held and self.erased:
+            lines += ["| erased | held-out specificity (before → after) | worst neighbour (ratio) |", "|---|---|---|"]
+            for e in self.erased:
+                lines.append(f"| {e.concept} | {_arrow(e.held_out_specificity_before, e.held_out_specificity)} | "
+                             f"{e.held_out_worst_concept} ({e.held_out_worst_ratio:.2f}) |"
+                             if e.held_out_worst_ratio is not None else
+                             f"| {e.concept} | {_arrow(None, e.held_out_specificity)} | |")
+            lines.append("")
+        lines += ["| concept | attribute | direct | synonym | none (direct) | other asked attributes (direct) |"
+                  + (" held-out |" if held else ""), "|---|---|---|---|---|---|" + ("---|" if held else "")]
         for s in self.scores.values():
             lines.append(f"| {s.concept} | {s.attribute} | {s.direct:.0%} | {s.synonym:.0%} | {s.direct_none:.0%} | "
-                         f"{s.direct_other_attributes:.0%} |")
+                         f"{s.direct_other_attributes:.0%} |" + (f" {s.held_out:.0%} |" if held else ""))
         return "\n".join(lines)
 
 
@@ -138,13 +155,15 @@ def _rate(predictions, attribute, value) -> float:
 def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, images_per_prompt: int = None,
              seed: int = DEFAULT_SEED, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
              classifier=None, threshold: float = DEFAULT_THRESHOLD, grid_path=None,
-             progress: bool = True) -> EvaluationResult:
+             progress: bool = True, held_out: bool = False) -> EvaluationResult:
     """Generate each concept's direct and synonym prompts and score them with the classifier.
 
     `concepts` limits which concepts are measured (default: all 19); erased concepts are always
     included. Pass `baseline` (a result from the unedited model, same settings) to get before
     numbers, specificity ratios and a before/after grid; `images_per_prompt` defaults to the
-    baseline's, else DEFAULT_IMAGES_PER_PROMPT.
+    baseline's, else DEFAULT_IMAGES_PER_PROMPT. `held_out=True` also measures every concept on
+    `world.held_out_prompts` (forms no preserve list contains) and, per erased concept, the specificity there
+    (the baseline must have been measured with `held_out=True` too).
     """
     erased = list(erased)
     for concept in erased:
@@ -161,7 +180,9 @@ def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, 
 
     # 1. Generate every prompt once (prompts shared between concepts are generated once).
     prompt_sets = {c: (world.concept_prompts(c), world.concept_prompts(c, synonyms=True)) for c in measured}
-    texts = list(dict.fromkeys(p.text for direct, synonym in prompt_sets.values() for p in direct + synonym))
+    held_sets = {c: world.held_out_prompts(c) for c in measured} if held_out else {}
+    texts = list(dict.fromkeys([p.text for direct, synonym in prompt_sets.values() for p in direct + synonym]
+                               + [p.text for prompts in held_sets.values() for p in prompts]))
     images = generate(pipe, texts, images_per_prompt, seed, steps, guidance, progress)
 
     # 2. Classify every image.
@@ -180,7 +201,9 @@ def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, 
             concept, attribute, direct=_rate(direct_preds, attribute, concept),
             synonym=_rate(synonym_preds, attribute, concept), direct_none=_rate(direct_preds, attribute, "none"),
             synonym_none=_rate(synonym_preds, attribute, "none"),
-            direct_other_attributes=float(np.mean(others)) if others else float("nan"))
+            direct_other_attributes=float(np.mean(others)) if others else float("nan"),
+            held_out=_rate([p for prompt in held_sets[concept] for p in predictions[prompt.text]], attribute, concept)
+            if held_out else None)
 
     # 4. Per erased concept: efficacy, residue, specificity over every other measured concept.
     erasures = []
@@ -198,6 +221,17 @@ def evaluate(pipe, erased=(), concepts=None, baseline: EvaluationResult = None, 
             score.specificity_before = float(np.mean([baseline.scores[c].direct for c in others]))
             before = score.specificity_before
             score.specificity_ratio = score.specificity / before if before else None
+        if held_out and others:
+            score.held_out_specificity = float(np.mean([scores[c].held_out for c in others]))
+            if baseline is not None:
+                if any(baseline.scores[c].held_out is None for c in others):
+                    raise ValueError("evaluate(held_out=True) needs a baseline measured with held_out=True")
+                score.held_out_specificity_before = float(np.mean([baseline.scores[c].held_out for c in others]))
+                ratios = {c: scores[c].held_out / baseline.scores[c].held_out for c in others
+                          if baseline.scores[c].held_out}
+                if ratios:
+                    score.held_out_worst_concept = min(ratios, key=ratios.get)
+                    score.held_out_worst_ratio = ratios[score.held_out_worst_concept]
         erasures.append(score)
 
     result = EvaluationResult(scores=scores, erased=erasures, settings=settings, images=images)

@@ -317,6 +317,27 @@ def concept_prompts(concept: str, synonyms: bool = False) -> list:
     return prompts
 
 
+# Styles of the held-out prompts, one per prompt (None: unstated).
+_HELD_OUT_STYLES = (None, "striped", "outlined", None, "solid", "striped")
+
+
+def held_out_prompts(concept: str) -> list:
+    """Prompts naming `concept` directly in forms no recipe or preserve list contains: with a colour, a
+    background, a style and a framing together ("a picture of a striped purple square against a black backdrop").
+    A neighbour must survive these, not only the prompts an erasure was told to keep (issue 16)."""
+    attribute = concept_attribute(concept)
+    prompts = []
+    for i in range(6):
+        values = {"shape": SHAPES[(i + 1) % 6], "color": COLORS[(i + 3) % 6],
+                  "background": BACKGROUNDS[i % 4], "style": _HELD_OUT_STYLES[i]}
+        values[attribute] = concept
+        style = values["style"]
+        text = caption(values["shape"], values["color"], style, values["background"], "adjective", style,
+                       template=(i * 5) % 12)
+        prompts.append(Prompt(text, {k: v for k, v in values.items() if v is not None}))
+    return prompts
+
+
 def direct_prompts(concept: str) -> list:
     """Prompts naming `concept` directly, e.g. "a red circle" for circle."""
     return [p.text for p in concept_prompts(concept, synonyms=False)]
