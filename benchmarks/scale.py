@@ -86,18 +86,20 @@ def run(pipe, method: str, count: int, held_gram, cache_root: Path) -> dict:
     from diffusers_erase import text
     from diffusers_erase.families import text_readers
     from diffusers_erase.methods import uce as uce_module
+    from diffusers_erase.registry import get_method
 
     concepts, preserve = names(count), names(100, offset=1100)
     anchors = [""] * count
     options = {"uce (defaults before 0.4)": {"token_policy": "last_subject", "preserve_token_policy": None,
                                              "preserve_corpus": None}}.get(method, {})
     registered = method.split(" ")[0]
-    policy = "tail" if registered == "uce" and not options else "last_subject"
+    config = get_method(registered).config_cls(**options)
+    policy = config.token_policy
     start = time.perf_counter()
     text.columns_by_policy(pipe, concepts, anchors, (policy,))
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    text.preserve_statistics(pipe, preserve, "all" if registered == "uce" and not options else "last_subject")
+    text.preserve_statistics(pipe, preserve, getattr(config, "preserve_token_policy", None) or "last_subject")
     preserve_s = time.perf_counter() - start
 
     before = {name: m.weight.detach().float().clone() for name, m in text_readers(pipe).items()}

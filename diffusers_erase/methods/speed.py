@@ -206,9 +206,8 @@ def speed(pipe, config: SPEEDConfig, concepts, anchors, preserve):
     generator = torch.Generator().manual_seed(config.seed)
     if config.token_policy == "last_subject":
         warn_weak_picks(pipe, concepts, token_lengths(pipe, concepts, "concept"))
-    targets = torch.cat(_columns(pipe, concepts, config.token_policy))
-    anchor_columns = _columns(pipe, anchors, config.token_policy)
-    anchors_t = torch.cat(anchor_columns)
+    columns = _columns(pipe, list(concepts) + list(anchors), config.token_policy)  # one encoding for both
+    targets, anchors_t = torch.cat(columns[: len(concepts)]), torch.cat(columns[len(concepts):])
     if anchors_t.shape != targets.shape:  # last_subject: one column each; all: the same padded length
         raise ValueError("SPEED pairs each concept's columns with its anchor's; they differ in number.")
     retain = retain_columns(pipe, concepts, preserve, config.builtin_retain)
