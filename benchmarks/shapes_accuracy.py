@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffusers_erase import shapes
+from diffusers_erase.families import dtype_keyword
 from diffusers_erase.shapes.evaluate import DEFAULT_GUIDANCE, DEFAULT_IMAGES_PER_PROMPT, DEFAULT_STEPS, evaluate
 from diffusers_erase.shapes.train import build_pipeline
 
@@ -40,7 +41,8 @@ def main() -> None:
     if args.workdir:
         pipe = build_pipeline(args.workdir)
     elif args.pipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
+                                                       safety_checker=None,
                                                        feature_extractor=None,
                                                        requires_safety_checker=False)
     else:

@@ -22,6 +22,7 @@ from diffusers import StableDiffusionPipeline
 
 import diffusers_erase as de
 from diffusers_erase import shapes
+from diffusers_erase.families import dtype_keyword
 from diffusers_erase.shapes.evaluate import DEFAULT_IMAGES_PER_PROMPT
 
 
@@ -41,7 +42,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.pipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
+                                                       safety_checker=None,
                                                        feature_extractor=None, requires_safety_checker=False)
     else:
         pipe = shapes.load_pipeline()

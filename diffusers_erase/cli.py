@@ -27,6 +27,7 @@ from accelerate import PartialState
 
 from . import api, attacks, detectors, hub, shapes
 from .arguments import apply_preset, method_config
+from .families import dtype_keyword
 from .formats import native
 from .locate import adapter_file
 from .methods.advunlearn import AdvUnlearnConfig
@@ -71,12 +72,11 @@ def _check_count(images_per_prompt: int) -> None:
 
 
 def _load_pipeline(model: str, dtype: str, device: str):
-    torch_dtype = getattr(torch, dtype)
     if model == "shapes":
-        return enable_erasure(shapes.load_pipeline(torch_dtype=torch_dtype, device=device))
+        return enable_erasure(shapes.load_pipeline(getattr(torch, dtype), device=device))
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    pipe = DiffusionPipeline.from_pretrained(model, **dtype_keyword(getattr(torch, dtype)))
     return enable_erasure(pipe.to(device))
 
 

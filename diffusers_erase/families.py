@@ -18,6 +18,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
+def dtype_keyword(dtype) -> dict:
+    """The dtype argument of diffusers' `from_pretrained`: `dtype` from 0.40 (where `torch_dtype` became a
+    deprecated alias), `torch_dtype` before."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
+
+
 SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline) and SDXL (StableDiffusionXL*Pipeline)"
 
 

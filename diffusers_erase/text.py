@@ -154,6 +154,8 @@ def columns_by_policy(pipe, concepts: list[str], anchors: list[str], policies, s
     rows = {p: embeddings[i] for i, p in enumerate(unique)}
     if any(p in ("last_subject", "tail") for p in policies):
         warn_weak_picks(pipe, concepts, lengths_c)
+    if "last_subject" in policies:
+        warn_shared_subject(pipe, subjects or concepts)
     pairs = list(zip(concepts, anchors, lengths_c, lengths_a))
     return {policy: _aligned_columns(pipe, rows, pairs, policy, subjects or concepts)
             for policy in dict.fromkeys(policies)}
@@ -204,6 +206,22 @@ def warn_weak_picks(pipe, concepts: list[str], lengths: list[int]) -> None:
         if not any(ch.isalnum() for ch in token) or token.lower() in STOP_WORDS:
             logger.warning("The last token of concept %r is %r, so that is what token_policy 'last_subject' erases; "
                            "drop it from the concept or use token_policy='subject'.", concept, token)
+
+
+def warn_shared_subject(pipe, concepts: list[str]) -> None:
+    """Log when several distinct concepts all end in the same word token: "last_subject" edits that one column of
+    each, which then differ only by the words before it, so the edit cannot tell the concepts apart."""
+    concepts = list(dict.fromkeys(c for c in concepts if c.strip()))
+    if len(concepts) < 2:
+        return
+    tokenizer = text_pairs(pipe)[0][0]
+    ids = tokenizer(_converted(pipe, concepts, tokenizer))["input_ids"]
+    last = {row[-2] if len(row) >= 3 else None for row in ids}
+    if len(last) == 1 and None not in last:
+        token = tokenizer.convert_ids_to_tokens(last.pop()).replace("</w>", "").strip()
+        logger.warning("The concepts %s all end in the token %r, the one column token_policy 'last_subject' edits, so "
+                       "the edit cannot tell them apart; erase them as one concept or use token_policy='subject'.",
+                       ", ".join(repr(c) for c in concepts), token)
 
 
 def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", lengths=None) -> torch.Tensor:

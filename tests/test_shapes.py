@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffusers_erase.families import dtype_keyword
 from diffusers_erase.shapes import world
 from diffusers_erase.shapes.train import PIPELINE_DIR, TOKENIZER_DIR
 
@@ -105,7 +106,7 @@ def test_classify_reports_none_below_threshold():
 def shapes_pipe():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, **dtype_keyword(torch.float32), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

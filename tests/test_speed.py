@@ -1,12 +1,15 @@
 """SPEED's closed form against the reference formula, its guarantees (retained embeddings and the empty prompt keep
 their outputs), and its refusals."""
 
+import logging
+
 import pytest
 import torch
 from conftest import snapshot
 
 import diffusers_erase as de
 from diffusers_erase import text
+from diffusers_erase.corpus import OBJECTS
 from diffusers_erase.families import text_readers
 from diffusers_erase.methods.speed import null_constraints
 
@@ -124,3 +127,30 @@ def test_without_a_preserve_list_the_empty_prompt_is_retained(sd_pipe):
             delta = module.weight.detach().double() - before[name]
             assert (delta @ null.T).norm() < bound * (delta @ concept.T).norm(), (options, name)
         sd_pipe.unload_erasure()
+
+
+def test_concepts_that_end_in_one_token_are_warned_about(sd_pipe, caplog):
+    de.enable_erasure(sd_pipe)
+    for method in ("speed", "uce"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="diffusers_erase.text"):
+            sd_pipe.erase_concept(["a cat", "the cat", "one black cat"], method=method)
+        assert any("all end in the token" in r.message for r in caplog.records), method
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="diffusers_erase.text"):
+            sd_pipe.erase_concept(["a cat", "a dog"], method=method)
+        assert not any("all end in the token" in r.message for r in caplog.records), method
+
+
+@pytest.mark.parametrize("method", ["speed", "uce", "rece"])
+def test_more_concepts_than_the_text_width_are_erased(sd_pipe, method):
+    # 40 concepts on a 32-wide text encoder: the rank-E factors would exceed the map, so the full map is stored.
+    concepts = [f"a {name}" for name in OBJECTS[:40]]
+    width = next(iter(text_readers(sd_pipe).values())).in_features
+    assert len(concepts) > width
+    de.enable_erasure(sd_pipe)
+    before = snapshot(sd_pipe)
+    sd_pipe.erase_concept(concepts, method=method, preserve=["a quiet blue sky"])
+    after = snapshot(sd_pipe)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(torch.isfinite(after[k]).all() for k in changed)

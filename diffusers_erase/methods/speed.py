@@ -41,7 +41,7 @@ from ..deltas import TextMap
 from ..families import text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
-from ..text import encode, policy_columns, token_lengths, warn_weak_picks
+from ..text import encode, policy_columns, token_lengths, warn_shared_subject, warn_weak_picks
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ def speed(pipe, config: SPEEDConfig, concepts, anchors, preserve):
     generator = torch.Generator().manual_seed(config.seed)
     if config.token_policy == "last_subject":
         warn_weak_picks(pipe, concepts, token_lengths(pipe, concepts, "concept"))
+        warn_shared_subject(pipe, concepts)
     columns = _columns(pipe, list(concepts) + list(anchors), config.token_policy)  # one encoding for both
     targets, anchors_t = torch.cat(columns[: len(concepts)]), torch.cat(columns[len(concepts):])
     if anchors_t.shape != targets.shape:  # last_subject: one column each; all: the same padded length

@@ -42,14 +42,19 @@ __all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "CONCEPTS", "EvaluationResult"
            "render", "sample_scene", "synonym_prompts", "world"]
 
 
-def load_pipeline(torch_dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load the bundled shapes-world StableDiffusionPipeline (weights are stored in fp16)."""
+def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, torch_dtype: torch.dtype | None = None):
+    """Load the bundled shapes-world StableDiffusionPipeline (weights are stored in fp16) in `dtype` on `device`
+    (`torch_dtype`: the older name diffusers used, still accepted)."""
     from diffusers import StableDiffusionPipeline
+
+    from ..families import dtype_keyword
+
+    dtype = torch_dtype if torch_dtype is not None else dtype
 
     if not (PIPELINE_DIR / "model_index.json").exists():
         raise FileNotFoundError(f"the shapes model is not in {PIPELINE_DIR}; train and export it with "
                                 "`python -m diffusers_erase.shapes.train` then `--export`")
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, torch_dtype=torch_dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, **dtype_keyword(dtype), safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
