@@ -33,6 +33,7 @@ CONFIGS = {
     "rece, corpus": ("rece", {"preserve_corpus": "builtin"}),
     "speed": ("speed", {}),
     "speed, KV, all tokens": ("speed", {"params": "KV", "token_policy": "all"}),
+    "mace": ("mace", {}),
 }
 
 

@@ -42,6 +42,7 @@ from .kinds import Erasure, Guard, Membrane, WeightEdit, register_guard
 from .methods.advunlearn import AdvUnlearnConfig
 from .methods.esd import ESDConfig
 from .methods.fewshot import FewShotConfig
+from .methods.mace import MACEConfig
 from .methods.rece import RECEConfig
 from .methods.safree import SAFREEConfig
 from .methods.sld import SLDConfig
@@ -63,6 +64,7 @@ __all__ = [
     "Membrane",
     "ESDConfig",
     "FewShotConfig",
+    "MACEConfig",
     "RECEConfig",
     "SAFREEConfig",
     "SLDConfig",

@@ -1,3 +1,3 @@
 """Erasure methods. Importing a module registers its method; adding a method is one module plus one line here."""
 
-from . import advunlearn, esd, fewshot, rece, safree, sld, speed, spm, uce  # noqa: F401
+from . import advunlearn, esd, fewshot, mace, rece, safree, sld, speed, spm, uce  # noqa: F401

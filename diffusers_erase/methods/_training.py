@@ -234,9 +234,10 @@ def partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: floa
 
 
 def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor], config: TrainedConfig,
-             optimizer: torch.optim.Optimizer, what: str, total: int | None = None) -> None:
+             optimizer: torch.optim.Optimizer, what: str, total: int | None = None,
+             max_grad_norm: float | None = None) -> None:
     """Run `total` (default `config.iterations`) steps of `optimizer` on `loss_at(iteration)` with a progress bar
-    and the callback.
+    and the callback, the gradient norm clipped at `max_grad_norm` if given.
     Float16 models get dynamic loss scaling (the deltas are float32). A non-finite loss stops the run: nothing has
     been applied to the pipeline, and the error names the iteration."""
     dtype = pipe.unet.dtype
@@ -252,6 +253,9 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
                     f"applied (every weight is as before). Try a lower `lr` (it was {config.lr:g}).")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             if not all(torch.isfinite(p).all() for p in params):

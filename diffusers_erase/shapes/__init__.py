@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..families import dtype_keyword
 from . import world
 from .classifier import ShapesClassifier, classify, load_classifier
 from .evaluate import EvaluationResult, evaluate
@@ -47,7 +48,6 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, to
     (`torch_dtype`: the older name diffusers used, still accepted)."""
     from diffusers import StableDiffusionPipeline
 
-    from ..families import dtype_keyword
 
     dtype = torch_dtype if torch_dtype is not None else dtype
 
