@@ -58,6 +58,12 @@ def sdxl_pipe(tokenizer_dir):
     return make_sdxl_pipeline(tokenizer_dir)
 
 
+# UCE as its current reference script runs it (one column per concept, no corpus prior): the edit's rank is the
+# number of concepts, which the tests of file layouts and ranks rely on. The defaults (tail columns, the corpus)
+# are covered by the contract matrix and test_closed_form.
+REFERENCE_UCE = {"token_policy": "last_subject", "preserve_token_policy": None, "preserve_corpus": None}
+
+
 def snapshot(pipe) -> dict[str, torch.Tensor]:
     """Every parameter of the pipeline's models, cloned."""
     out = {}

@@ -11,7 +11,7 @@ import logging
 import comfy_schema
 import pytest
 import torch
-from conftest import factors, make_sd_pipeline
+from conftest import REFERENCE_UCE, factors, make_sd_pipeline
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
@@ -113,7 +113,7 @@ def test_closed_form_node_reproduces_erase_concept(comfy):
     pipe, model, clip = comfy
     (patched,) = ApplyClosedFormErasure().apply(model, clip, "cat", "animal", "dog, tree", 0.5, "last_subject")
     assert model.patches == {}  # the input MODEL is never patched in place
-    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog", "tree"], lamb=0.5, preserve_corpus=None)
+    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog", "tree"], lamb=0.5, **REFERENCE_UCE)
     _assert_matches_pipeline(patched, pipe, atol=1e-5)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import changed, factors, make_sd_pipeline, snapshot
+from conftest import REFERENCE_UCE, changed, factors, make_sd_pipeline, snapshot
 
 import diffusers_erase as de
 from diffusers_erase.families import text_readers as cross_attention_projections
@@ -77,7 +77,7 @@ def test_erased_concept_maps_onto_anchor_and_preserved_prompts_stay(sd_pipe):
     kept = prompt_columns(pipe, ["dog", "tree"], "last_subject")
     before = {n: (m(concept), m(anchor), m(kept)) for n, m in layers.items()}
     pipe.erase_concept("cat", anchor="animal", preserve=["dog", "tree"], lamb=1e-4, preserve_scale=1.0,
-                       preserve_corpus=None)
+                       **REFERENCE_UCE)
     for name, module in layers.items():
         old_concept, old_anchor, old_kept = before[name]
         assert torch.allclose(module(concept), old_anchor, atol=2e-3), name
@@ -111,7 +111,7 @@ def test_erasure_changes_generated_images(sd_pipe):
 def test_functions_and_config_objects(sd_pipe):
     record = de.erase_concept(sd_pipe, "cat", method=de.UCEConfig(lamb=0.3, token_policy="eot"), erase_scale=2.0)
     assert record.options == {"lamb": 0.3, "erase_scale": 2.0, "preserve_scale": 1.0, "token_policy": "eot",
-                              "preserve_token_policy": None, "expand_prompts": False, "templates": "object",
+                              "preserve_token_policy": "all", "expand_prompts": False, "templates": "object",
                               "preserve_corpus": "builtin", "preserve_corpus_weight": 300.0, "preserve_expand": 0,
                               "preset": None}
     assert de.get_erasures(sd_pipe) == [record]
@@ -170,10 +170,10 @@ def test_preserve_statistics_are_cached_on_disk(sd_pipe, monkeypatch):
     from diffusers_erase import text as encode_module
 
     preserve = [f"object number {i}" for i in range(70)]
-    first = de.erase_concept(sd_pipe, "cat", preserve=preserve)
+    first = de.erase_concept(sd_pipe, "cat", preserve=preserve, **REFERENCE_UCE)
     de.unload_erasure(sd_pipe)
     monkeypatch.setattr(encode_module, "prompt_columns", lambda *a, **k: pytest.fail("re-encoded the preserve set"))
-    second = de.erase_concept(sd_pipe, "cat", preserve=preserve)
+    second = de.erase_concept(sd_pipe, "cat", preserve=preserve, **REFERENCE_UCE)
     for name, (up, down) in factors(first).items():
         assert torch.equal(up, factors(second)[name][0]) and torch.equal(down, factors(second)[name][1])
 
@@ -198,9 +198,9 @@ def test_offload_hooks_are_removed_while_editing_and_put_back(sd_pipe, offload):
     reference = make_sd_pipeline_like(sd_pipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the hooks' logic is the same
     getattr(sd_pipe, offload)(device=device)
-    record = de.erase_concept(sd_pipe, "cat")
+    record = de.erase_concept(sd_pipe, "cat", **REFERENCE_UCE)
     assert hasattr(sd_pipe.unet, "_hf_hook") and sd_pipe._offload_device.type == "cpu"
-    de.erase_concept(reference, "cat")
+    de.erase_concept(reference, "cat", **REFERENCE_UCE)
     run = lambda p: p("a cat", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
                       generator=torch.Generator().manual_seed(0)).images
     same = lambda a, b: abs(a - b).max() < (1e-2 if device == "cuda" else 1e-7)  # noqa: E731

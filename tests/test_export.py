@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import (
+    REFERENCE_UCE,
     assert_load_fails_cleanly,
     assert_plain_lora_load_matches,
     changed,
@@ -35,8 +36,8 @@ def _read(path):
 
 def _erase_twice(pipe):
     """Two stacked erasures (ranks 1 and 2), so exports carry the concatenated rank 3."""
-    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog"])
-    de.erase_concept(pipe, ["tree", "house"], preserve=["dog"])
+    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog"], **REFERENCE_UCE)
+    de.erase_concept(pipe, ["tree", "house"], preserve=["dog"], **REFERENCE_UCE)
     return pipe
 
 
@@ -202,7 +203,7 @@ def test_kohya_file_without_our_header_loads_as_one_imported_erasure(factory, to
 
 
 def test_kohya_modules_of_different_ranks_are_padded_exactly(sd_pipe, tokenizer_dir, tmp_path):
-    de.erase_concept(sd_pipe, ["cat", "tree"])
+    de.erase_concept(sd_pipe, ["cat", "tree"], **REFERENCE_UCE)
     tensors, _ = _read(export_adapter(sd_pipe, tmp_path / "k.safetensors"))
     base = sorted(k for k in tensors if k.endswith(".lora_down.weight"))[0][: -len(".lora_down.weight")]
     # One module at rank 1 (its first column only): the import pads it to the file's rank 2 with zeros.
@@ -232,7 +233,7 @@ def test_diffusers_load_lora_weights_reads_the_kohya_export_exactly(tokenizer_di
 def test_bad_exports_are_refused(sd_pipe, tmp_path):
     with pytest.raises(ValueError, match="no erasure to export"):
         export_adapter(sd_pipe, tmp_path / "x.safetensors")
-    de.erase_concept(sd_pipe, "cat")
+    de.erase_concept(sd_pipe, "cat", **REFERENCE_UCE)
     with pytest.raises(ValueError, match="Unknown export format 'peft'"):
         export_adapter(sd_pipe, tmp_path / "x.safetensors", format="peft")
     with pytest.raises(ValueError, match="must end in .safetensors"):
@@ -247,7 +248,7 @@ def test_bad_exports_are_refused(sd_pipe, tmp_path):
 
 
 def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, tokenizer_dir, tmp_path):
-    de.erase_concept(sdxl_pipe, "cat")
+    de.erase_concept(sdxl_pipe, "cat", **REFERENCE_UCE)
     assert_load_fails_cleanly(sd_pipe, export_adapter(sdxl_pipe, tmp_path / "xl.safetensors"),
                                "for (a )?'sdxl'.* but this is a 'sd1'")
     xl_tensors = load_file(str(tmp_path / "xl.safetensors"))
@@ -256,7 +257,7 @@ def test_bad_kohya_imports_are_refused_and_change_nothing(sd_pipe, sdxl_pipe, to
     # With no header at all, the names decide: SDXL (LDM) names do not exist in this SD 1.x UNet.
     assert_load_fails_cleanly(sd_pipe, xl_tensors, "outside the UNet's transformer blocks", metadata={})
 
-    de.erase_concept(sd_pipe, "cat")
+    de.erase_concept(sd_pipe, "cat", **REFERENCE_UCE)
     kohya = export_adapter(sd_pipe, tmp_path / "k.safetensors")
     de.unload_erasure(sd_pipe)
     tensors, metadata = _read(kohya)
@@ -320,7 +321,7 @@ def test_peft_export_loads_in_peft_and_back(sd_pipe, tokenizer_dir, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_partial_weight_files_as_uce_and_esd_write_them(sd_pipe, tokenizer_dir, tmp_path, dtype):
     # UCE's current code saves the edited to_k/to_v weights by name (`<module>.weight`), in the model's dtype.
-    de.erase_concept(sd_pipe, ["cat", "tree"], preserve=["dog"])
+    de.erase_concept(sd_pipe, ["cat", "tree"], preserve=["dog"], **REFERENCE_UCE)
     edited = kv_weights(sd_pipe)
     weights = {name[len("unet."):] + ".weight": w.to(dtype) for name, w in edited.items()}
     save_file(weights, str(tmp_path / "uce.safetensors"))
@@ -366,7 +367,7 @@ def test_export_peft_of_a_pipeline_loaded_from_a_path(tokenizer_dir, tmp_path):
 
     make_sd_pipeline(tokenizer_dir).save_pretrained(tmp_path / "model")
     pipe = StableDiffusionPipeline.from_pretrained(Path(tmp_path / "model"))
-    de.erase_concept(pipe, "cat")
+    de.erase_concept(pipe, "cat", **REFERENCE_UCE)
     out = export_peft(pipe, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "model")
@@ -413,7 +414,7 @@ def test_dense_edits_export_as_exact_diffs_and_load_back(tokenizer_dir, tmp_path
     """ESD's dense UNet deltas (biases too, as `.diff_b`) stacked on a UCE edit: one `.diff` file of the total
     change, which ComfyUI's `load_lora` and A1111's `network_full` add as-is, and which loads back exactly."""
     pipe = make_sd_pipeline(tokenizer_dir)
-    de.erase_concept(pipe, "tree")
+    de.erase_concept(pipe, "tree", **REFERENCE_UCE)
     de.erase_concept(pipe, "cat", method="esd", iterations=2, lr=1e-2, ddim_steps=3)
     path = export_adapter(pipe, tmp_path / "esd.safetensors", format="diff")
     keys = load_file(path)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import kv_weights, make_sd_pipeline
+from conftest import REFERENCE_UCE, kv_weights, make_sd_pipeline
 
 import diffusers_erase as de
 from diffusers_erase.families import text_pairs
@@ -161,7 +161,7 @@ def test_expand_prompts_uses_the_reference_templates(sd_pipe):
     pipe_b = make_sd_pipeline_like(sd_pipe)
     prompts = ["cat"] + [t.format("cat") for t in TEMPLATES["art"]]
     anchors = ["animal"] + [t.format("animal") for t in TEMPLATES["art"]]
-    de.erase_concept(pipe_b, prompts, anchor=anchors, preserve_corpus=None)  # the preset has no corpus either
+    de.erase_concept(pipe_b, prompts, anchor=anchors, **REFERENCE_UCE)  # the preset's columns, no corpus
     for a, b in zip(kv_weights(sd_pipe).values(), kv_weights(pipe_b).values()):
         assert torch.allclose(a, b, atol=1e-6)
 

@@ -3,7 +3,7 @@ text encoder, refused on another text encoder unless asked."""
 
 import pytest
 import torch
-from conftest import assert_load_fails_cleanly, kv_weights, make_sd_pipeline
+from conftest import REFERENCE_UCE, assert_load_fails_cleanly, kv_weights, make_sd_pipeline
 from safetensors.torch import load_file
 
 import diffusers_erase as de
@@ -21,7 +21,7 @@ def _fine_tuned(pipe, seed=1):
 
 def test_loading_the_map_equals_the_per_layer_edit(tokenizer_dir, tmp_path):
     pipe = make_sd_pipeline(tokenizer_dir)
-    de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"])
+    de.erase_concept(pipe, ["cat", "tree"], preserve=["dog"], **REFERENCE_UCE)
     de.erase_concept(pipe, "house", method="rece", epochs=2, token_policy="last_subject")
     expanded, metadata = lora_state_dict(pipe, de.get_erasures(pipe))  # format 1: per-layer (W P, Q)
     per_layer, as_map = make_sd_pipeline(tokenizer_dir), make_sd_pipeline(tokenizer_dir)
@@ -41,19 +41,19 @@ def test_rece_all_policy_adapter_is_one_map(sd_pipe, tmp_path):
 
 def test_the_map_transfers_to_a_fine_tuned_unet_exactly(tokenizer_dir, tmp_path):
     pipe = make_sd_pipeline(tokenizer_dir)
-    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog"])
+    de.erase_concept(pipe, "cat", anchor="animal", preserve=["dog"], **REFERENCE_UCE)
     path = de.save_erasure_adapter(pipe, tmp_path)
     variant = _fine_tuned(make_sd_pipeline(tokenizer_dir))
     de.load_erasure_adapter(variant, path)
     direct = _fine_tuned(make_sd_pipeline(tokenizer_dir))
-    de.erase_concept(direct, "cat", anchor="animal", preserve=["dog"])
+    de.erase_concept(direct, "cat", anchor="animal", preserve=["dog"], **REFERENCE_UCE)
     for name, weight in kv_weights(direct).items():
         assert torch.allclose(kv_weights(variant)[name], weight, atol=1e-6, rtol=0), name
 
 
 def test_another_text_encoder_is_refused_unless_allowed(tokenizer_dir, tmp_path):
     pipe = make_sd_pipeline(tokenizer_dir)
-    de.erase_concept(pipe, "cat")
+    de.erase_concept(pipe, "cat", **REFERENCE_UCE)
     path = de.save_erasure_adapter(pipe, tmp_path)
     other = make_sd_pipeline(tokenizer_dir, seed=1)  # same architecture, other text-encoder weights
     assert_load_fails_cleanly(other, path, r"made with another text_encoder .* `allow_other_text_encoder=True`")
@@ -63,7 +63,7 @@ def test_another_text_encoder_is_refused_unless_allowed(tokenizer_dir, tmp_path)
 
 def test_format_1_files_still_load(tokenizer_dir, tmp_path):
     pipe = make_sd_pipeline(tokenizer_dir)
-    de.erase_concept(pipe, "cat")
+    de.erase_concept(pipe, "cat", **REFERENCE_UCE)
     path = de.export_adapter(pipe, tmp_path / "v1.safetensors", format="lora")  # format 1's exact layout
     fresh = make_sd_pipeline(tokenizer_dir)
     (record,) = de.load_erasure_adapter(fresh, path)
@@ -83,7 +83,7 @@ def test_corrupt_records_name_the_field(sd_pipe, tmp_path, field, value, match):
 
     from safetensors import safe_open
 
-    de.erase_concept(sd_pipe, "cat")
+    de.erase_concept(sd_pipe, "cat", **REFERENCE_UCE)
     path = de.save_erasure_adapter(sd_pipe, tmp_path)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()

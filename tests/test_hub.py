@@ -36,7 +36,7 @@ def test_card_metadata_and_sections(erased, tmp_path):
     assert "lora" not in data["tags"]  # format 2 is not a plain LoRA; the card shows the `lora` export instead
     text = loaded.text
     for needle in ("## What was erased", "`cat`, `tree`", "`animal`, `plant`", "`dog`", "arXiv:2308.14761",
-                   "| `token_policy` | `\"last_subject\"` |", "| `lamb` | `0.3` |", "| cat | 0.0 |",
+                   "| `token_policy` | `\"tail\"` |", "| `lamb` | `0.3` |", "| cat | 0.0 |",
                    'pipe.load_erasure_adapter("me/erase-cat")', "pipe.load_lora_weights", "--format lora",
                    "diffusers-erase export",
                    "## Limitations", "Erasure is not a guarantee", "`unet` "):

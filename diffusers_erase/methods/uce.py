@@ -47,17 +47,20 @@ _REFERENCE = {"token_policy": "last_subject", "preserve_token_policy": None, "pr
 
 @dataclass(frozen=True)
 class UCEConfig(ErasureConfig):
-    """Options of UCE; defaults are those of the reference implementation (`uce_sd_erase.py`).
+    """Options of UCE. The defaults are the paper's script's columns (tail, preserved prompts at every position)
+    with the general corpus held in place, measured to generalise best on held-out prompts (docs/methods/uce.md);
+    `preset="object"`/`"art"` are the current reference script (`uce_sd_erase.py`) exactly.
 
     Args:
         lamb: λ, how strongly every weight is held to its current value (larger: smaller edit).
         erase_scale: s_e, weight of the erase terms.
         preserve_scale: s_p, weight of the preserve terms; None: the legacy script's max(0.1, 1/N) for N preserved
             prompts.
-        token_policy: which token columns of each concept enter the sums: "last_subject" (UCE), "subject" (every
-            token of the concept words), "eot" (TRCE stage 1), "tail" (legacy UCE) or "all" (RECE).
-        preserve_token_policy: the same for the preserved prompts (None: as `token_policy`; the legacy script
-            keeps all 77 positions of each preserved prompt: "all").
+        token_policy: which token columns of each concept enter the sums: "tail" (the default: from the last word
+            token to the end, padding included, as the paper's script), "last_subject" (the current reference
+            script), "subject" (every token of the concept words), "eot" (TRCE stage 1) or "all" (RECE).
+        preserve_token_policy: the same for the preserved prompts ("all", the default: every position, as the
+            paper's script; None: as `token_policy`).
         expand_prompts: also erase the concept inside the reference's templates (`templates`: "object" — "image
             of {}", "photo of {}", … — or "art" — "painting by {}", "art by {}", …), the anchor expanded in
             parallel, as `uce_sd_erase.py --expand_prompts`.
@@ -88,8 +91,8 @@ class UCEConfig(ErasureConfig):
     lamb: float = 0.5
     erase_scale: float = 1.0
     preserve_scale: float | None = 1.0
-    token_policy: str = "last_subject"
-    preserve_token_policy: str | None = None
+    token_policy: str = "tail"
+    preserve_token_policy: str | None = "all"
     expand_prompts: bool = False
     templates: str = "object"
     preserve_corpus: str | list | tuple | None = "builtin"
