@@ -104,7 +104,7 @@ class MACEConfig(TrainedConfig):
     presets: ClassVar[dict[str, dict]] = {
         # configs/celebrity, configs/art, configs/explicit_content, configs/object of the reference.
         "celebrity": {"anchor": "a person", "options": {}},
-        "art": {"anchor": "art", "options": {"templates": "style", "importance_sampling": False}},
+        "art": {"anchor": "art", "options": {"templates": "style"}},
         "nudity": {"anchor": "a person wearing clothes",
                    "options": {"lr": 1e-5, "iterations": 120, "importance_sampling": False,
                                "preserve_corpus_weight": 33.0}},
