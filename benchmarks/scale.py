@@ -126,11 +126,10 @@ def run(pipe, method: str, count: int, held_gram, cache_root: Path) -> dict:
 
 
 def run_mace_closed_form(pipe, count: int, held_gram, cache_root: Path) -> dict:
-    """MACE's closed-form parts alone (the refinement and the fusion, with zero LoRAs: the fusion's cost does not
-    depend on their values); the LoRA training (50 steps per concept on a GPU in the reference) is not timed."""
-    from diffusers_erase.deltas import LowRank
+    """MACE's closed-form parts alone (the refinement and the fusion with no LoRA folded in: their cost is a few
+    products per layer); the LoRA training (50 steps per concept on a GPU in the reference) is not timed."""
+    from diffusers_erase import text
     from diffusers_erase.families import text_readers
-    from diffusers_erase.kinds import WeightEdit
     from diffusers_erase.methods import mace
     from diffusers_erase.methods import uce as uce_module
 
@@ -143,8 +142,6 @@ def run_mace_closed_form(pipe, count: int, held_gram, cache_root: Path) -> dict:
     if cold:
         uce_module._CORPUS_MEANS.clear()
     os.environ["DIFFUSERS_ERASE_CACHE"] = str(cache_root / "mace")
-    zero = WeightEdit({f"{n}.weight": LowRank(torch.zeros(m.out_features, 1), torch.zeros(1, m.in_features))
-                       for n, m in readers.items()})
     with PeakRSS() as memory:
         start = time.perf_counter()
         prior = mace.preservation(pipe, config, preserve)
@@ -153,7 +150,12 @@ def run_mace_closed_form(pipe, count: int, held_gram, cache_root: Path) -> dict:
         encode_s = time.perf_counter() - start - cache_s
         x = mace._solve_map(s_nc, s_cc, prior, config.lamb)
         cfr_s = time.perf_counter() - start
-        edit = mace.fuse(pipe, config, concepts, x, [zero] * count, prior)
+        s_all = 0
+        for concept in concepts:  # the fusion's S_i (zero LoRAs fold nothing into its sums)
+            flat = text.encode(pipe, mace.concept_prompts(config, concept), full_length=True).double()
+            flat = flat.reshape(-1, flat.shape[-1])
+            s_all = s_all + flat.T @ flat
+        edit = mace.fuse(pipe, config, x, {}, s_all, prior)
         total = time.perf_counter() - start
     (cache_root / "mace").mkdir(parents=True, exist_ok=True)
     for name, module in readers.items():

@@ -59,7 +59,10 @@ def test_refinement_and_fusion_match_the_formulas_with_explicit_inverses(sd_pipe
     loras = [WeightEdit({f"{name}.weight": LowRank(torch.randn(m.out_features, 1, generator=generator) * 0.1,
                                                    torch.randn(1, m.in_features, generator=generator))
                          for name, m in readers.items()}) for _ in concepts]
-    edit = mace.fuse(sd_pipe, config, concepts, x, loras, prior)
+    folded = {}
+    for lora, gram in zip(loras, grams):
+        mace.fold(folded, lora, gram)
+    edit = mace.fuse(sd_pipe, config, x, folded, sum(grams), prior)
     eye = torch.eye(x.shape[0], dtype=torch.float64)
     m_inv = torch.linalg.inv(sum(grams) + c0 + config.lamb * eye)
     for name, module in readers.items():
@@ -90,7 +93,8 @@ def test_the_loras_lower_the_concepts_attention(sd_pipe):
     x = torch.eye(next(iter(text_readers(sd_pipe).values())).in_features)
     de.enable_erasure(sd_pipe)
     before, mass = snapshot(sd_pipe), _attention_mass(sd_pipe, "a photo of cat", "cat")
-    lora = mace.train_lora(sd_pipe, config, "cat", x, torch.Generator().manual_seed(0))
+    conditions = text.encode(sd_pipe, mace.concept_prompts(config, "cat"), full_length=True)
+    lora = mace.train_lora(sd_pipe, config, "cat", conditions, x, torch.Generator().manual_seed(0))
     assert set(lora.deltas) == {f"{n}.weight" for n in text_readers(sd_pipe)}
     after = snapshot(sd_pipe)
     assert all(torch.equal(before[k], after[k]) for k in before)  # trained beside the weights

@@ -46,7 +46,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..corpus import read_corpus
 from ..deltas import Dense
 from ..families import family_of, text_readers
 from ..kinds import WeightEdit
@@ -169,18 +168,16 @@ def _ids(pipe, prompts: list[str]) -> list[list[int]]:
 
 
 def cfr_statistics(pipe, config: MACEConfig, concepts, anchors):
-    """Σ n cᵀ and Σ c cᵀ (float64) over the matched columns of every (concept, anchor) framing pair."""
-    old = [p for c in concepts for p in concept_prompts(config, c)]
-    new = [p for a in anchors for p in concept_prompts(config, a)]
-    rows = encode(pipe, old + new, full_length=True).double().cpu()
-    length = rows.shape[1]
-    s_nc = torch.zeros(rows.shape[2], rows.shape[2], dtype=torch.float64)
-    s_cc = torch.zeros_like(s_nc)
-    for k, (ids_old, ids_new) in enumerate(zip(_ids(pipe, old), _ids(pipe, new))):
-        at_old, at_new = matching_columns(ids_old, ids_new, length)
-        c, n = rows[k, at_old], rows[len(old) + k, at_new]
-        s_nc += n.T @ c
-        s_cc += c.T @ c
+    """Σ n cᵀ and Σ c cᵀ (float64) over the matched columns of every (concept, anchor) framing pair, one concept's
+    framings encoded at a time (memory stays that of one concept whatever their number)."""
+    s_nc = s_cc = 0
+    for concept, anchor in zip(concepts, anchors):
+        old, new = concept_prompts(config, concept), concept_prompts(config, anchor)
+        rows = encode(pipe, old + new, full_length=True).double().cpu()
+        for k, (ids_old, ids_new) in enumerate(zip(_ids(pipe, old), _ids(pipe, new))):
+            at_old, at_new = matching_columns(ids_old, ids_new, rows.shape[1])
+            c, n = rows[k, at_old], rows[len(old) + k, at_new]
+            s_nc, s_cc = s_nc + n.T @ c, s_cc + c.T @ c
     return s_nc, s_cc
 
 
@@ -289,15 +286,16 @@ def _timestep_weights(steps: int, importance: bool) -> torch.Tensor:
     return torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400))
 
 
-def train_lora(pipe, config: MACEConfig, concept: str, x_cfr: torch.Tensor, generator) -> WeightEdit:
+def train_lora(pipe, config: MACEConfig, concept: str, conditions: torch.Tensor, x_cfr: torch.Tensor,
+               generator) -> WeightEdit:
     """Stage 2 for one concept: a rank-r LoRA on every text reader of the CFR model that empties the concept's
-    attention maps on images of it."""
+    attention maps on images of it. `conditions`: its framings encoded at full length."""
     from diffusers import DDPMScheduler
 
     unet, readers = pipe.unet, text_readers(pipe)
     latents = concept_latents(pipe, config, concept)
     prompts = concept_prompts(config, concept)
-    conditions = encode(pipe, prompts, full_length=True).to(unet.device, unet.dtype)
+    conditions = conditions.to(unet.device, unet.dtype)
     positions = [concept_positions(pipe, p, concept, config.attend_eot, conditions.shape[1]) for p in prompts]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     weights = _timestep_weights(scheduler.config.num_train_timesteps, config.importance_sampling)
@@ -320,26 +318,28 @@ def train_lora(pipe, config: MACEConfig, concept: str, x_cfr: torch.Tensor, gene
         return trainable.result()
 
 
-def fuse(pipe, config, concepts, x_cfr, loras, prior) -> WeightEdit:
-    """Stage 3: W* − W per reader, with W* = (Σ_i (W X + ΔW_i) S_i + W C₀ + λ W X)(Σ_i S_i + C₀ + λI)⁻¹."""
-    grams = [preserve_statistics(pipe, concept_prompts(config, c), "all")[0].double() for c in concepts]
-    s_all = sum(grams)
-    dim = s_all.shape[0]
-    eye = torch.eye(dim, dtype=torch.float64)
-    m = s_all + config.lamb * eye + (prior if prior is not None else 0)
-    chol, info = torch.linalg.cholesky_ex(m)
+def fold(folded: dict, lora: WeightEdit, gram: torch.Tensor) -> None:
+    """Add one concept's ΔW_i S_i to the fusion's per-layer sums (S_i = Σ c cᵀ over every column of its framings),
+    so no S_i has to be kept."""
+    for key, payload in lora.deltas.items():
+        term = payload.up.double() @ (payload.down.double() @ gram)
+        folded[key] = folded[key] + term if key in folded else term
+
+
+def fuse(pipe, config, x_cfr, folded: dict, s_all: torch.Tensor, prior) -> WeightEdit:
+    """Stage 3: W* − W per reader, with W* = (W X (S + λI) + W C₀ + Σ_i ΔW_i S_i)(S + C₀ + λI)⁻¹, S = Σ_i S_i (the
+    reference's (Σ_i (W₁ + ΔW_i) S_i + W C₀ + λW₁)(…)⁻¹ with W₁ = W X); `folded`: Σ_i ΔW_i S_i per reader."""
+    eye = torch.eye(s_all.shape[0], dtype=torch.float64)
+    prior = prior if prior is not None else torch.zeros_like(eye)
+    chol, info = torch.linalg.cholesky_ex(s_all + config.lamb * eye + prior)
     if info.item() != 0:
         raise FloatingPointError("MACE's fusion system is singular; raise `lamb` or keep the preservation cache.")
-    shared = torch.cholesky_solve((x_cfr @ (s_all + config.lamb * eye)
-                                   + (prior if prior is not None else 0)).T, chol).T - eye  # X' − I
-    per_concept = [torch.cholesky_solve(g, chol).T for g in grams]  # S_i M⁻¹ (M, S_i symmetric)
+    shared = torch.cholesky_solve((x_cfr @ (s_all + config.lamb * eye) + prior).T, chol).T - eye  # X' − I
     deltas = {}
     for name, module in text_readers(pipe).items():
-        weight = module.weight.detach().double().cpu()
-        delta = weight @ shared
-        for lora, s_m in zip(loras, per_concept):
-            payload = lora.deltas[f"{name}.weight"]
-            delta += payload.up.double() @ (payload.down.double() @ s_m)
+        delta = module.weight.detach().double().cpu() @ shared
+        if f"{name}.weight" in folded:  # (Σ_i ΔW_i S_i) M⁻¹, M symmetric
+            delta += torch.cholesky_solve(folded[f"{name}.weight"].T, chol).T
         if not torch.isfinite(delta).all():
             raise FloatingPointError(f"MACE's fused edit of {name} is not finite; raise `lamb`.")
         deltas[f"{name}.weight"] = Dense(delta.float().contiguous())
@@ -351,12 +351,14 @@ def mace(pipe, config: MACEConfig, concepts, anchors, preserve):
     if family_of(pipe).name not in ("sd1", "sd2"):
         raise ValueError("MACE supports SD 1.x/2.x pipelines here; SDXL's added conditioning is not wired into its "
                          "LoRA training yet.")
-    if config.preserve_corpus is not None:
-        read_corpus(config.preserve_corpus)  # a bad corpus fails before any training
     generator = torch.Generator().manual_seed(config.seed)
-    prior = preservation(pipe, config, preserve)
-    s_nc, s_cc = cfr_statistics(pipe, config, concepts, anchors)
-    x_cfr = _solve_map(s_nc, s_cc, prior, config.lamb)
-    loras = [train_lora(pipe, config, concept, x_cfr.float(), generator) for concept in concepts]
-    return fuse(pipe, config, concepts, x_cfr, loras, prior)
-
+    prior = preservation(pipe, config, preserve)  # a bad corpus fails here, before any training
+    x_cfr = _solve_map(*cfr_statistics(pipe, config, concepts, anchors), prior, config.lamb)
+    folded, s_all = {}, 0
+    for concept in concepts:
+        rows = encode(pipe, concept_prompts(config, concept), full_length=True)  # the LoRA's conditions and S_i
+        flat = rows.double().cpu().reshape(-1, rows.shape[-1])
+        gram = flat.T @ flat
+        fold(folded, train_lora(pipe, config, concept, rows, x_cfr.float(), generator), gram)
+        s_all = s_all + gram
+    return fuse(pipe, config, x_cfr, folded, s_all, prior)

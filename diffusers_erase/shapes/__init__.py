@@ -48,7 +48,6 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, to
     (`torch_dtype`: the older name diffusers used, still accepted)."""
     from diffusers import StableDiffusionPipeline
 
-
     dtype = torch_dtype if torch_dtype is not None else dtype
 
     if not (PIPELINE_DIR / "model_index.json").exists():
