@@ -28,10 +28,13 @@ from .config import ErasureConfig, check_type
 from .deltas import Dense, TextMap
 from .families import (
     TRAIN_GROUPS,
+    closed_form_readers,
     config_fingerprint,
+    default_sequence_length,
     family_of,
     group_component,
     matrix_shape,
+    max_sequence_length,
     membrane_targets,
     text_pairs,
     text_readers,
@@ -67,6 +70,9 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
             `default_preserve`, e.g. RECE keeps "").
         adapter_name (`str`, *optional*): a name for the erasure (`set_erasure_adapters` chooses membranes by it;
             unnamed ones are "default").
+        max_sequence_length (`int`, *optional*): FLUX: the T5 padding length the erasure is made for, as the
+            pipeline's argument of that name (default: the pipeline's, 512; use 256 for FLUX.1-schnell). T5 is
+            unmasked, so generating with another length changes every token embedding; the pipeline warns then.
         **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`), and `preset`:
             a recipe of the method's reference by concept type (`UCEConfig.presets`: "object", "art", "nudity",
             "paper"; `RECEConfig.presets`: "nudity", "art", "object"), which sets the anchor, the prompts always
@@ -77,6 +83,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     """
     start = time.perf_counter()
     preset = options.pop("preset", None)
+    length = _sequence_length_option(pipe, options.pop("max_sequence_length", None))
     if preset is not None:
         config_cls = method if isinstance(method, ErasureConfig) else get_method(method).config_cls
         anchor, preserve, options = apply_preset(config_cls, preset, anchor,
@@ -99,14 +106,30 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     check_adapter_name(pipe, adapter_name)
     preserve = preserve or list(config.default_preserve)
     handler = get_method(config.method).handler
-    with offload_disabled(pipe):
+    with offload_disabled(pipe), max_sequence_length(length):
         edit = handler(pipe, config, concepts, anchors, preserve)
-        erasure = Erasure(config.method, concepts, anchors, preserve, config.to_dict(), edit=edit, name=adapter_name)
+        recorded = config.to_dict() if length is None else {**config.to_dict(), "max_sequence_length": length}
+        erasure = Erasure(config.method, concepts, anchors, preserve, recorded, edit=edit, name=adapter_name)
         engine.install(pipe, [erasure])
     # Keep the (small) payloads off the accelerator: they are only needed again to save or re-apply the adapter.
     erasure.edit = erasure.edit.cpu()
     erasure.seconds = time.perf_counter() - start
     return erasure
+
+
+def _sequence_length_option(pipe, value) -> int | None:
+    """The checked `max_sequence_length` of `erase_concept`: the family default when it has T5, None else."""
+    default = default_sequence_length(family_of(pipe))
+    if default is None:
+        if value is not None:
+            raise ValueError(f"max_sequence_length applies to FLUX pipelines (T5 tokens); this "
+                             f"{family_of(pipe).name} pipeline's text encoders have a fixed window. Drop it.")
+        return None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_sequence_length must be a positive integer, got {value!r}.")
+    return value
 
 
 @exclusive
@@ -288,14 +311,15 @@ def layout(pipe) -> Layout:
     return Layout(
         family=family,
         unet_config=dict(model.config),
-        text_readers={n: tuple(m.weight.shape) for n, m in text_readers(pipe).items()},
+        text_readers={n: tuple(m.weight.shape) for n, m in closed_form_readers(pipe).items()},
         membrane_targets={n: tuple(m.weight.shape) for n, m in membrane_targets(pipe).items()},
         weight=lambda name: base_weight(pipe, name),
         parameters=params,
     )
 
 
-_SCOPES = {"text_readers": (text_readers, "a cross-attention key/value projection"),
+_SCOPES = {"text_readers": (closed_form_readers, "a layer that reads the text embeddings (cross-attention key/value, "
+                                               "MMDiT context/pooled embedder)"),
            "membrane_blocks": (membrane_targets, "a Linear/Conv2d of a transformer block"),
            "trainable": (trainable_modules, "a parameter a trained method may edit (families.TRAIN_GROUPS)")}
 

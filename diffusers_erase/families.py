@@ -6,10 +6,14 @@ a layer name or a naming convention. The MMDiT families (SD3, FLUX) are added as
 A *text pathway* is one stream of text embeddings the denoiser reads. In a UNet the prompt embeddings reach
 only the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`), so those are the pathway's
 *readers*: every closed-form edit (UCE, RECE, ...) is one linear map of that text space applied to all of them.
+In an MMDiT (FLUX) the token pathway is read by one layer, `context_embedder`, and a second, *pooled* pathway
+(one vector per prompt) by `time_text_embed.text_embedder.linear_1`; a closed-form edit maps each space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import re
@@ -28,7 +32,8 @@ def dtype_keyword(dtype) -> dict:
     return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
 
 
-SUPPORTED_FAMILIES = "Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline) and SDXL (StableDiffusionXL*Pipeline)"
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline), SDXL (StableDiffusionXL*Pipeline) and FLUX.1 "
+                      "(Flux*Pipeline)")
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,11 @@ class TextEncoder:
 
     tokenizer: str  # pipeline attribute
     encoder: str  # pipeline attribute
-    hidden: str  # "last": last hidden state (SD 1.x/2.x); "penultimate": hidden_states[-2] (SDXL)
+    hidden: str  # "last": last hidden state (SD 1.x/2.x, T5); "penultimate": hidden_states[-2] (SDXL)
     causal: bool = True  # CLIP: token i sees tokens ≤ i only, so real-token columns do not depend on padding
+    # "tokens": its hidden states are the token pathway; "pooled": only its pooled vector is read (FLUX's CLIP).
+    role: str = "tokens"
+    max_length: int | None = None  # the pipeline's default `max_sequence_length` (T5); None: the tokenizer's
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Family:
     modelspec_architecture: str  # SAI ModelSpec `modelspec.architecture` of the base model
     modelspec_implementation: str
     modelspec_v_architecture: str | None = None  # the same for a v-prediction checkpoint, when it differs
+    pooled_readers: tuple[str, ...] = ()  # module paths that read the pooled text vector (MMDiT)
+    denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
 
 
 _UNET_TEXT_READERS = ("attn2.to_k", "attn2.to_v")
@@ -82,6 +92,14 @@ FAMILIES: dict[str, Family] = {
                    ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), "sdxl_base_v1-0",
                    "stable-diffusion-xl-v1-base",
                    "https://github.com/Stability-AI/generative-models"),  # kohya's value for SDXL LoRAs
+    # FLUX.1 (dev and schnell): T5 tokens enter only through `context_embedder`, unmasked and padded to the call's
+    # `max_sequence_length` (512 by default); the pooled CLIP-L vector only through the time/text embedding.
+    "flux": Family("flux", "transformer",
+                   (TextEncoder("tokenizer", "text_encoder", "last", role="pooled"),
+                    TextEncoder("tokenizer_2", "text_encoder_2", "last", causal=False, max_length=512)),
+                   ("context_embedder",), (), False, "FluxPipeline", ("flux", "flux-diffusers"), "flux1",
+                   "flux-1-dev", "diffusers", pooled_readers=("time_text_embed.text_embedder.linear_1",),
+                   denoiser_classes=("FluxTransformer2DModel",)),
 }
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)  # what an edit may touch
@@ -95,6 +113,14 @@ def get_family(name: str) -> Family:
 
 def family_of(pipe) -> Family:
     """The row of `pipe`; raises, naming the supported families, for a pipeline without a known denoiser."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None and getattr(pipe, "unet", None) is None:
+        name = type(transformer).__name__
+        for family in FAMILIES.values():
+            if family.denoiser == "transformer" and name in family.denoiser_classes:
+                return family
+        raise ValueError(f"{type(pipe).__name__}'s denoiser is a {name}, which diffusers-erase does not edit yet. "
+                         f"Supported families: {SUPPORTED_FAMILIES}.")
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "config") or not any(
             name.endswith(_UNET_TEXT_READERS) for name, _ in unet.named_modules()):
@@ -123,7 +149,62 @@ def text_pairs(pipe) -> list[tuple]:
     return pairs
 
 
+def token_pairs(pipe) -> list[tuple]:
+    """The `text_pairs` whose hidden states the denoiser reads as tokens (concatenated along the features)."""
+    pairs = [p for p in text_pairs(pipe) if p[2].role == "tokens"]
+    if not pairs:
+        family = family_of(pipe)
+        names = ", ".join(t.encoder for t in family.text_encoders if t.role == "tokens")
+        raise ValueError(f"{type(pipe).__name__} has no {names}: the denoiser's token embeddings come from it; load "
+                         "the pipeline with its text encoders.")
+    return pairs
+
+
+def pooled_pairs(pipe) -> list[tuple]:
+    """The `text_pairs` whose pooled vector the denoiser reads (MMDiT; empty for UNet families)."""
+    if not family_of(pipe).pooled_readers:
+        return []
+    pairs = [p for p in text_pairs(pipe) if p[2].role == "pooled"]
+    if not pairs:
+        raise ValueError(f"{type(pipe).__name__} has no pooled text encoder (`text_encoder`); the denoiser reads its "
+                         "pooled vector, so erasing needs it.")
+    return pairs
+
+
+_MAX_SEQUENCE_LENGTH = contextvars.ContextVar("max_sequence_length", default=None)
+
+
+def sequence_length(tokenizer, row: TextEncoder) -> int:
+    """How many positions the pipeline pads this encoder's tokens to: for T5, the `max_sequence_length` of
+    `max_sequence_length(n)` if one is active, else the pipeline's default; else the tokenizer's window."""
+    if row.max_length is not None:
+        return _MAX_SEQUENCE_LENGTH.get() or row.max_length
+    return tokenizer.model_max_length
+
+
+def default_sequence_length(family: Family) -> int | None:
+    """The pipeline's default `max_sequence_length` (FLUX: 512), None for a family without T5."""
+    return next((t.max_length for t in family.text_encoders if t.max_length is not None), None)
+
+
+@contextlib.contextmanager
+def max_sequence_length(n: int | None):
+    """Encode T5 prompts padded to `n` positions inside the block, as the pipeline does when called with
+    `max_sequence_length=n` (T5 is unmasked, so the padding length changes every embedding)."""
+    token = _MAX_SEQUENCE_LENGTH.set(n)
+    try:
+        yield
+    finally:
+        _MAX_SEQUENCE_LENGTH.reset(token)
+
+
 def _plain(module: nn.Module, name: str, kinds: tuple) -> nn.Module:
+    if type(module) not in kinds and name.partition(".")[0] == "transformer":
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, not a plain {'/'.join(k.__name__ for k in kinds)}: the transformer "
+            "is quantised, fused or has a LoRA loaded. Erase on an unquantised transformer (load it without a "
+            "quantization_config, call `pipe.unload_lora_weights()` / `unfuse_lora()`), then quantise."
+        )
     if type(module) not in kinds:
         raise ValueError(
             f"{name} is a {type(module).__name__}, not a plain {'/'.join(k.__name__ for k in kinds)} (a LoRA adapter "
@@ -152,9 +233,31 @@ def text_readers(pipe) -> dict[str, nn.Linear]:
                 "The UNet's cross-attention projections are fused (to_kv), so to_k/to_v are not used; "
                 "call `pipe.unfuse_qkv_projections()` before erasing."
             )
-        if name.endswith(family.text_readers):
+        if name.endswith(family.text_readers) and (family.denoiser == "unet" or name in family.text_readers):
             found[f"{family.denoiser}.{name}"] = _plain(module, f"{family.denoiser}.{name}", (nn.Linear,))
+    if not found:
+        raise ValueError(f"This {family.name} {family.denoiser} has no {'/'.join(family.text_readers)} layer to edit.")
     return found
+
+
+def pooled_readers(pipe) -> dict[str, nn.Linear]:
+    """`{"<denoiser>.<module path>": Linear}` of the layers that read the pooled text vector (MMDiT; else empty)."""
+    family = family_of(pipe)
+    model = getattr(pipe, family.denoiser)
+    found = {}
+    for path in family.pooled_readers:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"This {family.name} {family.denoiser} has no {path}; it is not a {family.pipeline_class} "
+                             "denoiser diffusers-erase knows.") from None
+        found[f"{family.denoiser}.{path}"] = _plain(module, f"{family.denoiser}.{path}", (nn.Linear,))
+    return found
+
+
+def closed_form_readers(pipe) -> dict[str, nn.Linear]:
+    """Every layer a closed-form edit may change: the token pathway's readers and the pooled pathway's."""
+    return {**text_readers(pipe), **pooled_readers(pipe)}
 
 
 def membrane_targets(pipe) -> dict[str, nn.Module]:

@@ -198,6 +198,7 @@ class PromptRecorder:
 
     def __call__(self, *args, **kwargs):
         record = state(self)
+        warn_sequence_length(self, record, args, kwargs)
         outer = getattr(record.calls, "call", None)
         record.calls.call = Call(self)
         try:
@@ -209,6 +210,27 @@ class PromptRecorder:
         output = super().encode_prompt(*args, **kwargs)
         record_prompts(self, super().encode_prompt, args, kwargs, output)
         return output
+
+
+def warn_sequence_length(pipe, record, args, kwargs) -> None:
+    """Log when a FLUX call pads T5 to another length than an erasure on the pipeline was made for: T5 is
+    unmasked, so every token embedding then differs from those the edit was fitted to."""
+    made = {e.options.get("max_sequence_length") for e in record.erasures} - {None}
+    if not made:
+        return
+    try:
+        call = next(c.__call__ for c in type(pipe).__mro__
+                    if "__call__" in vars(c) and not issubclass(c, PromptRecorder))
+        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+        bound.apply_defaults()
+        used = bound.arguments.get("max_sequence_length")
+    except (StopIteration, TypeError, ValueError):
+        return
+    if used is not None and made != {used}:
+        logger.warning("This call pads T5 to max_sequence_length=%s, but the erasures on this pipeline were made "
+                       "for %s; every T5 token embedding differs from those they were fitted to, so the erasure may "
+                       "be weaker. Call with max_sequence_length=%s, or erase again with max_sequence_length=%s.",
+                       used, sorted(made), sorted(made)[0], used)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}

@@ -9,7 +9,16 @@ token columns of it, chosen by a token policy:
   not only its last sub-token `ernan`); each goes to the anchor's last word token;
 - "eot": the first end-of-text token (index len-1), as TRCE stage 1;
 - "tail": from the last word token to the end of the padded sequence, as legacy UCE;
-- "all": all positions of the padded sequence, as RECE.
+- "all": all positions of the padded sequence, as RECE;
+- "aligned": all positions of the padded sequence, each concept position paired with the anchor position it
+  stands for: the tokens the two prompts share at the start (a template's "a photo of") and at the end (its
+  suffix, the end token) pair one to one, the padding after them pairs in order, and the concept's own tokens go
+  to the anchor's (one to one when the counts agree, else each to the anchor's last one, or to the position after
+  the shared start when the anchor has none). For a bidirectional encoder (FLUX's T5), where every position
+  carries the concept.
+
+T5 has no start token: its last word token is also index len-2 and its end token len-1, so the policies read the
+same columns of it; "subject" starts at 0 instead of 1.
 
 A one-token pick that lands on punctuation or a function word ("Van Gogh style" → `style`, "nudity." → `.`)
 logs a warning naming the token.
@@ -31,9 +40,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .families import text_pairs, weights_fingerprint
+from .families import pooled_pairs, sequence_length, text_pairs, token_pairs, weights_fingerprint
 
-TOKEN_POLICIES = ("last_subject", "subject", "eot", "tail", "all")
+TOKEN_POLICIES = ("last_subject", "subject", "eot", "tail", "all", "aligned")
 # Words a single picked column should not be: it would erase the word, not the concept.
 STOP_WORDS = frozenset("a an the of by in on at to with and or for from style art painting photo image picture "
                        "portrait drawing".split())
@@ -55,8 +64,8 @@ def _converted(pipe, prompts: list[str], tokenizer) -> list[str]:
 def token_lengths(pipe, prompts: list[str], what: str = "prompt", truncate: bool = False) -> list[int]:
     """Real token counts (with start and end tokens); raises for a prompt that would be truncated, unless
     `truncate` (a caption corpus: then the count is cut to what the encoder reads, as the pipeline would)."""
-    tokenizer = text_pairs(pipe)[0][0]
-    limit = tokenizer.model_max_length
+    tokenizer, _, row = token_pairs(pipe)[0]
+    limit = sequence_length(tokenizer, row)
     lengths = [len(ids) for ids in tokenizer(_converted(pipe, prompts, tokenizer), truncation=False)["input_ids"]]
     if truncate:
         return [min(n, limit) for n in lengths]
@@ -70,7 +79,13 @@ def token_lengths(pipe, prompts: list[str], what: str = "prompt", truncate: bool
 
 
 def _uses_padding(policy: str) -> bool:
-    return policy in ("tail", "all")
+    return policy in ("tail", "all", "aligned")
+
+
+def leading_specials(tokenizer) -> int:
+    """1 when the tokenizer puts a start token before the words (CLIP), 0 when it does not (T5)."""
+    bos = tokenizer.bos_token_id
+    return int(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
 
 
 def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | None = None,
@@ -83,7 +98,7 @@ def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | 
 
 
 def _encode(pipe, prompts: list[str], full_length: bool, lengths: list[int] | None) -> torch.Tensor:
-    pairs = text_pairs(pipe)
+    pairs = token_pairs(pipe)
     device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
     longest = max(lengths or token_lengths(pipe, prompts))
     outputs = []
@@ -91,7 +106,7 @@ def _encode(pipe, prompts: list[str], full_length: bool, lengths: list[int] | No
         batch = tokenizer(
             _converted(pipe, prompts, tokenizer),
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=sequence_length(tokenizer, row),
             truncation=True,
             return_tensors="pt",
         )
@@ -114,17 +129,36 @@ def encoder_states(encoder, row, ids: torch.Tensor, mask: torch.Tensor | None = 
     return encoder(ids, attention_mask=mask if use_mask else None)[0]
 
 
-def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None) -> torch.Tensor:
+def encode_pooled(pipe, prompts: list[str]) -> torch.Tensor:
+    """(batch, dim) float32 pooled text vectors as the MMDiT pipelines make them (FLUX: CLIP's `pooler_output`),
+    the denoiser's second text input."""
+    device = getattr(pipe, "_execution_device", None)
+    outputs = []
+    with torch.no_grad():
+        for tokenizer, encoder, _ in pooled_pairs(pipe):
+            ids = tokenizer(_converted(pipe, prompts, tokenizer), padding="max_length",
+                            max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            chunks = []
+            for start in range(0, len(prompts), _BATCH):
+                out = encoder(ids[start: start + _BATCH].to(device or encoder.device), output_hidden_states=False)
+                chunks.append((out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output).float())
+            outputs.append(torch.cat(chunks))
+    return torch.cat(outputs, dim=-1)
+
+
+def policy_columns(embedding: torch.Tensor, length: int, policy: str, count: int | None = None,
+                   lead: int = 1) -> torch.Tensor:
     """Token columns of one prompt's (tokens, dim) embedding under `policy`, as (n, dim); `length` counts the
-    prompt's tokens with its start and end tokens."""
+    prompt's tokens with its start (`lead`: 1 for CLIP, 0 for T5) and end tokens."""
+    last = max(length - 2, 0)  # T5's "" is its end token alone: its one column stands for the empty prompt
     if policy == "last_subject":
-        return embedding[length - 2 : length - 1]
+        return embedding[last : last + 1]
     if policy == "subject":
-        return embedding[1 : length - 1]
+        return embedding[lead : length - 1]
     if policy == "eot":
         return embedding[length - 1 : length]
     if policy == "tail":
-        start = length - 2
+        start = last
         return embedding[start : start + count] if count else embedding[start:]
     return embedding
 
@@ -161,11 +195,40 @@ def columns_by_policy(pipe, concepts: list[str], anchors: list[str], policies, s
             for policy in dict.fromkeys(policies)}
 
 
+def aligned_positions(concept_ids: list[int], anchor_ids: list[int], total: int) -> tuple[list[int], list[int]]:
+    """(concept positions, anchor positions) paired under the "aligned" policy (module docstring), for two
+    prompts' real token ids (start and end tokens included) padded to `total` positions."""
+    n_c, n_a = len(concept_ids), len(anchor_ids)
+    start = 0
+    while start < min(n_c, n_a) and concept_ids[start] == anchor_ids[start]:
+        start += 1
+    end = 0
+    while end < min(n_c, n_a) - start and concept_ids[n_c - 1 - end] == anchor_ids[n_a - 1 - end]:
+        end += 1
+    mid_c, mid_a = n_c - end - start, n_a - end - start
+    c_pos, a_pos = list(range(start)), list(range(start))
+    for j in range(mid_c):
+        c_pos.append(start + j)
+        a_pos.append(start + j if mid_c == mid_a else start + mid_a - 1 if mid_a else start)
+    after = min(total - (n_c - end), total - (n_a - end))  # the shared end, then the padding, in order
+    c_pos += range(n_c - end, n_c - end + after)
+    a_pos += range(n_a - end, n_a - end + after)
+    return c_pos, a_pos
+
+
 def _aligned_columns(pipe, rows: dict, pairs: list, policy: str, subjects: list[str]):
     total = next(iter(rows.values())).shape[0]
     spans = subject_spans(pipe, [c for c, *_ in pairs], subjects) if policy == "subject" else None
+    tokenizer = token_pairs(pipe)[0][0]
+    if policy == "aligned":
+        ids = dict(zip(rows, tokenizer(_converted(pipe, list(rows), tokenizer))["input_ids"]))
     erase, target = [], []
     for i, (concept, anchor, n_c, n_a) in enumerate(pairs):
+        if policy == "aligned":
+            c_pos, a_pos = aligned_positions(ids[concept][:n_c], ids[anchor][:n_a], total)
+            erase.append(rows[concept][c_pos])
+            target.append(rows[anchor][a_pos])
+            continue
         if policy == "subject":  # every token of the concept words goes where the anchor's last word goes
             columns = rows[concept][spans[i][0]: spans[i][1]]
             erase.append(columns)
@@ -180,13 +243,14 @@ def _aligned_columns(pipe, rows: dict, pairs: list, policy: str, subjects: list[
 def subject_spans(pipe, prompts: list[str], subjects: list[str]) -> list[tuple[int, int]]:
     """(start, end) token positions of each subject's word tokens inside its prompt; raises when a subject's tokens
     do not appear in the prompt as they are (a template that changes how the words tokenize)."""
-    tokenizer = text_pairs(pipe)[0][0]
+    tokenizer = token_pairs(pipe)[0][0]
+    lead = leading_specials(tokenizer)
     prompt_ids = tokenizer(_converted(pipe, prompts, tokenizer))["input_ids"]
     subject_ids = tokenizer(_converted(pipe, subjects, tokenizer))["input_ids"]
     spans = []
     for prompt, subject, ids, sub in zip(prompts, subjects, prompt_ids, subject_ids):
-        words = sub[1:-1]
-        found = next((i for i in range(1, len(ids) - len(words)) if ids[i: i + len(words)] == words), None)
+        words = sub[lead:-1]
+        found = next((i for i in range(lead, len(ids) - len(words)) if ids[i: i + len(words)] == words), None)
         if not words or found is None:
             raise ValueError(f"token_policy='subject': the tokens of {subject!r} do not appear in the prompt "
                              f"{prompt!r} it is read from; use a template that keeps the concept's words as they "
@@ -198,11 +262,11 @@ def subject_spans(pipe, prompts: list[str], subjects: list[str]) -> list[tuple[i
 def warn_weak_picks(pipe, concepts: list[str], lengths: list[int]) -> None:
     """Log when a concept's last word token (the one column "last_subject" erases) is punctuation or a function
     word: then that token, not the concept, is what gets erased."""
-    tokenizer = text_pairs(pipe)[0][0]
+    tokenizer = token_pairs(pipe)[0][0]
     for concept, ids in zip(concepts, tokenizer(_converted(pipe, concepts, tokenizer))["input_ids"]):
-        if len(ids) < 3:
+        if len(ids) < 2 + leading_specials(tokenizer):
             continue
-        token = tokenizer.convert_ids_to_tokens(ids[-2]).replace("</w>", "").strip()
+        token = _token_text(tokenizer, ids[-2])
         if not any(ch.isalnum() for ch in token) or token.lower() in STOP_WORDS:
             logger.warning("The last token of concept %r is %r, so that is what token_policy 'last_subject' erases; "
                            "drop it from the concept or use token_policy='subject'.", concept, token)
@@ -214,22 +278,31 @@ def warn_shared_subject(pipe, concepts: list[str]) -> None:
     concepts = list(dict.fromkeys(c for c in concepts if c.strip()))
     if len(concepts) < 2:
         return
-    tokenizer = text_pairs(pipe)[0][0]
+    tokenizer = token_pairs(pipe)[0][0]
     ids = tokenizer(_converted(pipe, concepts, tokenizer))["input_ids"]
-    last = {row[-2] if len(row) >= 3 else None for row in ids}
+    last = {row[-2] if len(row) >= 2 + leading_specials(tokenizer) else None for row in ids}
     if len(last) == 1 and None not in last:
-        token = tokenizer.convert_ids_to_tokens(last.pop()).replace("</w>", "").strip()
+        token = _token_text(tokenizer, last.pop())
         logger.warning("The concepts %s all end in the token %r, the one column token_policy 'last_subject' edits, so "
                        "the edit cannot tell them apart; erase them as one concept or use token_policy='subject'.",
                        ", ".join(repr(c) for c in concepts), token)
 
 
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.convert_ids_to_tokens(token_id).replace("</w>", "").replace("▁", "").strip()
+
+
 def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", lengths=None) -> torch.Tensor:
-    """Token columns (n, dim) of each prompt under `policy`, concatenated."""
+    """Token columns (n, dim) of each prompt under `policy`, concatenated ("aligned" reads every position, as
+    "all": a preserved prompt is paired with itself); "pooled": each prompt's pooled vector (MMDiT)."""
+    if policy == "pooled":
+        return encode_pooled(pipe, prompts)
     check_token_policy(policy)
     lengths = lengths or token_lengths(pipe, prompts, what)
     embeddings = encode(pipe, prompts, full_length=_uses_padding(policy), lengths=lengths)
-    return torch.cat([policy_columns(e, n, policy) for e, n in zip(embeddings, lengths)])
+    lead = leading_specials(token_pairs(pipe)[0][0]) if policy == "subject" else 1
+    return torch.cat([policy_columns(e, n, "all" if policy == "aligned" else policy, lead=lead)
+                      for e, n in zip(embeddings, lengths)])
 
 
 def cache_dir() -> Path | None:
@@ -258,8 +331,8 @@ def _cached_statistics(path: Path, dim: int) -> tuple[torch.Tensor, int] | None:
 def statistics_key(pipe, prompts: list[str], policy: str) -> str:
     """What preservation statistics depend on: the text encoders' weights and settings, the policy, the prompts."""
     encoders = [
-        [weights_fingerprint(e), tok.pad_token, tok.model_max_length, getattr(e.config, "use_attention_mask", False),
-         row.hidden]
+        [weights_fingerprint(e), tok.pad_token, sequence_length(tok, row), getattr(e.config, "use_attention_mask", False),
+         row.hidden, row.role]
         for tok, e, row in text_pairs(pipe)
     ]
     return hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
@@ -276,19 +349,22 @@ def preserve_statistics(pipe, prompts: list[str], policy: str, truncate: bool = 
     `truncate` reads prompts longer than the encoder's window cut to it (a caption corpus) instead of refusing
     them.
     """
-    check_token_policy(policy)
-    pairs = text_pairs(pipe)
+    if policy != "pooled":
+        check_token_policy(policy)
+    pairs = pooled_pairs(pipe) if policy == "pooled" else token_pairs(pipe)
     key = statistics_key(pipe, prompts, policy)
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
-    dim = sum(e.config.hidden_size for _, e, _ in pairs)
+    dim = sum(_pooled_width(e) if policy == "pooled" else e.config.hidden_size for _, e, _ in pairs)
     if path is not None and path.exists():
         cached = _cached_statistics(path, dim)
         if cached is not None:
             return cached
         path.unlink(missing_ok=True)  # damaged or foreign: recomputed, never trusted
 
-    lengths = token_lengths(pipe, prompts, "preserved prompt", truncate)  # fails before any encoding work
+    # fails before any encoding work (the pooled encoders read at most their own window, truncating as the
+    # pipelines do)
+    lengths = token_lengths(pipe, prompts, "preserved prompt", truncate) if policy != "pooled" else [0] * len(prompts)
     gram = torch.zeros(dim, dim, dtype=torch.float64)
     count = 0
     chunks = range(0, len(prompts), _BATCH)
@@ -310,6 +386,11 @@ def preserve_statistics(pipe, prompts: list[str], policy: str, truncate: bool = 
 
 
 
+def _pooled_width(encoder) -> int:
+    return getattr(encoder.config, "projection_dim", None) if hasattr(encoder, "text_projection") else \
+        encoder.config.hidden_size
+
+
 # ------------------------------------------------------------------------------------------ the SPM gate terms
 
 
@@ -319,7 +400,7 @@ def special_ids(tokenizer) -> set[int]:
 
 def token_sets(pipe, prompts: list[str]) -> list[set[int]]:
     """T(p): each prompt's token ids without start, end and padding tokens (first tokenizer)."""
-    tokenizer = text_pairs(pipe)[0][0]
+    tokenizer = token_pairs(pipe)[0][0]
     special = special_ids(tokenizer)
     return [set(ids) - special for ids in tokenizer(list(prompts), truncation=True)["input_ids"]]
 

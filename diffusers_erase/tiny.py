@@ -109,3 +109,58 @@ def tiny_sdxl_pipeline(tokenizer, tokenizer_2, seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A character-level T5 tokenizer (sentencepiece-style Unigram, `▁` word starts, `</s>` appended, `<pad>` = 0)
+    built in code: the real `T5TokenizerFast` with no files to download."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=model_max_length)
+
+
+def _t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+                                   dropout_rate=0.0)).eval()  # deterministic, as from_pretrained leaves it
+
+
+def tiny_flux_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
+    """A FluxPipeline (FLUX.1-dev layout, guidance embedding) as diffusers' tests build it: a 32-wide CLIP for the
+    pooled vector, a 32-wide T5 for the tokens, one double- and one single-stream block."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    t5_tokenizer = t5_tokenizer or tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed)
+    text_encoder_2 = _t5(t5_tokenizer)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

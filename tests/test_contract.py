@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from conftest import FLUX_ERASE, call_kwargs, erase_kwargs, changed, make_flux_pipeline, make_sd_pipeline, make_sdxl_pipeline, snapshot
 
 import diffusers_erase as de
 from diffusers_erase import state
@@ -59,7 +59,9 @@ TINY_ADV = dict(iterations=2, lr=1e-2, ddim_steps=3, attack_step=1, warmup_iter=
 METHOD_CASES = [
     ("uce", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("uce", {}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
+    ("uce", FLUX_ERASE, make_flux_pipeline, ()),
     ("rece", {"epochs": 1}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
+    ("rece", {"epochs": 1, **FLUX_ERASE}, make_flux_pipeline, ()),
     ("speed", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("speed", {"params": "KV"}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("mace", TINY_MACE, make_sd_pipeline, ("diff",)),
@@ -84,7 +86,8 @@ def test_every_registered_method_has_a_row():
 
 def _output(pipe) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    return torch.from_numpy(pipe("a cat", num_inference_steps=2, generator=generator, output_type="np").images)
+    return torch.from_numpy(pipe("a cat", num_inference_steps=2, generator=generator, output_type="np",
+                                 **call_kwargs(pipe)).images)
 
 
 @pytest.fixture(params=METHOD_CASES, ids=IDS)
@@ -96,7 +99,7 @@ def case(request, tokenizer_dir):
 def test_only_declared_targets_change_and_unload_is_bit_exact(case):
     method, options, make, _ = case
     pipe = make()
-    before, flags = snapshot(pipe), [p.requires_grad for p in pipe.unet.parameters()]
+    before, flags = snapshot(pipe), [p.requires_grad for p in denoiser(pipe).parameters()]
     reference = _output(pipe)
     record = de.erase_concept(pipe, "cat", method=method, **options)
     touched = set(changed(before, snapshot(pipe)))
@@ -106,7 +109,7 @@ def test_only_declared_targets_change_and_unload_is_bit_exact(case):
     de.unload_erasure(pipe)
     assert changed(before, snapshot(pipe)) == [] and de.get_erasures(pipe) == []
     assert torch.equal(_output(pipe), reference)  # hooks gone too
-    assert flags == [p.requires_grad for p in pipe.unet.parameters()]
+    assert flags == [p.requires_grad for p in denoiser(pipe).parameters()]
 
 
 def test_save_then_load_on_a_fresh_pipeline_reproduces_the_edit(case, tmp_path):
@@ -126,12 +129,12 @@ def test_save_then_load_on_a_fresh_pipeline_reproduces_the_edit(case, tmp_path):
 def test_a_failure_on_the_last_target_changes_nothing(case, monkeypatch):
     method, options, make, _ = case
     pipe = make()
-    de.erase_concept(pipe, "tree")  # an erasure already there must survive
+    de.erase_concept(pipe, "tree", **erase_kwargs(pipe))  # an erasure already there must survive
     before, records = snapshot(pipe), de.get_erasures(pipe)
     reference = _output(pipe)
     record = de.erase_concept(pipe, "cat", method=method, **options)
     de.unload_erasure(pipe)
-    de.erase_concept(pipe, "tree")
+    de.erase_concept(pipe, "tree", **erase_kwargs(pipe))
     last = list(record.modules)[-1] if record.modules else None
     if record.edit.weight_deltas():  # weight edits: fail on the last parameter's update
         kind = type(next(iter(record.edit.deltas.values())))  # every payload of these rows has one type

@@ -40,7 +40,7 @@ def test_embeddings_are_those_encode_prompt_gives_the_unet(pipe, policy):
     n = token_lengths(pipe, [prompt])[0]
     columns = prompt_columns(pipe, [prompt], policy)
     expected = {"last_subject": reference[n - 2 : n - 1], "eot": reference[n - 1 : n], "tail": reference[n - 2 :],
-                "all": reference, "subject": reference[1 : n - 1]}
+                "all": reference, "aligned": reference, "subject": reference[1 : n - 1]}
     assert torch.allclose(columns, expected[policy], atol=1e-5)
 
 

@@ -24,11 +24,11 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..families import text_readers
+from ..families import pooled_readers, text_readers
 from ..registry import register_method
 from ..state import temporarily_edited
 from ..text import check_token_policy
-from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, text_edit
+from .uce import UCEConfig, closed_form_edit, closed_form_map, encode_for_edit, pooled_columns, text_edit
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,12 @@ class RECEConfig(UCEConfig):
                 raise ValueError(f"RECEConfig.{name} must be a number ≥ 0, got {getattr(self, name)!r}.")
 
 
-def projection_gram(pipe) -> torch.Tensor:
-    """G = Σ_l W_lᵀ W_l over every cross-attention key/value projection (dim × dim, float32)."""
+def projection_gram(pipe, readers=None) -> torch.Tensor:
+    """G = Σ_l W_lᵀ W_l over every cross-attention key/value projection (dim × dim, float32); `readers`: other
+    layers (FLUX's pooled embedder). On FLUX the token pathway is one layer (`context_embedder`), so G = WᵀW and
+    c_adv = (T ᵀWᵀW T + λ_reg I)⁻¹ TᵀWᵀW c is a single solve."""
     gram = None
-    for module in text_readers(pipe).values():
+    for module in (text_readers(pipe) if readers is None else readers).values():
         weight = module.weight.detach().float()
         term = weight.T @ weight
         gram = term if gram is None else gram + term.to(gram.device)
@@ -172,11 +174,16 @@ def rece(pipe, config: RECEConfig, concepts, anchors, preserve):
                        config.epochs)
     epochs = rece_epochs(erase, target, keep_gram, projection_gram(pipe), config, initial=initial,
                          preserve_count=len(preserve), prior=prior)
-    p, q = epochs[-1]
+    # MMDiT: the pooled pathway gets the same rounds with its own layer's gram (one pooled vector per prompt).
+    pooled = pooled_columns(pipe, config, concepts, anchors, preserve)
+    pooled_epochs = [None] * len(epochs) if pooled is None else rece_epochs(
+        pooled[0], pooled[1], pooled[2], projection_gram(pipe, pooled_readers(pipe)), config,
+        preserve_count=len(preserve), prior=pooled[3])
+    chosen = len(epochs) - 1
     if config.epoch_callback is not None:
         scores = []
-        for epoch, (p_e, q_e) in enumerate(epochs):
-            with temporarily_edited(pipe, text_edit(pipe, p_e, q_e).deltas):
+        for epoch, ((p_e, q_e), pooled_e) in enumerate(zip(epochs, pooled_epochs)):
+            with temporarily_edited(pipe, text_edit(pipe, p_e, q_e, pooled_e).deltas):
                 scores.append(config.epoch_callback(pipe, epoch))
-        p, q = epochs[min(range(len(scores)), key=scores.__getitem__)]
-    return text_edit(pipe, p, q)
+        chosen = min(range(len(scores)), key=scores.__getitem__)
+    return text_edit(pipe, *epochs[chosen], pooled_epochs[chosen])

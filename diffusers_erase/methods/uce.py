@@ -14,7 +14,11 @@ Writing M for the right-hand matrix, this is W' = W (M + s_e (C_a − C_e) C_e�
     Q = s_e C_eᵀ M⁻¹          (E × dim)
 
 so the edit is one linear map of text-embedding space shared by every layer, of rank E (the number of erased
-token columns). We factor M once (Cholesky, float64; no explicit inverse) and return the map itself
+token columns). On FLUX the only layer reading the tokens is `context_embedder` (T5 → transformer width), and the
+pooled CLIP vector is read by `time_text_embed.text_embedder.linear_1`: the same closed form maps each space, the
+pooled one with each prompt's pooled vector as its single column. Both layers have a bias, which the targets leave
+out (W c_a, not W c_a + b): the edited layer adds b itself, so the anchor's output is reproduced exactly as λ → 0
+(the reference's FLUX script fits W c_a + b and then adds b again). We factor M once (Cholesky, float64; no explicit inverse) and return the map itself
 (`deltas.TextMap(P, Q)`, applied to each layer as W ← W + (W P) Q); the preserved prompts enter only through
 Σ c_p c_pᵀ, which is cached.
 """
@@ -29,13 +33,14 @@ import torch
 from ..config import ErasureConfig
 from ..corpus import expand_preserved, read_corpus
 from ..deltas import TextMap
-from ..families import text_readers
+from ..families import pooled_readers, text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
 from ..text import (
     TEMPLATES,
     check_token_policy,
     columns_by_policy,
+    encode_pooled,
     expand_prompts,
     preserve_statistics,
     statistics_key,
@@ -186,40 +191,70 @@ def closed_form_map(s_ee, s_te, keep_gram, *, lamb, erase_scale, preserve_scale,
     return pq, torch.eye(s_ee.shape[0], device=s_ee.device, dtype=torch.float64)
 
 
-def text_edit(pipe, p: torch.Tensor, q: torch.Tensor) -> WeightEdit:
+def text_edit(pipe, p: torch.Tensor, q: torch.Tensor, pooled: tuple | None = None) -> WeightEdit:
     """The text-space edit W → W (I + P Q) of every layer that reads the prompt embeddings, as one shared
-    `TextMap` (float32, on the CPU)."""
+    `TextMap` (float32, on the CPU); `pooled`: the (P, Q) of the pooled pathway's readers (MMDiT)."""
+    deltas = _map_deltas(text_readers(pipe), p, q, "text embeddings")
+    if pooled is not None:
+        deltas.update(_map_deltas(pooled_readers(pipe), *pooled, "pooled text vectors"))
+    return WeightEdit(deltas)
+
+
+def _map_deltas(readers: dict, p: torch.Tensor, q: torch.Tensor, what: str) -> dict:
     p, q = p.float().cpu(), q.float().cpu()
     if p.shape[1] >= p.shape[0]:  # rank at or above the text width: the full map P Q is the smaller exact form
         p, q = p @ q, None
     text_map = TextMap(p.contiguous(), None if q is None else q.contiguous())
     deltas = {}
-    for name, module in text_readers(pipe).items():
+    for name, module in readers.items():
         if module.in_features != p.shape[0]:
             raise ValueError(
-                f"{name} reads {module.in_features}-dim text embeddings but the text encoders give {p.shape[0]}; "
-                "the pipeline's text encoders do not match its UNet."
+                f"{name} reads {module.in_features}-dim {what} but the text encoders give {p.shape[0]}; "
+                "the pipeline's text encoders do not match its denoiser."
             )
         deltas[f"{name}.weight"] = text_map
-    return WeightEdit(deltas)
+    return deltas
 
 
-def corpus_prior(pipe, config: UCEConfig) -> torch.Tensor | None:
+def pooled_columns(pipe, config: UCEConfig, concepts, anchors, preserve):
+    """MMDiT: (concept vectors, anchor vectors, Σ p pᵀ of the preserved prompts, corpus prior) of the pooled
+    pathway, one pooled vector per prompt (the templates of `expand_prompts` included); None for a UNet family."""
+    if not pooled_readers(pipe):
+        return None
+    if config.expand_prompts:
+        concepts, anchors, _ = expand_prompts(concepts, anchors, config.templates)
+    keep_gram = preserve_statistics(pipe, preserve, "pooled")[0] if preserve else None
+    return encode_pooled(pipe, concepts), encode_pooled(pipe, anchors), keep_gram, corpus_prior(pipe, config, "pooled")
+
+
+def pooled_edit(pipe, config: UCEConfig, concepts, anchors, preserve):
+    """The UCE factors (P, Q) of the pooled pathway (MMDiT), or None for a UNet family."""
+    columns = pooled_columns(pipe, config, concepts, anchors, preserve)
+    if columns is None:
+        return None
+    erase, target, keep_gram, prior = columns
+    return closed_form_edit(erase, target, keep_gram, lamb=config.lamb, erase_scale=config.erase_scale,
+                            preserve_scale=config.preserve_weight(len(preserve)), prior=prior)
+
+
+def corpus_prior(pipe, config: UCEConfig, policy: str = "all") -> torch.Tensor | None:
     """w · mean c cᵀ over every token column of the general caption corpus (float64), or None: the corpus held
     as strongly as `preserve_corpus_weight` columns of its average second moment, so the weight means the same
-    whatever the text width or the embeddings' scale. The statistics are cached per text encoder."""
+    whatever the text width or the embeddings' scale. The statistics are cached per text encoder. `policy`
+    "pooled": the same over the captions' pooled vectors (MMDiT)."""
     if config.preserve_corpus is None or not config.preserve_corpus_weight:
         return None
     captions = read_corpus(config.preserve_corpus)
-    key = statistics_key(pipe, captions, "all")
+    key = statistics_key(pipe, captions, policy)
     if key not in _CORPUS_MEANS:  # also kept in memory: the disk cache may be off, and the corpus is large
-        gram, count = preserve_statistics(pipe, captions, "all", truncate=True)
-        _CORPUS_MEANS.clear()
+        gram, count = preserve_statistics(pipe, captions, policy, truncate=True)
+        while len(_CORPUS_MEANS) >= 4:  # the last two text encoders' token and pooled statistics
+            _CORPUS_MEANS.pop(next(iter(_CORPUS_MEANS)))
         _CORPUS_MEANS[key] = gram / count
     return config.preserve_corpus_weight * _CORPUS_MEANS[key]
 
 
-_CORPUS_MEANS: dict[str, torch.Tensor] = {}  # the last text encoder's corpus statistics
+_CORPUS_MEANS: dict[str, torch.Tensor] = {}  # the last corpus statistics, token and pooled
 
 
 def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policies=None):
@@ -250,4 +285,4 @@ def uce(pipe, config: UCEConfig, concepts, anchors, preserve):
         preserve_scale=config.preserve_weight(len(preserve)),
         prior=prior,
     )
-    return text_edit(pipe, p, q)
+    return text_edit(pipe, p, q, pooled_edit(pipe, config, concepts, anchors, preserve))
