@@ -71,8 +71,9 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
         adapter_name (`str`, *optional*): a name for the erasure (`set_erasure_adapters` chooses membranes by it;
             unnamed ones are "default").
         max_sequence_length (`int`, *optional*): FLUX: the T5 padding length the erasure is made for, as the
-            pipeline's argument of that name (default: the pipeline's, 512; use 256 for FLUX.1-schnell). T5 is
-            unmasked, so generating with another length changes every token embedding; the pipeline warns then.
+            pipeline's argument of that name (default: the pipeline's, 512, or a shorter T5 tokenizer window; use
+            256 for FLUX.1-schnell). T5 is unmasked, so generating with another length changes every token
+            embedding; the pipeline warns then.
         **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`), and `preset`:
             a recipe of the method's reference by concept type (`UCEConfig.presets`: "object", "art", "nudity",
             "paper"; `RECEConfig.presets`: "nudity", "art", "object"), which sets the anchor, the prompts always
@@ -103,6 +104,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     if clash:
         raise ValueError(f"{clash} are both erased and preserved; remove them from `preserve`.")
     check_loaded(pipe)
+    type(config).check_family(family_of(pipe).name)
     check_adapter_name(pipe, adapter_name)
     preserve = preserve or list(config.default_preserve)
     handler = get_method(config.method).handler
@@ -119,7 +121,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
 
 def _sequence_length_option(pipe, value) -> int | None:
     """The checked `max_sequence_length` of `erase_concept`: the family default when it has T5, None else."""
-    default = default_sequence_length(family_of(pipe))
+    default = default_sequence_length(pipe)
     if default is None:
         if value is not None:
             raise ValueError(f"max_sequence_length applies to FLUX pipelines (T5 tokens); this "
@@ -318,8 +320,8 @@ def layout(pipe) -> Layout:
     )
 
 
-_SCOPES = {"text_readers": (closed_form_readers, "a layer that reads the text embeddings (cross-attention key/value, "
-                                               "MMDiT context/pooled embedder)"),
+_SCOPES = {"text_readers": (closed_form_readers, "a cross-attention key/value projection (on FLUX: the context or "
+                                               "pooled text embedder)"),
            "membrane_blocks": (membrane_targets, "a Linear/Conv2d of a transformer block"),
            "trainable": (trainable_modules, "a parameter a trained method may edit (families.TRAIN_GROUPS)")}
 

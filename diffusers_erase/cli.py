@@ -72,12 +72,15 @@ def _check_count(images_per_prompt: int) -> None:
 
 
 def _load_pipeline(model: str, dtype: str, device: str):
-    if model == "shapes":
-        return enable_erasure(shapes.load_pipeline(getattr(torch, dtype), device=device))
+    if model in SHAPES_MODELS:
+        return enable_erasure(shapes.load_pipeline(getattr(torch, dtype), device=device, model=SHAPES_MODELS[model]))
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, **dtype_keyword(getattr(torch, dtype)))
     return enable_erasure(pipe.to(device))
+
+
+SHAPES_MODELS = {"shapes": "sd1", "shapes-flux": "flux"}  # --model names of the bundled models
 
 
 def cmd_erase(args) -> int:
@@ -222,7 +225,8 @@ def cmd_demo(args) -> int:
     options = dict(args.option or [])
     method = args.method
     if args.method == "uce":
-        options.setdefault("token_policy", "all")  # the shapes model carries shapes in every token column
+        # The shapes models carry shapes in every token column; T5 (shapes-flux) needs the positions aligned.
+        options.setdefault("token_policy", "aligned" if args.model == "shapes-flux" else "all")
     if args.method == "rece":
         options.setdefault("epochs", 1)  # the paper's setting for objects
     if args.method == "spm":  # a trained membrane: the tiny model's budget; latent anchoring replaces `preserve`
@@ -240,7 +244,7 @@ def cmd_demo(args) -> int:
     if args.method in ("sld", "safree"):  # guards steer sampling: no anchor, no preserve set
         anchor, preserve = args.anchor, args.preserve or []
     method_config(method, **options)  # checked before the first image is made
-    pipe = _load_pipeline("shapes", "float32", "cpu")
+    pipe = _load_pipeline(args.model, "float32", "cpu")
     pipe.set_progress_bar_config(disable=True)
     others = [s for s in shapes.SHAPES if s != args.concept]
     measured = [args.concept] + others
@@ -288,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase a concept from the bundled shapes model and show before/after numbers")
     demo.add_argument("--concept", default="circle", help="a shape of the shapes world (default: circle)")
+    demo.add_argument("--model", default="shapes", choices=list(SHAPES_MODELS),
+                      help="the bundled SD 1.x model (default) or its FLUX.1-architecture twin (uce, rece)")
     demo.add_argument("--method", default="uce", choices=available_methods())
     demo.add_argument("--anchor", default=None, help="what the concept turns into (default: another shape)")
     demo.add_argument("--preserve", nargs="*", default=None,

@@ -33,6 +33,9 @@ class ErasureConfig:
     # Recipes by concept type, `erase_concept(..., preset=name)`: {"anchor": default anchor, "preserve": prompts
     # always preserved, "options": config fields}; explicit arguments win.
     presets: ClassVar[dict[str, dict]] = {}
+    # The model families (`families.FAMILIES`) the method runs on (None: all), and what to do elsewhere.
+    families: ClassVar[tuple[str, ...] | None] = None
+    family_note: ClassVar[str] = ""
 
     def __post_init__(self):
         """Every option has the type its field declares (bools are not numbers; floats are finite); subclasses
@@ -47,6 +50,13 @@ class ErasureConfig:
             for f in dataclasses.fields(self)
             if f.metadata.get("serialize", True)
         }
+
+    @classmethod
+    def check_family(cls, family: str) -> None:
+        """Raise, naming the families the method runs on, when it does not run on `family`."""
+        if cls.families is not None and family not in cls.families:
+            raise ValueError(f"The {cls.method} method runs on {', '.join(cls.families)} pipelines, not {family!r}."
+                             + (f" {cls.family_note}" if cls.family_note else ""))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ErasureConfig":

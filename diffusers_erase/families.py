@@ -32,8 +32,8 @@ def dtype_keyword(dtype) -> dict:
     return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
 
 
-SUPPORTED_FAMILIES = ("Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline), SDXL (StableDiffusionXL*Pipeline) and FLUX.1 "
-                      "(Flux*Pipeline)")
+SUPPORTED_FAMILIES = ("Stable Diffusion 1.x/2.x (StableDiffusion*Pipeline), SDXL (StableDiffusionXL*Pipeline), "
+                      "SD3/SD3.5 (StableDiffusion3*Pipeline) and FLUX.1 (Flux*Pipeline)")
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,13 @@ class TextEncoder:
     encoder: str  # pipeline attribute
     hidden: str  # "last": last hidden state (SD 1.x/2.x, T5); "penultimate": hidden_states[-2] (SDXL)
     causal: bool = True  # CLIP: token i sees tokens ≤ i only, so real-token columns do not depend on padding
-    # "tokens": its hidden states are the token pathway; "pooled": only its pooled vector is read (FLUX's CLIP).
+    # "tokens": its hidden states are the token pathway; "pooled": only its pooled vector is read (FLUX's CLIP);
+    # "both": both (SD3's CLIPs).
     role: str = "tokens"
     max_length: int | None = None  # the pipeline's default `max_sequence_length` (T5); None: the tokenizer's
+    # Encoders of one segment are concatenated along the features; segments follow each other along the sequence,
+    # each zero-padded to the widest (SD3: [CLIP-L ⊕ CLIP-G padded to 4096 ; T5]).
+    segment: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class Family:
     modelspec_v_architecture: str | None = None  # the same for a v-prediction checkpoint, when it differs
     pooled_readers: tuple[str, ...] = ()  # module paths that read the pooled text vector (MMDiT)
     denoiser_classes: tuple[str, ...] = ("UNet2DConditionModel",)
+    # MMDiT: (diffusers module path, original checkpoint path) of the modules an edit may touch; kohya-ss names
+    # FLUX LoRA modules by the original (BFL) path, which ComfyUI's `lora_unet_` keys and A1111 Forge map.
+    original_paths: tuple[tuple[str, str], ...] = ()
 
 
 _UNET_TEXT_READERS = ("attn2.to_k", "attn2.to_v")
@@ -99,7 +106,21 @@ FAMILIES: dict[str, Family] = {
                     TextEncoder("tokenizer_2", "text_encoder_2", "last", causal=False, max_length=512)),
                    ("context_embedder",), (), False, "FluxPipeline", ("flux", "flux-diffusers"), "flux1",
                    "flux-1-dev", "diffusers", pooled_readers=("time_text_embed.text_embedder.linear_1",),
-                   denoiser_classes=("FluxTransformer2DModel",)),
+                   denoiser_classes=("FluxTransformer2DModel",),
+                   original_paths=(("context_embedder", "txt_in"),
+                                   ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"))),
+    # SD3/SD3.5: [CLIP-L ⊕ CLIP-G penultimate states, zero-padded to T5's width ; T5 tokens] along the sequence
+    # into `context_embedder`; the pooled [CLIP-L ⊕ CLIP-G] projections into the time/text embedding.
+    "sd3": Family("sd3", "transformer",
+                  (TextEncoder("tokenizer", "text_encoder", "penultimate", role="both"),
+                   TextEncoder("tokenizer_2", "text_encoder_2", "penultimate", role="both"),
+                   TextEncoder("tokenizer_3", "text_encoder_3", "last", causal=False, max_length=256, segment=1)),
+                  ("context_embedder",), (), False, "StableDiffusion3Pipeline",
+                  ("stable-diffusion-3", "stable-diffusion-3-diffusers"), "sd3", "stable-diffusion-v3-medium",
+                  "diffusers", pooled_readers=("time_text_embed.text_embedder.linear_1",),
+                  denoiser_classes=("SD3Transformer2DModel",),
+                  original_paths=(("context_embedder", "context_embedder"),
+                                  ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"))),
 }
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)  # what an edit may touch
@@ -151,10 +172,10 @@ def text_pairs(pipe) -> list[tuple]:
 
 def token_pairs(pipe) -> list[tuple]:
     """The `text_pairs` whose hidden states the denoiser reads as tokens (concatenated along the features)."""
-    pairs = [p for p in text_pairs(pipe) if p[2].role == "tokens"]
+    pairs = [p for p in text_pairs(pipe) if p[2].role in ("tokens", "both")]
     if not pairs:
         family = family_of(pipe)
-        names = ", ".join(t.encoder for t in family.text_encoders if t.role == "tokens")
+        names = ", ".join(t.encoder for t in family.text_encoders if t.role in ("tokens", "both"))
         raise ValueError(f"{type(pipe).__name__} has no {names}: the denoiser's token embeddings come from it; load "
                          "the pipeline with its text encoders.")
     return pairs
@@ -164,11 +185,17 @@ def pooled_pairs(pipe) -> list[tuple]:
     """The `text_pairs` whose pooled vector the denoiser reads (MMDiT; empty for UNet families)."""
     if not family_of(pipe).pooled_readers:
         return []
-    pairs = [p for p in text_pairs(pipe) if p[2].role == "pooled"]
-    if not pairs:
-        raise ValueError(f"{type(pipe).__name__} has no pooled text encoder (`text_encoder`); the denoiser reads its "
-                         "pooled vector, so erasing needs it.")
+    pairs = [p for p in text_pairs(pipe) if p[2].role in ("pooled", "both")]
+    if len(pairs) != sum(t.role in ("pooled", "both") for t in family_of(pipe).text_encoders):
+        raise ValueError(f"{type(pipe).__name__} lacks a CLIP text encoder whose pooled vector the denoiser reads; "
+                         "load the pipeline with all its CLIP text encoders to erase.")
     return pairs
+
+
+def token_segments(pipe) -> list[list[tuple]]:
+    """The `token_pairs` grouped by segment, in sequence order (one segment except on SD3)."""
+    pairs = token_pairs(pipe)
+    return [[p for p in pairs if p[2].segment == s] for s in sorted({p[2].segment for p in pairs})]
 
 
 _MAX_SEQUENCE_LENGTH = contextvars.ContextVar("max_sequence_length", default=None)
@@ -176,15 +203,20 @@ _MAX_SEQUENCE_LENGTH = contextvars.ContextVar("max_sequence_length", default=Non
 
 def sequence_length(tokenizer, row: TextEncoder) -> int:
     """How many positions the pipeline pads this encoder's tokens to: for T5, the `max_sequence_length` of
-    `max_sequence_length(n)` if one is active, else the pipeline's default; else the tokenizer's window."""
+    `max_sequence_length(n)` if one is active, else the pipeline's default (512) or the tokenizer's window if
+    that is shorter (a model trained at a short length, as the FLUX shapes model); else the tokenizer's window."""
     if row.max_length is not None:
-        return _MAX_SEQUENCE_LENGTH.get() or row.max_length
+        return _MAX_SEQUENCE_LENGTH.get() or min(row.max_length, tokenizer.model_max_length)
     return tokenizer.model_max_length
 
 
-def default_sequence_length(family: Family) -> int | None:
-    """The pipeline's default `max_sequence_length` (FLUX: 512), None for a family without T5."""
-    return next((t.max_length for t in family.text_encoders if t.max_length is not None), None)
+def default_sequence_length(pipe) -> int | None:
+    """The T5 padding length an erasure of `pipe` is made for by default (FLUX: 512, or its T5 tokenizer's
+    shorter window); None for a family without T5."""
+    for tokenizer, _, row in token_pairs(pipe):
+        if row.max_length is not None:
+            return min(row.max_length, tokenizer.model_max_length)
+    return None
 
 
 @contextlib.contextmanager
@@ -249,8 +281,8 @@ def pooled_readers(pipe) -> dict[str, nn.Linear]:
         try:
             module = model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"This {family.name} {family.denoiser} has no {path}; it is not a {family.pipeline_class} "
-                             "denoiser diffusers-erase knows.") from None
+            raise ValueError(f"This {family.name} {family.denoiser} has no {path}; it is not a "
+                             f"{family.pipeline_class} denoiser diffusers-erase knows.") from None
         found[f"{family.denoiser}.{path}"] = _plain(module, f"{family.denoiser}.{path}", (nn.Linear,))
     return found
 
@@ -419,6 +451,12 @@ def kohya_name(module: str, unet_config, family: Family) -> str:
         # kohya-ss names CLIP's modules by transformers' `text_model.` path, which transformers 5 no longer has.
         level = "" if path.startswith(("text_model.", "text_projection")) else "text_model_"
         return prefix + level + path.replace(".", "_")
+    if component == "transformer" and family.original_paths:
+        original = dict(family.original_paths)
+        if path not in original:
+            raise ValueError(f"{module} has no kohya name this library knows (it names "
+                             f"{', '.join(original)} of a {family.name} transformer).")
+        return KOHYA_UNET_PREFIX + original[path].replace(".", "_")
     if component != "unet":
         raise ValueError(f"{module} is neither a UNet nor a text-encoder module; it has no kohya name.")
     if family.kohya_ldm_names or not a1111_reads_diffusers_names(unet_config):
@@ -435,13 +473,18 @@ def a1111_reads_diffusers_names(unet_config) -> bool:
     return all(n == 2 for n in layers_per_block(unet_config))
 
 
-def kohya_aliases(modules, unet_config) -> dict[str, str]:
+def kohya_aliases(modules, unet_config, family: Family | None = None) -> dict[str, str]:
     """`{kohya name: module}` under both spellings (diffusers path and LDM path) for each `unet.<path>` module:
     files in the wild use either (kohya-ss writes SD 1.x/2.x LoRAs in the diffusers one and SDXL ones in the LDM
-    one; our exports follow `kohya_name`). The two never collide: their block names differ."""
+    one; our exports follow `kohya_name`). The two never collide: their block names differ. A FLUX
+    `transformer.<path>` module: the original-path name kohya-ss writes and OneTrainer's `lora_transformer_`."""
     names = {}
     for module in modules:
-        path = module.partition(".")[2]
+        component, _, path = module.partition(".")
+        if component == "transformer" and family is not None:
+            names[kohya_name(module, unet_config, family)] = module
+            names["lora_transformer_" + path.replace(".", "_")] = module
+            continue
         names[KOHYA_UNET_PREFIX + path.replace(".", "_")] = module
         names[KOHYA_UNET_PREFIX + ldm_unet_path(path, unet_config).replace(".", "_")] = module
     return names

@@ -24,7 +24,7 @@ A one-token pick that lands on punctuation or a function word ("Van Gogh style" 
 logs a warning naming the token.
 
 CLIP's text tower is causal, so the columns up to the end-of-text token do not depend on padding: for the first
-two policies only the real tokens are encoded.
+two policies only the real tokens are encoded. T5 is not: it is always encoded at the full padded length.
 """
 
 from __future__ import annotations
@@ -40,7 +40,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .families import pooled_pairs, sequence_length, text_pairs, token_pairs, weights_fingerprint
+from .families import (
+    family_of,
+    pooled_pairs,
+    sequence_length,
+    text_pairs,
+    text_readers,
+    token_pairs,
+    token_segments,
+    weights_fingerprint,
+)
 
 TOKEN_POLICIES = ("last_subject", "subject", "eot", "tail", "all", "aligned")
 # Words a single picked column should not be: it would erase the word, not the concept.
@@ -93,32 +102,75 @@ def encode(pipe, prompts: list[str], *, full_length: bool, lengths: list[int] | 
     """(batch, tokens, dim) float32 embeddings as `encode_prompt` makes them; truncated after the longest prompt's
     end token unless `full_length` (`lengths`: the prompts' `token_lengths`, if already known). `grad=True` keeps
     the graph (a trained text encoder)."""
+    return torch.cat(encode_segments(pipe, prompts, full_length, lengths, grad), dim=1)
+
+
+def encode_segments(pipe, prompts: list[str], full_length: bool, lengths: list[int] | None = None,
+                    grad: bool = False) -> list:
+    """`encode`'s embeddings, one (batch, tokens, dim) tensor per segment of the sequence (SD3: CLIP, then T5; one
+    segment elsewhere); a segment of causal encoders is cut after the longest prompt unless `full_length`."""
     with torch.set_grad_enabled(grad):
-        return _encode(pipe, prompts, full_length, lengths)
+        return _encode_segments(pipe, prompts, full_length, lengths)
 
 
-def _encode(pipe, prompts: list[str], full_length: bool, lengths: list[int] | None) -> torch.Tensor:
-    pairs = token_pairs(pipe)
-    device = getattr(pipe, "_execution_device", None) or pairs[0][1].device
+def _encode_segments(pipe, prompts: list[str], full_length: bool, lengths: list[int] | None) -> list:
+    segments = token_segments(pipe)
+    device = getattr(pipe, "_execution_device", None) or segments[0][0][1].device
     longest = max(lengths or token_lengths(pipe, prompts))
-    outputs = []
-    for tokenizer, encoder, row in pairs:
-        batch = tokenizer(
-            _converted(pipe, prompts, tokenizer),
-            padding="max_length",
-            max_length=sequence_length(tokenizer, row),
-            truncation=True,
-            return_tensors="pt",
-        )
-        ids, mask = batch.input_ids, batch.attention_mask
-        if not full_length:
-            ids, mask = ids[:, :longest], mask[:, :longest]
-        chunks = []
-        for start in range(0, len(prompts), _BATCH):
-            chunk_ids, chunk_mask = ids[start : start + _BATCH].to(device), mask[start : start + _BATCH].to(device)
-            chunks.append(encoder_states(encoder, row, chunk_ids, chunk_mask).float())
-        outputs.append(torch.cat(chunks))
-    return torch.cat(outputs, dim=-1)
+    width = _joint_width(pipe) if len(family_of(pipe).text_encoders) > len(segments[0]) else None
+    out = []
+    for index, pairs in enumerate(segments):
+        outputs = []
+        for tokenizer, encoder, row in pairs:
+            batch = tokenizer(
+                _converted(pipe, prompts, tokenizer),
+                padding="max_length",
+                max_length=sequence_length(tokenizer, row),
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids, mask = batch.input_ids, batch.attention_mask
+            cut = not full_length and row.causal and index == 0  # later segments: their own lengths
+            if cut:  # a bidirectional encoder (T5) reads the padding: always encode it in full
+                ids, mask = ids[:, :longest], mask[:, :longest]
+            chunks = []
+            for start in range(0, len(prompts), _BATCH):
+                chunk_ids, chunk_mask = ids[start: start + _BATCH].to(device), mask[start: start + _BATCH].to(device)
+                chunks.append(encoder_states(encoder, row, chunk_ids, chunk_mask).float())
+            states = torch.cat(chunks)
+            outputs.append(states if full_length or index else states[:, :longest])
+        states = torch.cat(outputs, dim=-1)
+        if width is not None:  # SD3 zero-pads the CLIP features to T5's width (truncating, as it does, if wider)
+            states = torch.nn.functional.pad(states, (0, width - states.shape[-1]))
+        out.append(states)
+    return out
+
+
+def token_width(pipe) -> int:
+    """The width of the token embeddings `encode` gives (SD3: the padded joint width)."""
+    if len(family_of(pipe).text_encoders) > len(token_segments(pipe)[0]):
+        return _joint_width(pipe)
+    return sum(e.config.hidden_size for _, e, _ in token_pairs(pipe))
+
+
+def _joint_width(pipe) -> int:
+    """The width the token pathway's reader takes (SD3: the T5 width the CLIP features are padded to)."""
+    return next(iter(text_readers(pipe).values())).in_features
+
+
+def segment_lengths(pipe, prompts: list[str], lengths: list[int]) -> list[tuple]:
+    """`(tokenizer, lengths)` per segment: the first segment's are `lengths`; a later one's (SD3's T5) are its own
+    tokenizer's real token counts, cut to its window as the pipeline cuts them."""
+    out = []
+    for index, pairs in enumerate(token_segments(pipe)):
+        tokenizer, _, row = pairs[0]
+        if index == 0:
+            out.append((tokenizer, list(lengths)))
+            continue
+        limit = sequence_length(tokenizer, row)
+        ids = tokenizer(_converted(pipe, prompts, tokenizer), truncation=False)["input_ids"]
+        out.append((tokenizer, [min(len(i), limit) for i in ids]))
+    return out
 
 
 def encoder_states(encoder, row, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -183,16 +235,23 @@ def columns_by_policy(pipe, concepts: list[str], anchors: list[str], policies, s
     lengths_a = token_lengths(pipe, anchors, "anchor")
     unique = list(dict.fromkeys(concepts + anchors))
     known = dict(zip(concepts + anchors, lengths_c + lengths_a))
-    embeddings = encode(pipe, unique, full_length=any(_uses_padding(p) for p in policies),
-                        lengths=[known[p] for p in unique])
-    rows = {p: embeddings[i] for i, p in enumerate(unique)}
+    segments = encode_segments(pipe, unique, any(_uses_padding(p) for p in policies), [known[p] for p in unique])
     if any(p in ("last_subject", "tail") for p in policies):
         warn_weak_picks(pipe, concepts, lengths_c)
     if "last_subject" in policies:
         warn_shared_subject(pipe, subjects or concepts)
-    pairs = list(zip(concepts, anchors, lengths_c, lengths_a))
-    return {policy: _aligned_columns(pipe, rows, pairs, policy, subjects or concepts)
-            for policy in dict.fromkeys(policies)}
+    out = {}
+    # Each segment of the sequence (SD3: CLIP, then T5) gets the policy with its own tokenizer and lengths.
+    for embeddings, (tokenizer, lengths) in zip(segments, segment_lengths(pipe, unique, [known[p] for p in unique])):
+        rows = {p: embeddings[i] for i, p in enumerate(unique)}
+        count = dict(zip(unique, lengths))
+        pairs = [(c, a, count[c], count[a]) for c, a in zip(concepts, anchors)]
+        for policy in dict.fromkeys(policies):
+            erase, target = _aligned_columns(pipe, tokenizer, rows, pairs, policy, subjects or concepts)
+            if policy in out:
+                erase, target = torch.cat([out[policy][0], erase]), torch.cat([out[policy][1], target])
+            out[policy] = (erase, target)
+    return out
 
 
 def aligned_positions(concept_ids: list[int], anchor_ids: list[int], total: int) -> tuple[list[int], list[int]]:
@@ -216,10 +275,9 @@ def aligned_positions(concept_ids: list[int], anchor_ids: list[int], total: int)
     return c_pos, a_pos
 
 
-def _aligned_columns(pipe, rows: dict, pairs: list, policy: str, subjects: list[str]):
+def _aligned_columns(pipe, tokenizer, rows: dict, pairs: list, policy: str, subjects: list[str]):
     total = next(iter(rows.values())).shape[0]
-    spans = subject_spans(pipe, [c for c, *_ in pairs], subjects) if policy == "subject" else None
-    tokenizer = token_pairs(pipe)[0][0]
+    spans = subject_spans(pipe, [c for c, *_ in pairs], subjects, tokenizer) if policy == "subject" else None
     if policy == "aligned":
         ids = dict(zip(rows, tokenizer(_converted(pipe, list(rows), tokenizer))["input_ids"]))
     erase, target = [], []
@@ -240,10 +298,11 @@ def _aligned_columns(pipe, rows: dict, pairs: list, policy: str, subjects: list[
     return torch.cat(erase), torch.cat(target)
 
 
-def subject_spans(pipe, prompts: list[str], subjects: list[str]) -> list[tuple[int, int]]:
-    """(start, end) token positions of each subject's word tokens inside its prompt; raises when a subject's tokens
-    do not appear in the prompt as they are (a template that changes how the words tokenize)."""
-    tokenizer = token_pairs(pipe)[0][0]
+def subject_spans(pipe, prompts: list[str], subjects: list[str], tokenizer=None) -> list[tuple[int, int]]:
+    """(start, end) token positions of each subject's word tokens inside its prompt (`tokenizer`: default, the
+    token pathway's first); raises when a subject's tokens do not appear in the prompt as they are (a template
+    that changes how the words tokenize)."""
+    tokenizer = tokenizer or token_pairs(pipe)[0][0]
     lead = leading_specials(tokenizer)
     prompt_ids = tokenizer(_converted(pipe, prompts, tokenizer))["input_ids"]
     subject_ids = tokenizer(_converted(pipe, subjects, tokenizer))["input_ids"]
@@ -299,10 +358,13 @@ def prompt_columns(pipe, prompts: list[str], policy: str, what: str = "prompt", 
         return encode_pooled(pipe, prompts)
     check_token_policy(policy)
     lengths = lengths or token_lengths(pipe, prompts, what)
-    embeddings = encode(pipe, prompts, full_length=_uses_padding(policy), lengths=lengths)
-    lead = leading_specials(token_pairs(pipe)[0][0]) if policy == "subject" else 1
-    return torch.cat([policy_columns(e, n, "all" if policy == "aligned" else policy, lead=lead)
-                      for e, n in zip(embeddings, lengths)])
+    segments = encode_segments(pipe, prompts, _uses_padding(policy), lengths)
+    columns = []
+    for embeddings, (tokenizer, counts) in zip(segments, segment_lengths(pipe, prompts, lengths)):
+        lead = leading_specials(tokenizer) if policy == "subject" else 1
+        columns += [policy_columns(e, n, "all" if policy == "aligned" else policy, lead=lead)
+                    for e, n in zip(embeddings, counts)]
+    return torch.cat(columns)
 
 
 def cache_dir() -> Path | None:
@@ -331,9 +393,9 @@ def _cached_statistics(path: Path, dim: int) -> tuple[torch.Tensor, int] | None:
 def statistics_key(pipe, prompts: list[str], policy: str) -> str:
     """What preservation statistics depend on: the text encoders' weights and settings, the policy, the prompts."""
     encoders = [
-        [weights_fingerprint(e), tok.pad_token, sequence_length(tok, row), getattr(e.config, "use_attention_mask", False),
-         row.hidden, row.role]
-        for tok, e, row in text_pairs(pipe)
+        [weights_fingerprint(e), tok.pad_token, sequence_length(tok, row),
+         getattr(e.config, "use_attention_mask", False), row.hidden] + ([row.role] if row.role != "tokens" else [])
+        for tok, e, row in text_pairs(pipe)  # (the SD keys are unchanged since the pooled role was added)
     ]
     return hashlib.sha256(json.dumps([encoders, policy, list(prompts)]).encode()).hexdigest()[:32]
 
@@ -355,7 +417,7 @@ def preserve_statistics(pipe, prompts: list[str], policy: str, truncate: bool = 
     key = statistics_key(pipe, prompts, policy)
     folder = cache_dir()
     path = folder / f"{key}.safetensors" if folder else None
-    dim = sum(_pooled_width(e) if policy == "pooled" else e.config.hidden_size for _, e, _ in pairs)
+    dim = sum(_pooled_width(e) for _, e, _ in pairs) if policy == "pooled" else token_width(pipe)
     if path is not None and path.exists():
         cached = _cached_statistics(path, dim)
         if cached is not None:

@@ -164,3 +164,36 @@ def tiny_flux_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
                         transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd3_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
+    """A StableDiffusion3Pipeline as diffusers' tests build it: two 16-wide CLIPs (with projections) whose
+    penultimate states are padded to the 32-wide T5 and put before its tokens, one joint block."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    t5_tokenizer = t5_tokenizer or tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=32, out_channels=4)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=16, projection_dim=16))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=16, projection_dim=16))
+    torch.manual_seed(seed)
+    text_encoder_3 = _t5(t5_tokenizer)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                    tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+                                    text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from diffusers_erase.tiny import tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from diffusers_erase.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -47,9 +47,14 @@ def make_flux_pipeline(tokenizer_dir, seed: int = 0):
     return tiny_flux_pipeline(CLIPTokenizer.from_pretrained(tokenizer_dir), seed=seed)
 
 
+def make_sd3_pipeline(tokenizer_dir, seed: int = 0):
+    return tiny_sd3_pipeline(CLIPTokenizer.from_pretrained(tokenizer_dir), seed=seed)
+
+
 # What a tiny pipeline is called with in tests: FLUX's default size would be 128 × 128 latent tokens, and its
 # T5 padding is shortened (erase with the same `max_sequence_length`, FLUX_ERASE) to keep the suite fast.
-CALL_SIZE = {"FluxPipeline": {"height": 16, "width": 16, "max_sequence_length": 64}}
+CALL_SIZE = {"FluxPipeline": {"height": 16, "width": 16, "max_sequence_length": 64},
+             "StableDiffusion3Pipeline": {"height": 16, "width": 16, "max_sequence_length": 64}}
 FLUX_ERASE = {"max_sequence_length": 64}
 
 
@@ -58,7 +63,7 @@ def call_kwargs(pipe) -> dict:
 
 
 def erase_kwargs(pipe) -> dict:
-    return FLUX_ERASE if type(pipe).__name__ == "FluxPipeline" else {}
+    return FLUX_ERASE if type(pipe).__name__ in CALL_SIZE else {}
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +90,7 @@ REFERENCE_UCE = {"token_policy": "last_subject", "preserve_token_policy": None, 
 def snapshot(pipe) -> dict[str, torch.Tensor]:
     """Every parameter of the pipeline's models, cloned."""
     out = {}
-    for component in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         module = getattr(pipe, component, None)
         if module is not None:
             out.update({f"{component}.{k}": v.detach().clone() for k, v in module.state_dict().items()})

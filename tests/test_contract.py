@@ -11,7 +11,17 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import FLUX_ERASE, call_kwargs, erase_kwargs, changed, make_flux_pipeline, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from conftest import (
+    FLUX_ERASE,
+    call_kwargs,
+    changed,
+    erase_kwargs,
+    make_flux_pipeline,
+    make_sd3_pipeline,
+    make_sd_pipeline,
+    make_sdxl_pipeline,
+    snapshot,
+)
 
 import diffusers_erase as de
 from diffusers_erase import state
@@ -59,9 +69,11 @@ TINY_ADV = dict(iterations=2, lr=1e-2, ddim_steps=3, attack_step=1, warmup_iter=
 METHOD_CASES = [
     ("uce", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("uce", {}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
-    ("uce", FLUX_ERASE, make_flux_pipeline, ()),
+    ("uce", FLUX_ERASE, make_flux_pipeline, ("kohya", "diff", "lora")),
     ("rece", {"epochs": 1}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
-    ("rece", {"epochs": 1, **FLUX_ERASE}, make_flux_pipeline, ()),
+    ("rece", {"epochs": 1, **FLUX_ERASE}, make_flux_pipeline, ("kohya",)),
+    ("uce", FLUX_ERASE, make_sd3_pipeline, ("kohya", "diff", "lora")),
+    ("rece", {"epochs": 1, **FLUX_ERASE}, make_sd3_pipeline, ("lora",)),
     ("speed", {}, make_sd_pipeline, ("kohya", "diff", "lora", "peft")),
     ("speed", {"params": "KV"}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("mace", TINY_MACE, make_sd_pipeline, ("diff",)),

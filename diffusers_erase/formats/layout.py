@@ -25,7 +25,7 @@ class Layout:
     def kohya_names(self) -> dict[str, str]:
         """`{kohya name: module}` for every module an erasure can touch: UNet modules under both kohya spellings,
         text-encoder Linears under kohya-ss's `lora_te…_` names."""
-        names = kohya_aliases({**self.text_readers, **self.membrane_targets}, self.unet_config)
+        names = kohya_aliases({**self.text_readers, **self.membrane_targets}, self.unet_config, self.family)
         names.update({kohya_name(m, self.unet_config, self.family): m for m in self.text_encoder_modules()})
         return names
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..families import family_of, train_group
+from ..families import train_group
 from ..registry import register_method
 from ._training import ESDTargetConfig, Trainable, ddim_sampler, optimise, partial_denoise, prompt_table, training
 
@@ -44,6 +44,9 @@ class ESDConfig(ESDTargetConfig):
     """
 
     method: ClassVar[str] = "esd"
+    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2")
+    family_note: ClassVar[str] = ("SDXL's added time/text conditioning and FLUX's flow-matching transformer "
+                                 "are not wired into the training loop yet.")
     paper: ClassVar[str] = ("ESD, Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), "
                             "[arXiv:2303.07345](https://arxiv.org/abs/2303.07345)")
     default_anchor: ClassVar[str] = ""
@@ -70,9 +73,6 @@ class ESDConfig(ESDTargetConfig):
 def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     """Fine-tune `config.train_method`'s parameters to erase `concepts` (one drawn per iteration, each toward its
     anchor). Returns the trained deltas as a weight edit; the pipeline's weights are never written."""
-    if family_of(pipe).name not in ("sd1", "sd2"):
-        raise ValueError("Training ESD supports SD 1.x/2.x pipelines here; SDXL (its added time/text conditioning) "
-                         "is not wired into the training loop yet.")
     if preserve:
         raise ValueError("ESD has no preserve set (its objective only steers the erased concept); leave `preserve` "
                          "empty, or use a method with one (uce, rece).")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..deltas import Dense
-from ..families import family_of, text_readers
+from ..families import text_readers
 from ..kinds import WeightEdit
 from ..registry import register_method
 from ..text import encode, preserve_statistics, text_pairs
@@ -97,6 +97,9 @@ class MACEConfig(TrainedConfig):
     """
 
     method: ClassVar[str] = "mace"
+    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2")
+    family_note: ClassVar[str] = ("SDXL's added conditioning and FLUX's transformer are "
+                                 "not wired into its LoRA training yet.")
     paper: ClassVar[str] = ("MACE, Mass Concept Erasure in Diffusion Models (Lu et al., CVPR 2024), "
                             "[arXiv:2403.06135](https://arxiv.org/abs/2403.06135)")
     default_anchor: ClassVar[str] = ""
@@ -348,9 +351,6 @@ def fuse(pipe, config, x_cfr, folded: dict, s_all: torch.Tensor, prior) -> Weigh
 
 @register_method(MACEConfig)
 def mace(pipe, config: MACEConfig, concepts, anchors, preserve):
-    if family_of(pipe).name not in ("sd1", "sd2"):
-        raise ValueError("MACE supports SD 1.x/2.x pipelines here; SDXL's added conditioning is not wired into its "
-                         "LoRA training yet.")
     generator = torch.Generator().manual_seed(config.seed)
     prior = preservation(pipe, config, preserve)  # a bad corpus fails here, before any training
     x_cfr = _solve_map(*cfr_statistics(pipe, config, concepts, anchors), prior, config.lamb)

@@ -70,6 +70,9 @@ class SPEEDConfig(ErasureConfig):
     """
 
     method: ClassVar[str] = "speed"
+    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2", "sdxl")
+    family_note: ClassVar[str] = ("On FLUX its null-space edit would cover the T5 "
+                                 "tokens but not the pooled CLIP vector; use method='uce' there.")
     paper: ClassVar[str] = ("SPEED, Scalable, Precise, and Efficient Concept Erasure for Diffusion Models (Li et al., "
                             "ICLR 2026), [arXiv:2503.07392](https://arxiv.org/abs/2503.07392)")
     default_anchor: ClassVar[str] = ""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..config import ErasureConfig
 from ..deltas import LowRank
-from ..families import family_of, matrix_shape, membrane_targets
+from ..families import matrix_shape, membrane_targets
 from ..kinds import Membrane
 from ..registry import register_method
 from ..runtime import low_rank_delta
@@ -64,6 +64,9 @@ class SPMConfig(ErasureConfig):
     """
 
     method: ClassVar[str] = "spm"
+    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2")
+    family_note: ClassVar[str] = ("For SDXL, load a trained membrane (kohya SPM "
+                                 "file) with `load_erasure_adapter`; FLUX membranes are not built yet.")
     paper: ClassVar[str] = ("SPM, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
                             "Applications (Lyu et al., CVPR 2024), [arXiv:2312.16145](https://arxiv.org/abs/2312.16145)")
     default_anchor: ClassVar[str] = ""  # the reference's neutral prompt
@@ -244,9 +247,6 @@ def _step(loss, optimizer, scaler, params, max_grad_norm: float) -> None:
 def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     """Train one membrane erasing `concepts` (each toward its anchor, the neutral prompt), gated on the concepts;
     its factors are `up · alpha/rank` and `down`. The pipeline's weights and flags are left as they were."""
-    if family_of(pipe).name not in ("sd1", "sd2"):
-        raise ValueError("Training SPM membranes supports SD 1.x/2.x pipelines; for SDXL, load a trained "
-                         "membrane (kohya SPM file) with `load_erasure_adapter`.")
     if preserve:
         raise ValueError("SPM has no preserve set: latent anchoring protects the rest of text space "
                          "(tune `la_strength`). Leave `preserve` empty.")

@@ -18,9 +18,10 @@ token columns). On FLUX the only layer reading the tokens is `context_embedder` 
 pooled CLIP vector is read by `time_text_embed.text_embedder.linear_1`: the same closed form maps each space, the
 pooled one with each prompt's pooled vector as its single column. Both layers have a bias, which the targets leave
 out (W c_a, not W c_a + b): the edited layer adds b itself, so the anchor's output is reproduced exactly as λ → 0
-(the reference's FLUX script fits W c_a + b and then adds b again). We factor M once (Cholesky, float64; no explicit inverse) and return the map itself
-(`deltas.TextMap(P, Q)`, applied to each layer as W ← W + (W P) Q); the preserved prompts enter only through
-Σ c_p c_pᵀ, which is cached.
+(the reference's FLUX script fits W c_a + b and then adds b again).
+
+We factor M once (Cholesky, float64; no explicit inverse) and return the map itself (`deltas.TextMap(P, Q)`,
+applied to each layer as W ← W + (W P) Q); the preserved prompts enter only through Σ c_p c_pᵀ, which is cached.
 """
 
 from __future__ import annotations

@@ -43,17 +43,31 @@ __all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "CONCEPTS", "EvaluationResult"
            "render", "sample_scene", "synonym_prompts", "world"]
 
 
-def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, torch_dtype: torch.dtype | None = None):
-    """Load the bundled shapes-world StableDiffusionPipeline (weights are stored in fp16) in `dtype` on `device`
-    (`torch_dtype`: the older name diffusers used, still accepted)."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, model: str = "sd1",
+                  torch_dtype: torch.dtype | None = None):
+    """Load a bundled shapes-world pipeline (weights are stored in fp16) in `dtype` on `device`: `model="sd1"`
+    (default) the StableDiffusionPipeline, `model="flux"` (or `load_pipeline("flux")`) the FluxPipeline of the
+    same world (`shapes/train_flux.py`). `torch_dtype`: the older name diffusers used, still accepted."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
+    if isinstance(dtype, str):  # load_pipeline("flux")
+        model, dtype = dtype, torch.float32
     dtype = torch_dtype if torch_dtype is not None else dtype
-
-    if not (PIPELINE_DIR / "model_index.json").exists():
-        raise FileNotFoundError(f"the shapes model is not in {PIPELINE_DIR}; train and export it with "
-                                "`python -m diffusers_erase.shapes.train` then `--export`")
-    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE_DIR, **dtype_keyword(dtype), safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    if model not in MODELS:
+        raise ValueError(f"Unknown shapes model {model!r}; choose one of {', '.join(MODELS)}.")
+    folder, trainer = MODELS[model]
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"the shapes model {model!r} is not in {folder}; train and export it with "
+                                f"`python -m {trainer}` then `--export`")
+    if model == "flux":
+        pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(dtype))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_keyword(dtype), safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+FLUX_PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline-flux"
+MODELS = {"sd1": (PIPELINE_DIR, "diffusers_erase.shapes.train"),
+          "flux": (FLUX_PIPELINE_DIR, "diffusers_erase.shapes.train_flux")}

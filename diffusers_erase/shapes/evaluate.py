@@ -126,11 +126,13 @@ def _arrow(before, after) -> str:
 def generate(pipe, prompts, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT, seed: int = DEFAULT_SEED,
              steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, progress: bool = True) -> dict:
     """{prompt: uint8 array (n, h, w, 3)}; image k of every prompt is generated from seed + k."""
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     original_scheduler = pipe.scheduler
+    flux = hasattr(pipe, "transformer") and getattr(pipe, "unet", None) is None
     # The sampler is part of the protocol, so use it whatever scheduler the caller's pipe has.
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    sampler = FlowMatchEulerDiscreteScheduler if flux else DPMSolverMultistepScheduler
+    pipe.scheduler = sampler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = {}
     try:
@@ -138,8 +140,12 @@ def generate(pipe, prompts, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT, 
         for batch in tqdm(batches, desc="generate", disable=not progress):
             generators = [torch.Generator(device="cpu").manual_seed(seed + k)
                           for _ in batch for k in range(images_per_prompt)]
+            # The FLUX-architecture model has no guidance embedding: true classifier-free guidance, T5 padded to
+            # the length it was trained with.
+            extra = dict(negative_prompt=[""] * len(batch), true_cfg_scale=guidance, height=world.IMAGE_SIZE,
+                         width=world.IMAGE_SIZE, max_sequence_length=pipe.tokenizer_2.model_max_length) if flux else {}
             images = pipe(list(batch), num_images_per_prompt=images_per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=generators, output_type="np").images
+                          guidance_scale=guidance, generator=generators, output_type="np", **extra).images
             images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
             for j, prompt in enumerate(batch):
                 out[prompt] = images[j * images_per_prompt : (j + 1) * images_per_prompt]
