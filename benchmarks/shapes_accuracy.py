@@ -14,12 +14,20 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from diffusers_erase import shapes
 from diffusers_erase.families import dtype_keyword
 from diffusers_erase.shapes.evaluate import DEFAULT_GUIDANCE, DEFAULT_IMAGES_PER_PROMPT, DEFAULT_STEPS, evaluate
 from diffusers_erase.shapes.train import build_pipeline
+from diffusers_erase.shapes.train_flux import build_pipeline as build_flux_pipeline
+
+
+def _no_checker(folder) -> dict:
+    """The SD pipeline's safety-checker arguments (a FluxPipeline folder has none)."""
+    index = (Path(folder) / "model_index.json").read_text()
+    return {} if "FluxPipeline" in index else dict(safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
 
 
 def main() -> None:
@@ -34,19 +42,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/shapes/eval"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="sd1", choices=list(shapes.MODELS),
+                        help="the bundled model: sd1 (default) or flux (its FLUX.1-architecture twin)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
     if args.workdir:
-        pipe = build_pipeline(args.workdir)
+        pipe = (build_flux_pipeline if args.model == "flux" else build_pipeline)(args.workdir)
     elif args.pipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
-                                                       safety_checker=None,
-                                                       feature_extractor=None,
-                                                       requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
+                                                 **_no_checker(args.pipeline))
     else:
-        pipe = shapes.load_pipeline()
+        pipe = shapes.load_pipeline(model=args.model)
     classifier = shapes.load_classifier()
     args.out.mkdir(parents=True, exist_ok=True)
     for guidance in args.guidance:

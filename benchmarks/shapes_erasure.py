@@ -18,12 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 import diffusers_erase as de
 from diffusers_erase import shapes
 from diffusers_erase.families import dtype_keyword
 from diffusers_erase.shapes.evaluate import DEFAULT_IMAGES_PER_PROMPT
+
+
+def _no_checker(folder) -> dict:
+    """The SD pipeline's safety-checker arguments (a FluxPipeline folder has none)."""
+    index = (Path(folder) / "model_index.json").read_text()
+    return {} if "FluxPipeline" in index else dict(safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
 
 
 def main() -> None:
@@ -36,17 +43,18 @@ def main() -> None:
     parser.add_argument("--pipeline", type=Path, help="an exported pipeline folder instead of the shipped model")
     parser.add_argument("--out", type=Path, default=Path("runs/shapes/erasure"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="sd1", choices=list(shapes.MODELS),
+                        help="the bundled model: sd1 (default) or flux (its FLUX.1-architecture twin)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.pipeline:
-        pipe = StableDiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
-                                                       safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, **dtype_keyword(torch.float32),
+                                                 **_no_checker(args.pipeline))
     else:
-        pipe = shapes.load_pipeline()
+        pipe = shapes.load_pipeline(model=args.model)
     attribute = shapes.concept_attribute(args.concept)
     if args.paper_defaults:
         anchor, preserve = "shape", [c for c in shapes.ATTRIBUTES[attribute] if c != args.concept]
@@ -54,7 +62,8 @@ def main() -> None:
     else:
         recipe = shapes.erasure_recipe(args.concept)
         anchor, preserve = recipe["anchor"], recipe["preserve"]
-        tuned = {"uce": {"token_policy": "all"}, "rece": {"epochs": 1}}
+        # Every token column; on the FLUX model T5's positions paired as the prompts align ("aligned").
+        tuned = {"uce": {"token_policy": "aligned" if args.model == "flux" else "all"}, "rece": {"epochs": 1}}
     # Specificity is measured on every concept, not only the preserved ones.
     before = shapes.evaluate(pipe, images_per_prompt=args.images_per_prompt)
     (args.out / "base.md").write_text(before.to_markdown() + "\n")

@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="erase a concept from the bundled shapes model and show before/after numbers")
     demo.add_argument("--concept", default="circle", help="a shape of the shapes world (default: circle)")
     demo.add_argument("--model", default="shapes", choices=list(SHAPES_MODELS),
-                      help="the bundled SD 1.x model (default) or its FLUX.1-architecture twin (uce, rece)")
+                      help="the bundled SD 1.x model (default) or its FLUX.1-architecture twin (uce, rece; not "
+                           "shipped yet: train it with `python -m diffusers_erase.shapes.train_flux`, then --export)")
     demo.add_argument("--method", default="uce", choices=available_methods())
     demo.add_argument("--anchor", default=None, help="what the concept turns into (default: another shape)")
     demo.add_argument("--preserve", nargs="*", default=None,

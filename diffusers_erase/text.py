@@ -117,7 +117,7 @@ def _encode_segments(pipe, prompts: list[str], full_length: bool, lengths: list[
     segments = token_segments(pipe)
     device = getattr(pipe, "_execution_device", None) or segments[0][0][1].device
     longest = max(lengths or token_lengths(pipe, prompts))
-    width = _joint_width(pipe) if len(family_of(pipe).text_encoders) > len(segments[0]) else None
+    width = _joint_width(pipe) if _segmented(pipe) else None
     out = []
     for index, pairs in enumerate(segments):
         outputs = []
@@ -148,9 +148,14 @@ def _encode_segments(pipe, prompts: list[str], full_length: bool, lengths: list[
 
 def token_width(pipe) -> int:
     """The width of the token embeddings `encode` gives (SD3: the padded joint width)."""
-    if len(family_of(pipe).text_encoders) > len(token_segments(pipe)[0]):
+    if _segmented(pipe):
         return _joint_width(pipe)
     return sum(e.config.hidden_size for _, e, _ in token_pairs(pipe))
+
+
+def _segmented(pipe) -> bool:
+    """Whether the family puts several segments along the sequence, padded to one width (SD3)."""
+    return len({t.segment for t in family_of(pipe).text_encoders}) > 1
 
 
 def _joint_width(pipe) -> int:
