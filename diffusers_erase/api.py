@@ -23,6 +23,7 @@ from .arguments import (
     check_adapter_name,
     check_loaded,
     resolve_config,
+    sequence_length_option,
 )
 from .config import ErasureConfig, check_type
 from .deltas import Dense, TextMap
@@ -30,7 +31,6 @@ from .families import (
     TRAIN_GROUPS,
     closed_form_readers,
     config_fingerprint,
-    default_sequence_length,
     family_of,
     group_component,
     matrix_shape,
@@ -70,10 +70,9 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
             `default_preserve`, e.g. RECE keeps "").
         adapter_name (`str`, *optional*): a name for the erasure (`set_erasure_adapters` chooses membranes by it;
             unnamed ones are "default").
-        max_sequence_length (`int`, *optional*): FLUX: the T5 padding length the erasure is made for, as the
-            pipeline's argument of that name (default: the pipeline's, 512, or a shorter T5 tokenizer window; use
-            256 for FLUX.1-schnell). T5 is unmasked, so generating with another length changes every token
-            embedding; the pipeline warns then.
+        max_sequence_length (`int`, *optional*): FLUX/SD3: the T5 padding length to erase for, as the pipeline's
+            argument (default: the pipeline's, or a shorter T5 tokenizer window). T5 is unmasked, so another length
+            at generation changes every token embedding; the pipeline then warns.
         **options: fields of the method's config dataclass (e.g. `lamb=0.5, token_policy="eot"`), and `preset`:
             a recipe of the method's reference by concept type (`UCEConfig.presets`: "object", "art", "nudity",
             "paper"; `RECEConfig.presets`: "nudity", "art", "object"), which sets the anchor, the prompts always
@@ -84,7 +83,7 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     """
     start = time.perf_counter()
     preset = options.pop("preset", None)
-    length = _sequence_length_option(pipe, options.pop("max_sequence_length", None))
+    length = sequence_length_option(pipe, options.pop("max_sequence_length", None))
     if preset is not None:
         config_cls = method if isinstance(method, ErasureConfig) else get_method(method).config_cls
         anchor, preserve, options = apply_preset(config_cls, preset, anchor,
@@ -117,21 +116,6 @@ def erase_concept(pipe, concepts, *, method="uce", anchor=None, preserve=None, a
     erasure.edit = erasure.edit.cpu()
     erasure.seconds = time.perf_counter() - start
     return erasure
-
-
-def _sequence_length_option(pipe, value) -> int | None:
-    """The checked `max_sequence_length` of `erase_concept`: the family default when it has T5, None else."""
-    default = default_sequence_length(pipe)
-    if default is None:
-        if value is not None:
-            raise ValueError(f"max_sequence_length applies to FLUX pipelines (T5 tokens); this "
-                             f"{family_of(pipe).name} pipeline's text encoders have a fixed window. Drop it.")
-        return None
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_sequence_length must be a positive integer, got {value!r}.")
-    return value
 
 
 @exclusive

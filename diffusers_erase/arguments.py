@@ -8,7 +8,7 @@ import logging
 import numbers
 
 from .config import ErasureConfig, check_type
-from .families import family_of
+from .families import default_sequence_length, family_of
 from .registry import available_methods, get_method
 from .state import state
 
@@ -128,3 +128,18 @@ def adapter_weights(adapter_names, weights) -> tuple[list[str], list[float]]:
     if len(weights) != len(names):
         raise ValueError(f"Got {len(weights)} weights for {len(names)} adapter names; give one weight per name.")
     return names, [float(w) for w in weights]
+
+
+def sequence_length_option(pipe, value) -> int | None:
+    """The checked `max_sequence_length` of `erase_concept`: the family default when it has T5, None else."""
+    default = default_sequence_length(pipe)
+    if default is None:
+        if value is not None:
+            raise ValueError(f"max_sequence_length applies to FLUX and SD3 pipelines (T5 tokens); this "
+                             f"{family_of(pipe).name} pipeline's text encoders have a fixed window. Drop it.")
+        return None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_sequence_length must be a positive integer, got {value!r}.")
+    return value

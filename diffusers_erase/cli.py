@@ -215,6 +215,13 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def _add_demo_model(demo):
+    demo.add_argument("--model", default="shapes", choices=list(SHAPES_MODELS),
+                      help="the bundled SD 1.x model (default) or its FLUX.1-architecture twin (uce, rece; not "
+                           "shipped yet: train it with `python -m diffusers_erase.shapes.train_flux`, then --export)")
+    return demo
+
+
 def cmd_demo(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
@@ -292,9 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase a concept from the bundled shapes model and show before/after numbers")
     demo.add_argument("--concept", default="circle", help="a shape of the shapes world (default: circle)")
-    demo.add_argument("--model", default="shapes", choices=list(SHAPES_MODELS),
-                      help="the bundled SD 1.x model (default) or its FLUX.1-architecture twin (uce, rece; not "
-                           "shipped yet: train it with `python -m diffusers_erase.shapes.train_flux`, then --export)")
     demo.add_argument("--method", default="uce", choices=available_methods())
     demo.add_argument("--anchor", default=None, help="what the concept turns into (default: another shape)")
     demo.add_argument("--preserve", nargs="*", default=None,
@@ -303,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a method option (defaults: uce token_policy=all, rece epochs=1)")
     demo.add_argument("--images-per-prompt", type=int, default=4)
     demo.add_argument("--out", default="demo-output", help="folder for the grid, results and adapter")
-    demo.set_defaults(func=cmd_demo)
+    _add_demo_model(demo).set_defaults(func=cmd_demo)
 
     erase = sub.add_parser("erase", help="erase concepts from a pipeline and save the adapter")
     erase.add_argument("model", help="a local diffusers folder, a Hub repo id, or 'shapes' for the bundled model")

@@ -249,13 +249,14 @@ def corpus_prior(pipe, config: UCEConfig, policy: str = "all") -> torch.Tensor |
     key = statistics_key(pipe, captions, policy)
     if key not in _CORPUS_MEANS:  # also kept in memory: the disk cache may be off, and the corpus is large
         gram, count = preserve_statistics(pipe, captions, policy, truncate=True)
-        while len(_CORPUS_MEANS) >= 4:  # the last two text encoders' token and pooled statistics
-            _CORPUS_MEANS.pop(next(iter(_CORPUS_MEANS)))
         _CORPUS_MEANS[key] = gram / count
+        # Kept while under 512 MB (one T5-XXL-wide mean is 134 MB, a CLIP-L one 4.7 MB), the oldest dropped first.
+        while len(_CORPUS_MEANS) > 1 and sum(m.numel() * 8 for m in _CORPUS_MEANS.values()) > 2**29:
+            _CORPUS_MEANS.pop(next(iter(_CORPUS_MEANS)))
     return config.preserve_corpus_weight * _CORPUS_MEANS[key]
 
 
-_CORPUS_MEANS: dict[str, torch.Tensor] = {}  # the last corpus statistics, token and pooled
+_CORPUS_MEANS: dict[str, torch.Tensor] = {}  # the latest corpus statistics, token and pooled, per text encoder
 
 
 def encode_for_edit(pipe, config: UCEConfig, concepts, anchors, preserve, policies=None):
