@@ -140,10 +140,19 @@ def _t5(tokenizer, d_model: int = 32):
                                    dropout_rate=0.0)).eval()  # deterministic, as from_pretrained leaves it
 
 
+def _flow_vae(latent_channels: int):
+    """The one-level VAE of diffusers' FLUX/SD3 tests (with their shift and scaling factors)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
 def tiny_flux_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
     """A FluxPipeline (FLUX.1-dev layout, guidance embedding) as diffusers' tests build it: a 32-wide CLIP for the
     pooled vector, a 32-wide T5 for the tokens, one double- and one single-stream block."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     t5_tokenizer = t5_tokenizer or tiny_t5_tokenizer()
@@ -156,9 +165,7 @@ def tiny_flux_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
     torch.manual_seed(seed)
     text_encoder_2 = _t5(t5_tokenizer)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = _flow_vae(latent_channels=1)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
                         transformer=transformer)
@@ -170,7 +177,6 @@ def tiny_sd3_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
     """A StableDiffusion3Pipeline as diffusers' tests build it: two 16-wide CLIPs (with projections) whose
     penultimate states are padded to the 32-wide T5 and put before its tokens, one joint block."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -189,9 +195,7 @@ def tiny_sd3_pipeline(tokenizer, t5_tokenizer=None, seed: int = 0):
     torch.manual_seed(seed)
     text_encoder_3 = _t5(t5_tokenizer)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = _flow_vae(latent_channels=4)
     pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                                     tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
                                     text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer, transformer=transformer)
