@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 from transformers import CLIPTokenizer
 
 from diffusers_erase.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+# Under pytest-xdist (`-n 2`, set in pyproject.toml) each worker runs PyTorch on one thread: the tiny models' ops
+# are too small to gain from a second thread, so two single-threaded workers finish the suite in about half the time.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def _bytes_to_unicode() -> list[str]:
