@@ -1,9 +1,10 @@
 """SPM membranes: (1) training on the shipped shapes model, time to the behavioural bar; (2) inference overhead of
-gated membranes at SD 1.5 UNet size (random weights): UNet step time with 0, 1 and 10 membranes, including the gate
-computation, and with the membranes fused.
+gated membranes at SD 1.5 or SDXL UNet size (random weights): UNet step time with 0, 1 and 10 membranes, including
+the gate computation, and with the membranes fused.
 
-    python benchmarks/spm.py                       # both -> benchmarks/results/spm.json
-    python benchmarks/spm.py --skip-training       # overhead only
+    python benchmarks/spm.py                                   # both -> benchmarks/results/spm.json
+    python benchmarks/spm.py --skip-training                   # overhead only (SD 1.5, 64×64 latents)
+    python benchmarks/spm.py --skip-training --family sdxl     # SDXL UNet, 128×128 latents (1024 px)
 
 Not a test: numbers depend on the machine. Run it on an otherwise idle machine (2 threads).
 """
@@ -43,27 +44,39 @@ def random_membrane(pipe, prompt: str, seed: int) -> tuple[dict, dict]:
     return tensors, {"prompts": prompt, "rank": "1", "alpha": "1"}
 
 
-def step_seconds(pipe, hidden, repeats: int) -> float:
-    latents = torch.randn(hidden.shape[0], 4, 64, 64, generator=torch.Generator().manual_seed(0))
+def _encode(pipe, prompt: str):
+    """(encoder_hidden_states, added_cond_kwargs) of a guided batch [""; prompt], as the pipeline makes them; the
+    prompts are recorded, as in a real call, so the step computes both gate terms."""
+    if hasattr(pipe, "text_encoder_2"):
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=True, negative_prompt="")
+        side = 1024
+        ids = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=cond.dtype)
+        return torch.cat([uncond, cond]), {"text_embeds": torch.cat([pooled_uncond, pooled]), "time_ids": ids}
+    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
+    return torch.cat([uncond, cond]), None
+
+
+def step_seconds(pipe, hidden, added, side: int, repeats: int) -> float:
+    latents = torch.randn(hidden.shape[0], 4, side, side, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(500)
     with torch.no_grad():
-        pipe.unet(latents, t, hidden)  # warm-up
+        pipe.unet(latents, t, hidden, added_cond_kwargs=added)  # warm-up
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            pipe.unet(latents, t, hidden)
+            pipe.unet(latents, t, hidden, added_cond_kwargs=added)
             best = min(best, time.perf_counter() - start)
     return best
 
 
-def overhead(repeats: int) -> dict:
-    pipe = de.enable_erasure(build_pipeline("sd15"))
+def overhead(repeats: int, family: str = "sd15") -> dict:
+    pipe = de.enable_erasure(build_pipeline(family))
+    side = 128 if family == "sdxl" else 64
     prompt = "a painting of Snoopy on a red house"
-    # encode_prompt records the prompts, as in a real call: the step then computes both gate terms.
-    cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
-    hidden = torch.cat([uncond, cond])
-    results = {"unet_batch": int(hidden.shape[0]), "latent": "4x64x64"}
-    results["none_s"] = step_seconds(pipe, hidden, repeats)
+    hidden, added = _encode(pipe, prompt)
+    results = {"unet_batch": int(hidden.shape[0]), "latent": f"4x{side}x{side}"}
+    results["none_s"] = step_seconds(pipe, hidden, added, side, repeats)
     names = ["snoopy", "mickey", "pikachu", "donald duck", "spongebob", "van gogh", "picasso", "rembrandt", "cat",
              "comic"]
     for count in (1, 10):
@@ -71,13 +84,13 @@ def overhead(repeats: int) -> dict:
         for i in range(count):
             tensors, metadata = random_membrane(pipe, names[i], seed=i)
             pipe.load_erasure_adapter(tensors, metadata=metadata, adapter_name=names[i])
-        cond, uncond = pipe.encode_prompt(prompt, "cpu", 1, True, "")
-        seconds = step_seconds(pipe, torch.cat([uncond, cond]), repeats)  # gates are computed inside the call
+        hidden, added = _encode(pipe, prompt)
+        seconds = step_seconds(pipe, hidden, added, side, repeats)  # gates are computed inside the call
         results[f"{count}_membranes_s"] = seconds
         results[f"{count}_membranes_overhead"] = seconds / results["none_s"] - 1
-        results[f"{count}_membranes_gates"] = pipe.unet._erasure_state.gates.tolist()
+        results[f"{count}_membranes_gates"] = de.erasure_gates(pipe, ["", prompt])
     pipe.fuse_erasure()
-    seconds = step_seconds(pipe, hidden, repeats)
+    seconds = step_seconds(pipe, hidden, added, side, repeats)
     results["10_membranes_fused_s"] = seconds
     results["10_membranes_fused_overhead"] = seconds / results["none_s"] - 1
     pipe.unload_erasure()
@@ -128,6 +141,7 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the (last) trained membrane to this .safetensors file")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="UNet size of the overhead run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spm.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -139,8 +153,8 @@ def main() -> None:
         result["training"] = training(args.iterations, args.images_per_prompt, args.lr, args.la_strength,
                                       args.anchor, args.save, args.concept, args.la_samples)
     if not args.skip_overhead:
-        result["overhead_sd15"] = overhead(args.repeats)
-        print(json.dumps(result["overhead_sd15"], indent=1))
+        result[f"overhead_{args.family}"] = overhead(args.repeats, args.family)
+        print(json.dumps(result[f"overhead_{args.family}"], indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

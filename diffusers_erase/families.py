@@ -78,11 +78,16 @@ class Family:
     # MMDiT: (diffusers module path, original checkpoint path) of the modules an edit may touch; kohya-ss names
     # FLUX LoRA modules by the original (BFL) path, which ComfyUI's `lora_unet_` keys and A1111 Forge map.
     original_paths: tuple[tuple[str, str], ...] = ()
+    # MMDiT: module paths (or path suffixes) SPM adapts instead of `membrane_blocks`: the layers that see only the
+    # text stream (`context_embedder`, the joint blocks' add_k/add_v), never the single-stream to_q/to_k/to_v that
+    # also read image tokens (a prompt-gated membrane there would act on the image for every prompt it opens on).
+    membrane_layers: tuple[str, ...] = ()
 
 
 _UNET_TEXT_READERS = ("attn2.to_k", "attn2.to_v")
 _UNET_BLOCKS = ("Transformer2DModel", "SpatialTransformer")
 _CLIP = TextEncoder("tokenizer", "text_encoder", "last")
+_MMDIT_MEMBRANE = ("context_embedder", "attn.add_k_proj", "attn.add_v_proj")
 
 FAMILIES: dict[str, Family] = {
     # SD 1.x/2.x: kohya's diffusers spelling where A1111 maps it (2 layers per level, every real checkpoint), else
@@ -94,7 +99,7 @@ FAMILIES: dict[str, Family] = {
                   "stable-diffusion-v2-768-v"),
     "sdxl": Family("sdxl", "unet",
                    (TextEncoder("tokenizer", "text_encoder", "penultimate"),
-                    TextEncoder("tokenizer_2", "text_encoder_2", "penultimate")),
+                    TextEncoder("tokenizer_2", "text_encoder_2", "penultimate", role="both")),
                    _UNET_TEXT_READERS, _UNET_BLOCKS, True, "StableDiffusionXLPipeline",
                    ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), "sdxl_base_v1-0",
                    "stable-diffusion-xl-v1-base",
@@ -108,7 +113,8 @@ FAMILIES: dict[str, Family] = {
                    "flux-1-dev", "diffusers", pooled_readers=("time_text_embed.text_embedder.linear_1",),
                    denoiser_classes=("FluxTransformer2DModel",),
                    original_paths=(("context_embedder", "txt_in"),
-                                   ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"))),
+                                   ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")),
+                   membrane_layers=_MMDIT_MEMBRANE),
     # SD3/SD3.5: [CLIP-L ⊕ CLIP-G penultimate states, zero-padded to T5's width ; T5 tokens] along the sequence
     # into `context_embedder`; the pooled [CLIP-L ⊕ CLIP-G] projections into the time/text embedding.
     "sd3": Family("sd3", "transformer",
@@ -120,7 +126,8 @@ FAMILIES: dict[str, Family] = {
                   "diffusers", pooled_readers=("time_text_embed.text_embedder.linear_1",),
                   denoiser_classes=("SD3Transformer2DModel",),
                   original_paths=(("context_embedder", "context_embedder"),
-                                  ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"))),
+                                  ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")),
+                  membrane_layers=_MMDIT_MEMBRANE),
 }
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)  # what an edit may touch
@@ -182,9 +189,8 @@ def token_pairs(pipe) -> list[tuple]:
 
 
 def pooled_pairs(pipe) -> list[tuple]:
-    """The `text_pairs` whose pooled vector the denoiser reads (MMDiT; empty for UNet families)."""
-    if not family_of(pipe).pooled_readers:
-        return []
+    """The `text_pairs` whose pooled vector the denoiser reads (SDXL's added conditioning, MMDiT's time/text
+    embedding; empty for SD 1.x/2.x)."""
     pairs = [p for p in text_pairs(pipe) if p[2].role in ("pooled", "both")]
     if len(pairs) != sum(t.role in ("pooled", "both") for t in family_of(pipe).text_encoders):
         raise ValueError(f"{type(pipe).__name__} lacks a CLIP text encoder whose pooled vector the denoiser reads; "
@@ -246,11 +252,15 @@ def _plain(module: nn.Module, name: str, kinds: tuple) -> nn.Module:
 
 
 def runs_fused(module: nn.Module) -> bool:
-    """Whether an attention module runs fused projections (to_qkv/to_kv) instead of to_q/to_k/to_v. diffusers'
-    `unfuse_qkv_projections` only restores the processors and leaves `fused_projections` set, so the processor
-    decides."""
-    return bool(getattr(module, "fused_projections", False)) and "Fused" in type(
-        getattr(module, "processor", None)).__name__
+    """Whether an attention module runs fused projections (to_qkv/to_kv/to_added_qkv) instead of the separate ones.
+    diffusers' newer attention classes (`AttentionModuleMixin`: FLUX) run them exactly when `fused_projections` is
+    set; the older `Attention`'s `unfuse_qkv_projections` only restores the processors and leaves the flag set, so
+    there the processor decides."""
+    if not getattr(module, "fused_projections", False):
+        return False
+    if hasattr(module, "_supports_qkv_fusion"):
+        return True
+    return "Fused" in type(getattr(module, "processor", None)).__name__
 
 
 def text_readers(pipe) -> dict[str, nn.Linear]:
@@ -293,8 +303,11 @@ def closed_form_readers(pipe) -> dict[str, nn.Linear]:
 
 
 def membrane_targets(pipe) -> dict[str, nn.Module]:
-    """`{"<denoiser>.<path>": module}` for every Linear and Conv2d inside a block SPM adapts."""
+    """`{"<denoiser>.<path>": module}` for every layer SPM adapts: each Linear and Conv2d inside a block of
+    `membrane_blocks` (UNets), or the `membrane_layers` (MMDiT)."""
     family = family_of(pipe)
+    if family.membrane_layers:
+        return _membrane_layers(getattr(pipe, family.denoiser), family)
     found = {}
     for block_name, block in getattr(pipe, family.denoiser).named_modules():
         if type(block).__name__ not in family.membrane_blocks:
@@ -307,6 +320,17 @@ def membrane_targets(pipe) -> dict[str, nn.Module]:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 full = f"{family.denoiser}.{block_name}.{name}"
                 found[full] = _plain(module, full, (nn.Linear, nn.Conv2d))
+    return found
+
+
+def _membrane_layers(model: nn.Module, family: Family) -> dict[str, nn.Linear]:
+    found = {}
+    for name, module in model.named_modules():
+        if runs_fused(module) and any(s.startswith("attn.") for s in family.membrane_layers):
+            raise ValueError(f"{family.denoiser}.{name} runs fused projections, so a membrane on add_k_proj/"
+                             "add_v_proj would be bypassed; call `pipe.transformer.unfuse_qkv_projections()` first.")
+        if any(name == s or name.endswith("." + s) for s in family.membrane_layers):
+            found[f"{family.denoiser}.{name}"] = _plain(module, f"{family.denoiser}.{name}", (nn.Linear,))
     return found
 
 
@@ -455,7 +479,8 @@ def kohya_name(module: str, unet_config, family: Family) -> str:
         original = dict(family.original_paths)
         if path not in original:
             raise ValueError(f"{module} has no kohya name this library knows (it names "
-                             f"{', '.join(original)} of a {family.name} transformer).")
+                             f"{', '.join(original)} of a {family.name} transformer; kohya fuses the joint blocks' "
+                             "q/k/v). Export with format='lora' (diffusers names, which ComfyUI also reads).")
         return KOHYA_UNET_PREFIX + original[path].replace(".", "_")
     if component != "unet":
         raise ValueError(f"{module} is neither a UNet nor a text-encoder module; it has no kohya name.")
@@ -482,7 +507,8 @@ def kohya_aliases(modules, unet_config, family: Family | None = None) -> dict[st
     for module in modules:
         component, _, path = module.partition(".")
         if component == "transformer" and family is not None:
-            names[kohya_name(module, unet_config, family)] = module
+            if path in dict(family.original_paths):  # kohya-ss names only these (the joint q/k/v it fuses)
+                names[kohya_name(module, unet_config, family)] = module
             names["lora_transformer_" + path.replace(".", "_")] = module
             continue
         names[KOHYA_UNET_PREFIX + path.replace(".", "_")] = module

@@ -20,9 +20,11 @@ alpha buffer) by γ and sums the tensors of several membranes key by key: here �
 as products (summed factors would add cross terms up_i·down_j).
 
 The UNet sees embeddings, not prompts. A forward pre-hook on the UNet computes the cosine term from each row of
-`encoder_hidden_states`; the token term comes from the prompts `encode_prompt` encoded last (recorded by
-`ErasureMixin.encode_prompt`), matched to rows by exact equality. So each sample of a batch gets its own gate;
-under classifier-free guidance its unconditional row gets the same gate by default (`_pair_unconditional_rows`),
+`encoder_hidden_states`; the token term comes from the prompts `encode_prompt` encoded in this pipeline call
+(recorded by `PromptRecorder.encode_prompt`), matched to rows by exact equality. So each sample of a batch gets its
+own gate; under classifier-free guidance its unconditional row gets the same gate by default
+(`_pair_unconditional_rows`; FLUX's true CFG runs the negative prompt as a call of its own, which takes the gates of
+the prompt's call before it),
 or the negative prompt's own with `unconditional_gate="negative_prompt"` ("" has no tokens: only its cosine term
 counts). A row that matches no recorded prompt (embeddings passed by hand) gets the cosine term only.
 
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import denoiser, family_of, module_of, runs_fused
+from .families import denoiser, family_of, max_sequence_length, module_of, runs_fused
 from .kinds import Erasure, Guard, Membrane
 from .state import get_module, state
 from .text import encode, token_overlap, token_sets
@@ -97,7 +99,8 @@ def _build_gate(pipe, erasure: Erasure) -> _Gate:
             "`gating=False` in `set_erasure_adapters` to use it as a static adapter, or give its prompts."
         )
     if prompts:
-        embeddings = F.normalize(encode(pipe, prompts, full_length=True).flatten(1), dim=1)
+        with max_sequence_length(erasure.options.get("max_sequence_length")):  # T5: the length it was made for
+            embeddings = F.normalize(encode(pipe, prompts, full_length=True).flatten(1), dim=1)
         tokens = token_sets(pipe, prompts)
     else:
         embeddings, tokens = torch.zeros(0, 1), []
@@ -106,9 +109,10 @@ def _build_gate(pipe, erasure: Erasure) -> _Gate:
 
 @torch.no_grad()
 def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list,
-                  pair_unconditional: bool = False) -> torch.Tensor:
+                  pair_unconditional: bool = False, previous: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, membranes) strengths w·γ for the rows of `encoder_hidden_states`; `recorded` holds
-    (embedding row, token overlaps, is negative prompt) for the prompts `encode_prompt` encoded."""
+    (embedding row, token overlaps, is negative prompt) for the prompts `encode_prompt` encoded; `previous`: the
+    gates of the denoiser call before this one in the same pipeline call (a negative-only call takes them)."""
     batch = hidden.shape[0]
     flat = F.normalize(hidden.detach().flatten(1).float(), dim=1)
     # Token terms of rows that are recorded prompts' embeddings (exact copies, made by encode_prompt).
@@ -133,6 +137,8 @@ def compute_gates(gates: list[_Gate], hidden: torch.Tensor, recorded: list,
         columns.append(gate.weight * torch.maximum(cosine, tokens[:, m]).clamp(0.0, 1.0) ** gate.power)
     result = torch.stack(columns, dim=1)
     if pair_unconditional:
+        if negative_rows.all() and previous is not None and previous.shape == result.shape:
+            return previous.clone()  # FLUX's true CFG: the negative branch is its own call, after the prompt's
         _pair_unconditional_rows(result, negative_rows)
     return result
 
@@ -170,7 +176,13 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     the guards of this call (`Call.prompts`) and, with the token term of every attached membrane, for the denoiser
     hook that gates each sample."""
     record = state(pipe)
-    record.per_call.recorded = []  # this thread's prompts only (state.ErasureState.per_call)
+    call = current_call(record)
+    if call is None or call.encodes == 0:
+        # this thread's prompts only (state.ErasureState.per_call); one pipeline call may encode several times
+        # (FLUX encodes its negative prompt in a second call)
+        record.per_call.recorded, record.per_call.last_gates = [], None
+    if call is not None:
+        call.encodes += 1
     runtime = record.runtime
     if runtime is None:
         return
@@ -179,7 +191,8 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
     except TypeError:
         bound = None
     sources = _prompt_sources(bound, output) if bound is not None else []
-    call = current_call(record)
+    if call is not None and call.encodes > 1:  # a later encoding of the call's negative prompt (FLUX)
+        sources = [(p, e, negative or _is_negative(call, p), n) for p, e, negative, n in sources]
     if call is not None:
         call.prompts.extend(sources)
         call.rows = output[0].shape[0] if torch.is_tensor(output[0]) else None
@@ -192,6 +205,13 @@ def record_prompts(pipe, encode_prompt, args, kwargs, output) -> None:
             record.per_call.recorded.append((embeds[i * n], _overlaps(runtime.gates, prompt_tokens), negative))
 
 
+def _is_negative(call: "Call", prompts: list[str]) -> bool:
+    """Whether `prompts` are the call's negative prompt (the pipelines encode a missing one as "")."""
+    negative = call.negative if call.negative is not None else ""
+    negative = [negative] if isinstance(negative, str) else list(negative)
+    return set(prompts) <= set(negative)
+
+
 class PromptRecorder:
     """Pipeline mixin: the token term of a gate and the guards need the prompts, which only `encode_prompt` sees;
     guards also need to know which denoising step of which call they are in (`Call`)."""
@@ -200,7 +220,7 @@ class PromptRecorder:
         record = state(self)
         warn_sequence_length(self, record, args, kwargs)
         outer = getattr(record.calls, "call", None)
-        record.calls.call = Call(self)
+        record.calls.call = Call(self, negative=_negative_prompt(self, args, kwargs))
         try:
             return super().__call__(*args, **kwargs)
         finally:
@@ -212,20 +232,29 @@ class PromptRecorder:
         return output
 
 
+def _call_arguments(pipe, args, kwargs) -> dict:
+    """The pipeline call's arguments with its defaults (empty when they do not bind)."""
+    try:
+        call = next(c.__call__ for c in type(pipe).__mro__
+                    if "__call__" in vars(c) and not issubclass(c, PromptRecorder))
+        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+    except (StopIteration, TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _negative_prompt(pipe, args, kwargs):
+    return _call_arguments(pipe, args, kwargs).get("negative_prompt")
+
+
 def warn_sequence_length(pipe, record, args, kwargs) -> None:
     """Log when a FLUX call pads T5 to another length than an erasure on the pipeline was made for: T5 is
     unmasked, so every token embedding then differs from those the edit was fitted to."""
     made = {e.options.get("max_sequence_length") for e in record.erasures} - {None}
     if not made:
         return
-    try:
-        call = next(c.__call__ for c in type(pipe).__mro__
-                    if "__call__" in vars(c) and not issubclass(c, PromptRecorder))
-        bound = inspect.signature(call).bind(pipe, *args, **kwargs)
-        bound.apply_defaults()
-        used = bound.arguments.get("max_sequence_length")
-    except (StopIteration, TypeError, ValueError):
-        return
+    used = _call_arguments(pipe, args, kwargs).get("max_sequence_length")
     if used is not None and made != {used}:
         logger.warning("This call pads T5 to max_sequence_length=%s, but the erasures on this pipeline were made "
                        "for %s; every T5 token embedding differs from those they were fitted to, so the erasure may "
@@ -270,6 +299,8 @@ class Call:
     and what each guard keeps between steps (`data`, by guard)."""
 
     pipe: object
+    negative: object = None  # the call's `negative_prompt` argument
+    encodes: int = 0  # `encode_prompt` calls made so far
     step: int = 0
     prompts: list = field(default_factory=list)
     rows: int | None = None  # rows of the last `encode_prompt`'s prompt embeddings (given by hand or not)
@@ -358,7 +389,8 @@ def _denoiser_pre_hook(record, attentions: list[nn.Module]):
             call.gates = None
             return None
         gates = compute_gates(runtime.gates, hidden, getattr(call, "recorded", []),
-                              record.unconditional_gate == "prompt")
+                              record.unconditional_gate == "prompt", getattr(call, "last_gates", None))
+        call.last_gates = gates
         call.gates = gates if bool(gates.any()) else None
         return None
 
@@ -468,7 +500,10 @@ def prompt_gates(pipe, prompts: list[str]) -> torch.Tensor:
     runtime = state(pipe).runtime
     if runtime is None or not runtime.gates:
         return torch.zeros(len(prompts), 0)
-    hidden = encode(pipe, list(prompts), full_length=True)
+    # T5 (FLUX/SD3): score the prompts at the length the membranes were made for, as a call with it runs them
+    lengths = {e.options.get("max_sequence_length") for e in state(pipe).erasures if isinstance(e.edit, Membrane)}
+    with max_sequence_length(next(iter(lengths)) if len(lengths) == 1 else None):
+        hidden = encode(pipe, list(prompts), full_length=True)
     tokens = token_sets(pipe, list(prompts))
     recorded = [(row, _overlaps(runtime.gates, t), False) for row, t in zip(hidden, tokens)]
     return compute_gates(runtime.gates, hidden, recorded).cpu()

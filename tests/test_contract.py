@@ -62,6 +62,7 @@ if "scale_guard" not in available_methods():
 
 
 TINY_SPM = dict(iterations=2, lr=1e-2, max_denoising_steps=3, la_samples=1)
+TINY_SPM_MMDIT = {**TINY_SPM, "resolution": 16, **FLUX_ERASE}  # the tiny pipelines' CALL_SIZE
 TINY_ESD = dict(iterations=2, lr=1e-2, ddim_steps=3)
 TINY_MACE = dict(iterations=2, num_images=1, sampling_steps=2)
 TINY_ADV = dict(iterations=2, lr=1e-2, ddim_steps=3, attack_step=1, warmup_iter=1, retain_batch=2)
@@ -78,6 +79,9 @@ METHOD_CASES = [
     ("speed", {"params": "KV"}, make_sdxl_pipeline, ("kohya", "diff", "lora")),
     ("mace", TINY_MACE, make_sd_pipeline, ("diff",)),
     ("spm", TINY_SPM, make_sd_pipeline, ("kohya", "lora")),
+    ("spm", TINY_SPM, make_sdxl_pipeline, ("kohya", "lora")),
+    ("spm", TINY_SPM_MMDIT, make_sd3_pipeline, ("lora",)),
+    ("spm", TINY_SPM_MMDIT, make_flux_pipeline, ("lora",)),
     ("esd", TINY_ESD, make_sd_pipeline, ("diff",)),
     ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),
     ("advunlearn", TINY_ADV, make_sd_pipeline, ("diff",)),

@@ -2,14 +2,18 @@
 arXiv:2312.16145).
 
 A membrane is a rank-1 adapter ΔW = (α/r) · up · down on every Linear and Conv2d inside the UNet's transformer
-blocks (`up` starts at zero). It is trained data-free, with the base model frozen:
+blocks, or, on the MMDiT transformers (SD3, FLUX), on the layers that read only the text stream: `context_embedder`
+and the joint blocks' `attn.add_k_proj` / `attn.add_v_proj` (`families.membrane_targets`; the single-stream q/k/v
+also read image tokens). `up` starts at zero. It is trained data-free, with the base model frozen:
 
     x_t        ← denoise from noise for k ~ U{1, …, T−1} of T steps, membrane on, guidance 3, prompt c_tgt
     L_erase    = ‖ε'(x_t, c_tgt) − [ε(x_t, c_n) − g · (ε(x_t, c_p) − ε(x_t, c_n))]‖²
     L_anchor   = Σ_a ‖ε'(x_t, a) − ε(x_t, a)‖²        (latent anchoring)
     L          = L_erase + la_strength · L_anchor
 
-ε' is the UNet with the membrane, ε without; c_tgt = c_p the concept, c_n the neutral (anchor) prompt ("" by
+ε' is the denoiser with the membrane, ε without (on MMDiT, the flow velocity in place of ε, and x_t from the
+flow-matching sampler: `methods/_denoising.py`); SDXL, SD3 and FLUX conditions carry the pooled text vector too,
+and their anchors draw one the same way. c_tgt = c_p the concept, c_n the neutral (anchor) prompt ("" by
 default), g the erase guidance. The anchors a are random embeddings of the shape of c_tgt: a unit Gaussian
 direction accepted with probability 1 − cos(c_tgt, a), scaled to a norm drawn from [0.8, 1.2]·‖c_tgt‖ (reference
 `src/engine/sampling.py`). Anchoring keeps the membrane from moving the model on the rest of text space.
@@ -28,11 +32,11 @@ import torch.nn.functional as F
 
 from ..config import ErasureConfig
 from ..deltas import LowRank
-from ..families import matrix_shape, membrane_targets
+from ..families import denoiser, matrix_shape, membrane_targets
 from ..kinds import Membrane
 from ..registry import register_method
 from ..runtime import low_rank_delta
-from ._training import partial_denoise, prompt_table, sampling_setup
+from ._denoising import Condition, Denoiser, encode_condition
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,6 @@ class SPMConfig(ErasureConfig):
     """
 
     method: ClassVar[str] = "spm"
-    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2")
-    family_note: ClassVar[str] = ("For SDXL, load a trained membrane (kohya SPM "
-                                 "file) with `load_erasure_adapter`; FLUX membranes are not built yet.")
     paper: ClassVar[str] = ("SPM, One-dimensional Adapter to Rule Them All: Concepts, Diffusion Models and Erasing "
                             "Applications (Lyu et al., CVPR 2024), [arXiv:2312.16145](https://arxiv.org/abs/2312.16145)")
     default_anchor: ClassVar[str] = ""  # the reference's neutral prompt
@@ -207,29 +208,29 @@ def _lr_lambda(config: SPMConfig):
     return factor
 
 
-def _sampling_setup(pipe, config: SPMConfig):
-    """Latent shape, the DDIM sampler of the partial denoising, and the full-length DDIM schedule that maps its step
-    k to a training timestep."""
-    latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    full = type(sampler).from_config(sampler.config)
-    full.set_timesteps(full.config.num_train_timesteps)
-    return latent_shape, sampler, full
-
-
-def _loss(unet, membrane: _Trainable, latents, t, target, neutral, anchors, config: SPMConfig):
+def _loss(model: Denoiser, membrane: _Trainable, latents, k: int, target: Condition, neutral: Condition,
+          anchors: Condition, config: SPMConfig):
     """L_erase + la_strength · L_anchor at x_t (see the module docstring); frozen predictions without the membrane."""
-    frozen_inputs = torch.cat([target[None], neutral[None], anchors])
     with torch.no_grad():
         membrane.enabled = False
-        frozen = unet(latents.expand(len(frozen_inputs), -1, -1, -1), t, frozen_inputs).sample.float()
+        frozen = model.predict(latents, k, Condition.cat([target, neutral, anchors])).float()
     eps_p, eps_n, anchor_frozen = frozen[:1], frozen[1:2], frozen[2:]
     membrane.enabled = True
-    live_inputs = torch.cat([target[None], anchors])
-    live = unet(latents.expand(len(live_inputs), -1, -1, -1), t, live_inputs).sample.float()
+    live = model.predict(latents, k, Condition.cat([target, anchors])).float()
     loss = F.mse_loss(live[:1], eps_n - config.erase_guidance * (eps_p - eps_n))
     if len(anchors):
         loss = loss + config.la_strength * F.mse_loss(live[1:], anchor_frozen)
     return loss
+
+
+def _anchors(target: Condition, uncond: Condition, config: SPMConfig, generator) -> Condition:
+    """Latent-anchoring conditions: `anchor_rows` of the token embeddings and, where the denoiser reads one, of the
+    pooled vector (drawn the same way, as the reference's SDXL sampler does)."""
+    if config.la_strength == 0 or config.la_samples == 0:
+        return target.rows(slice(0, 0))
+    tokens = anchor_rows(target.tokens[0], uncond.tokens[0], config, generator)
+    pooled = None if target.pooled is None else anchor_rows(target.pooled[0], uncond.pooled[0], config, generator)
+    return Condition(tokens, pooled)
 
 
 def _step(loss, optimizer, scaler, params, max_grad_norm: float) -> None:
@@ -250,38 +251,32 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     if preserve:
         raise ValueError("SPM has no preserve set: latent anchoring protects the rest of text space "
                          "(tune `la_strength`). Leave `preserve` empty.")
-    unet = pipe.unet
+    unet = denoiser(pipe)
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
 
-    table, pairs = prompt_table(pipe, concepts, anchors)
-    uncond = table[""]
-    latent_shape, sampler, full = _sampling_setup(pipe, config)
-    steps = config.max_denoising_steps
+    table = encode_condition(pipe, list(dict.fromkeys([*concepts, *anchors, ""])))
+    rows = {p: table.rows(slice(i, i + 1)) for i, p in enumerate(dict.fromkeys([*concepts, *anchors, ""]))}
+    pairs, uncond = [(rows[c], rows[a]) for c, a in zip(concepts, anchors)], rows[""]
+    model = Denoiser(pipe, config.resolution, config.max_denoising_steps)
 
     flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
     membrane = _Trainable(membrane_targets(pipe), config.rank, config.alpha, generator, device, config.gate_power)
     params = membrane.parameters()  # float32 master weights whatever the pipeline's dtype, as the reference trains
     optimizer = torch.optim.AdamW(params, lr=config.lr)
-    # A float16 UNet's backward underflows at SPM's loss scale (~1e-3); dynamic loss scaling keeps the gradients.
+    # A float16 model's backward underflows at SPM's loss scale (~1e-3); dynamic loss scaling keeps the gradients.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     try:
         with pipe.progress_bar(total=config.iterations) as bar:
             for iteration in range(config.iterations):
                 target, neutral = pairs[int(torch.randint(len(pairs), (), generator=generator))]
-                k = int(torch.randint(1, steps, (), generator=generator))
-                latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
-                sampler.set_timesteps(steps, device=device)
-                latents = latents * sampler.init_noise_sigma
+                k = int(torch.randint(1, config.max_denoising_steps, (), generator=generator))
                 membrane.enabled = True
-                latents = partial_denoise(unet, sampler, latents, k, torch.stack([uncond, target]),
-                                           config.sampling_guidance)
-                t = full.timesteps[int(k * full.config.num_train_timesteps / steps)]
-                anchors = (anchor_rows(target, uncond, config, generator)
-                           if config.la_strength > 0 and config.la_samples > 0 else target[None][:0])
-                loss = _loss(unet, membrane, latents, t, target, neutral, anchors, config)
+                latents = model.partial(model.noise(generator), k, uncond, target, config.sampling_guidance)
+                loss = _loss(model, membrane, latents, k, target, neutral, _anchors(target, uncond, config, generator),
+                             config)
                 _step(loss, optimizer, scaler, params, config.max_grad_norm)
                 schedule.step()
                 value = loss.item()
