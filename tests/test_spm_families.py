@@ -134,3 +134,13 @@ def test_a_flux_membrane_exports_as_a_diffusers_lora_and_refuses_kohya_with_the_
         keys = set(f.keys())
     assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in keys
     assert not any("single_transformer_blocks" in k for k in keys)
+
+
+def test_flux_gates_are_scored_at_the_length_the_membrane_was_made_for(tokenizer_dir):
+    """The cosine term compares whole padded T5 sequences: the gate's own embeddings and the scored prompts are
+    encoded at the membrane's `max_sequence_length`, not the tokenizer's default."""
+    pipe = _pipe("flux", tokenizer_dir)
+    de.erase_concept(pipe, "cat", method="spm", **SPM_TINY, **FLUX_ERASE)
+    own, other = de.erasure_gates(pipe, ["a cat", "a red house"])["default"]
+    assert own == pytest.approx(1.0)
+    assert 0.0 < other < 1.0  # a cosine term (0 if the lengths differed), below the concept's own gate
