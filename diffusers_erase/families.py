@@ -326,7 +326,7 @@ def membrane_targets(pipe) -> dict[str, nn.Module]:
 def _membrane_layers(model: nn.Module, family: Family) -> dict[str, nn.Linear]:
     found = {}
     for name, module in model.named_modules():
-        if runs_fused(module) and any(s.startswith("attn.") for s in family.membrane_layers):
+        if runs_fused(module):
             raise ValueError(f"{family.denoiser}.{name} runs fused projections, so a membrane on add_k_proj/"
                              "add_v_proj would be bypassed; call `pipe.transformer.unfuse_qkv_projections()` first.")
         if any(name == s or name.endswith("." + s) for s in family.membrane_layers):

@@ -218,9 +218,10 @@ class PromptRecorder:
 
     def __call__(self, *args, **kwargs):
         record = state(self)
-        warn_sequence_length(self, record, args, kwargs)
+        arguments = _call_arguments(self, args, kwargs)
+        warn_sequence_length(record, arguments)
         outer = getattr(record.calls, "call", None)
-        record.calls.call = Call(self, negative=_negative_prompt(self, args, kwargs))
+        record.calls.call = Call(self, negative=arguments.get("negative_prompt"))
         try:
             return super().__call__(*args, **kwargs)
         finally:
@@ -244,17 +245,13 @@ def _call_arguments(pipe, args, kwargs) -> dict:
     return bound.arguments
 
 
-def _negative_prompt(pipe, args, kwargs):
-    return _call_arguments(pipe, args, kwargs).get("negative_prompt")
-
-
-def warn_sequence_length(pipe, record, args, kwargs) -> None:
+def warn_sequence_length(record, arguments: dict) -> None:
     """Log when a FLUX call pads T5 to another length than an erasure on the pipeline was made for: T5 is
     unmasked, so every token embedding then differs from those the edit was fitted to."""
     made = {e.options.get("max_sequence_length") for e in record.erasures} - {None}
     if not made:
         return
-    used = _call_arguments(pipe, args, kwargs).get("max_sequence_length")
+    used = arguments.get("max_sequence_length")
     if used is not None and made != {used}:
         logger.warning("This call pads T5 to max_sequence_length=%s, but the erasures on this pipeline were made "
                        "for %s; every T5 token embedding differs from those they were fitted to, so the erasure may "

@@ -68,11 +68,8 @@ class Denoiser:
         self.steps = steps
         scale = getattr(pipe, "vae_scale_factor", 8)
         config = self.model.config
-        if self.family.denoiser == "unet":
-            size = resolution or config.sample_size * scale
-        else:
-            size = resolution or getattr(pipe, "default_sample_size", config.sample_size) * scale
-        self.size = size
+        # the pipeline's default size: its `default_sample_size` (SDXL, SD3, FLUX) or the denoiser's, in latents
+        size = self.size = resolution or getattr(pipe, "default_sample_size", config.sample_size) * scale
         self.flux = self.family.name == "flux"
         if self.flux:  # FLUX packs 2×2 latent patches into tokens: the latent side is a multiple of 2
             self.latent_side = 2 * (size // (scale * 2))

@@ -255,8 +255,9 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
 
-    table = encode_condition(pipe, list(dict.fromkeys([*concepts, *anchors, ""])))
-    rows = {p: table.rows(slice(i, i + 1)) for i, p in enumerate(dict.fromkeys([*concepts, *anchors, ""]))}
+    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
+    table = encode_condition(pipe, prompts)
+    rows = {p: table.rows(slice(i, i + 1)) for i, p in enumerate(prompts)}
     pairs, uncond = [(rows[c], rows[a]) for c, a in zip(concepts, anchors)], rows[""]
     model = Denoiser(pipe, config.resolution, config.max_denoising_steps)
 
