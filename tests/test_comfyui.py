@@ -11,7 +11,7 @@ import logging
 import comfy_schema
 import pytest
 import torch
-from conftest import REFERENCE_UCE, factors, make_sd_pipeline
+from conftest import FLUX_ERASE, REFERENCE_UCE, factors, make_flux_pipeline, make_sd3_pipeline, make_sd_pipeline
 from safetensors.torch import load_file, save_file
 
 import diffusers_erase as de
@@ -51,15 +51,19 @@ class FakeModelPatcher:
         return FakeModelPatcher(self.model, self.patches)
 
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        for key, patch in patches.items():
-            self.patches.setdefault(key, []).append((strength_patch, patch))
+        for k, patch in patches.items():  # a tuple key (weight key, (dim, start, length)) patches a slice
+            key, offset = (k, None) if isinstance(k, str) else k
+            assert key in self.model.state_dict(), key
+            self.patches.setdefault(key, []).append((strength_patch, patch, offset))
         return list(patches)
 
-    def patched_weight(self, key):  # as comfy's calculate_weight applies a ("diff", (d,)) patch
+    def patched_weight(self, key):  # as comfy's calculate_weight applies a ("diff", (d,)) patch, narrowed by offset
         weight = self.model.state_dict()[key].clone()
-        for strength, (kind, (diff,)) in self.patches.get(key, []):
+        for strength, (kind, (diff,)), offset in self.patches.get(key, []):
             assert kind == "diff"
-            weight += strength * diff
+            target = weight if offset is None else weight.narrow(*offset)
+            assert target.shape == diff.shape, key
+            target += strength * diff
         return weight
 
 
@@ -88,6 +92,68 @@ def _assert_matches_pipeline(patcher, pipe, atol):
     for name, param in pipe.unet.named_parameters():
         key = _ldm_key(name)
         assert torch.allclose(patcher.patched_weight(key), param.detach(), atol=atol, rtol=0), name
+
+
+class FakeMMDiT:
+    """ComfyUI's FLUX/SD3 model: the original checkpoint's keys, written out here by hand from ComfyUI's FLUX and
+    MMDiT maps; each joint block's text (and image) q, k, v are one fused `qkv` weight."""
+
+    TEXT = {"flux": ("txt_in", "vector_in.in_layer", "double_blocks.{}.txt_attn.qkv", "double_blocks.{}.img_attn.qkv"),
+            "sd3": ("context_embedder", "y_embedder.mlp.0", "joint_blocks.{}.context_block.attn.qkv",
+                    "joint_blocks.{}.x_block.attn.qkv")}
+
+    def __init__(self, transformer, family):
+        tokens, pooled, text_qkv, image_qkv = self.TEXT[family]
+        weight = lambda m: m.weight.detach().clone()  # noqa: E731
+        self._state = {f"diffusion_model.{tokens}.weight": weight(transformer.context_embedder),
+                       f"diffusion_model.{pooled}.weight": weight(transformer.time_text_embed.text_embedder.linear_1)}
+        for i, block in enumerate(transformer.transformer_blocks):
+            a = block.attn
+            self._state[f"diffusion_model.{text_qkv.format(i)}.weight"] = torch.cat(
+                [weight(a.add_q_proj), weight(a.add_k_proj), weight(a.add_v_proj)])
+            self._state[f"diffusion_model.{image_qkv.format(i)}.weight"] = torch.cat(
+                [weight(a.to_q), weight(a.to_k), weight(a.to_v)])
+
+    def state_dict(self):
+        return self._state
+
+
+MMDIT_FACTORIES = {"flux": make_flux_pipeline, "sd3": make_sd3_pipeline}
+
+
+def _assert_mmdit_matches_pipeline(patcher, pipe, family):
+    tokens, pooled, text_qkv, image_qkv = FakeMMDiT.TEXT[family]
+    t = pipe.transformer
+    expected = {tokens: t.context_embedder.weight, pooled: t.time_text_embed.text_embedder.linear_1.weight}
+    for i, block in enumerate(t.transformer_blocks):
+        a = block.attn
+        expected[text_qkv.format(i)] = torch.cat([a.add_q_proj.weight, a.add_k_proj.weight, a.add_v_proj.weight])
+        expected[image_qkv.format(i)] = torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight])
+    for name, weight in expected.items():
+        assert torch.allclose(patcher.patched_weight(f"diffusion_model.{name}.weight"), weight.detach(),
+                              atol=1e-5, rtol=0), name
+
+
+@pytest.mark.parametrize("family", list(MMDIT_FACTORIES))
+def test_load_adapter_node_applies_mmdit_edits_and_membranes(tokenizer_dir, tmp_path, family):
+    pipe = MMDIT_FACTORIES[family](tokenizer_dir)
+    pipe.set_progress_bar_config(disable=True)
+    model = FakeModelPatcher(FakeMMDiT(pipe.transformer, family))
+    de.erase_concept(pipe, "cat", anchor="animal", **FLUX_ERASE)  # context and pooled embedders
+    de.erase_concept(pipe, "dog", method="spm", iterations=2, lr=1e-1, max_denoising_steps=2, la_samples=1,
+                     resolution=16, **FLUX_ERASE)  # membranes on context_embedder and the joint add_k/add_v
+    path = de.save_erasure_adapter(pipe, tmp_path)
+    (patched,) = LoadErasureAdapter().apply(model, str(path), 1.0)
+    assert any(offset is not None for v in patched.patches.values() for *_, offset in v)  # slices of the qkv
+    de.fuse_erasure(pipe)  # membranes at full strength, as the loader node applies them (static)
+    _assert_mmdit_matches_pipeline(patched, pipe, family)
+
+
+def test_closed_form_node_refuses_an_mmdit_model(tokenizer_dir):
+    pipe = make_flux_pipeline(tokenizer_dir)
+    model = FakeModelPatcher(FakeMMDiT(pipe.transformer, "flux"))
+    with pytest.raises(ValueError, match="flux model.*Load Erasure Adapter"):
+        ApplyClosedFormErasure().apply(model, None, "cat", "animal", "", 0.5, "last_subject")
 
 
 def test_node_schemas():

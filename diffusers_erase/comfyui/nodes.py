@@ -3,7 +3,8 @@ module only maps it onto ComfyUI's objects:
 
 - MODEL is a `comfy.model_patcher.ModelPatcher`: we never write its weights, we `clone()` it and `add_patches`
   `("diff", (ΔW,))` patches keyed by its state-dict names (`diffusion_model.<LDM path>.weight`), which ComfyUI adds
-  as `weight += strength · ΔW` when it runs the model, and removes again afterwards.
+  as `weight += strength · ΔW` when it runs the model, and removes again afterwards. FLUX and SD3 models keep their
+  original checkpoint layout; a module that is a third of a fused `qkv` gets a slice patch (`mmdit_key_map`).
 - CLIP is a `comfy.sd.CLIP`: `tokenize(text)` gives `{encoder: [[(token id, weight), ...]]}` and
   `encode_from_tokens(tokens)` the conditioning the UNet reads (SD 1.x: the last layer unless CLIPSetLastLayer
   says otherwise; SDXL: both encoders' penultimate layers concatenated).
@@ -60,9 +61,61 @@ def key_map(model) -> dict[str, str]:
     return names
 
 
+# MMDiT checkpoints (FLUX, SD3) keep their original layout in ComfyUI: each joint block's text-stream q, k and v are
+# one fused `qkv` Linear, so a patch on one of them is ComfyUI's slice patch, keyed (weight key, (dim, start, length)).
+MMDIT_TEXT_QKV = {"flux": "double_blocks.{}.txt_attn.qkv", "sd3": "joint_blocks.{}.context_block.attn.qkv"}
+
+
+def mmdit_family(model) -> str | None:
+    """"flux" or "sd3" for a ComfyUI MMDiT model (told by its state-dict keys), None for a UNet."""
+    state = model.model.state_dict()
+    return next((name for name, block in MMDIT_TEXT_QKV.items() if f"{PREFIX}{block.format(0)}.weight" in state),
+                None)
+
+
+def mmdit_key_map(model, family: str) -> dict[str, tuple[str, tuple | None]]:
+    """`transformer.<diffusers path>` → (ComfyUI weight key, row slice or None) of every module an MMDiT erasure may
+    touch: the text embedders (the family table's original paths) and each joint block's add_q/k/v_proj, which are
+    thirds of its text `qkv` (ComfyUI's own FLUX LoRA map slices them the same way)."""
+    state = model.model.state_dict()
+    names = {f"transformer.{path}": (f"{PREFIX}{original}.weight", None)
+             for path, original in FAMILIES[family].original_paths}
+    block = 0
+    while (key := f"{PREFIX}{MMDIT_TEXT_QKV[family].format(block)}.weight") in state:
+        width = state[key].shape[0] // 3
+        for i, projection in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            names[f"transformer.transformer_blocks.{block}.attn.{projection}"] = (key, (0, i * width, width))
+        block += 1
+    return names
+
+
+def weight_targets(model) -> dict[str, tuple[str, tuple | None]]:
+    """Our module names → (ComfyUI weight key, slice or None), for UNets and MMDiT transformers alike."""
+    family = mmdit_family(model)
+    if family is not None:
+        return mmdit_key_map(model, family)
+    return {name: (key, None) for name, key in key_map(model).items()}
+
+
+def _weight(state, target) -> torch.Tensor:
+    key, offset = target
+    return state[key] if offset is None else state[key].narrow(*offset)
+
+
 def comfy_layout(model) -> Layout:
     """The library's `Layout` of a ComfyUI MODEL, so the library's own readers parse files for it."""
     state = model.model.state_dict()
+    if (name := mmdit_family(model)) is not None:
+        family = FAMILIES[name]
+        targets = mmdit_key_map(model, name)
+        modules = {n: tuple(_weight(state, t).shape) for n, t in targets.items()}
+        readers = {f"transformer.{p}" for p in (*family.text_readers, *family.pooled_readers)}
+        return Layout(family=family, unet_config={},
+                      text_readers={n: s for n, s in modules.items() if n in readers},
+                      membrane_targets={n: s for n, s in modules.items()
+                                        if n.endswith(family.membrane_layers)},
+                      weight=lambda module: _weight(state, targets[module_of(module)]),
+                      parameters={f"{n}.weight": s for n, s in modules.items()})
     config = model.model.model_config.unet_config
     context = int(config.get("context_dim") or 768)
     family = FAMILIES["sdxl" if context == 2048 else "sd2" if context == 1024 else "sd1"]
@@ -97,16 +150,16 @@ def erasure_patches(model, erasures: list[dict], strengths: list[float]) -> dict
     """ComfyUI `("diff", (ΔW,))` patches: Σ strength_i · ΔW_i per weight, reshaped to the weight. Each ΔW is
     computed on the weight as the earlier erasures left it, so a stacked text-space map expands as it does when
     diffusers-erase loads the file."""
-    names = key_map(model)
+    targets = weight_targets(model)
     state = model.model.state_dict()
-    patches: dict[str, torch.Tensor] = {}
+    patches: dict = {}
     for erasure, strength in zip(erasures, strengths):
         for name, delta in erasure["deltas"].items():
-            if name not in names:
-                raise ValueError(f"{name} is not a weight of this model's UNet; the file was made for another "
+            if name not in targets:
+                raise ValueError(f"{name} is not a weight of this model's denoiser; the file was made for another "
                                  "model family or layout.")
-            key = names[name]
-            weight = state[key].float()
+            key = targets[name][0] if targets[name][1] is None else targets[name]  # a slice patch: (key, offset)
+            weight = _weight(state, targets[name]).float()
             current = (weight + patches[key] if key in patches else weight).reshape(weight.shape[0], -1)
             matrix = delta.matrix(current)
             if tuple(matrix.shape) != tuple(current.shape):
@@ -252,6 +305,10 @@ class ApplyClosedFormErasure:
                              "token_policy": (["last_subject", "eot", "all"],)}}
 
     def apply(self, model, clip, concepts, anchor, preserve, lamb, token_policy="last_subject"):
+        if (family := mmdit_family(model)) is not None:
+            raise ValueError(f"Apply Closed-Form Erasure edits UNet cross-attention; this is a {family} model. Erase "
+                             "with diffusers-erase (`pipe.erase_concept(...)`, then `pipe.save_erasure_adapter(...)`) "
+                             "and apply the file with Load Erasure Adapter.")
         names = _split(concepts)
         if not names:
             raise ValueError("Give at least one concept to erase (comma-separated).")
