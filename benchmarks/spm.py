@@ -5,6 +5,7 @@ the gate computation, and with the membranes fused.
     python benchmarks/spm.py                                   # both -> benchmarks/results/spm.json
     python benchmarks/spm.py --skip-training                   # overhead only (SD 1.5, 64×64 latents)
     python benchmarks/spm.py --skip-training --family sdxl     # SDXL UNet, 64×64 latents (512 px)
+    python benchmarks/spm.py --skip-overhead --model flux --out benchmarks/results/spm_flux_shapes.json
 
 Not a test: numbers depend on the machine. Run it on an otherwise idle machine (2 threads).
 """
@@ -103,11 +104,11 @@ def overhead(repeats: int, family: str = "sd15", side: int = 64) -> dict:
 
 def training(iterations: list[int], images_per_prompt: int, lr: float | None, la_strengths: list[float],
              anchor: str | None, save: Path | None, concept: str = "star",
-             la_samples: int | None = None) -> list[dict]:
+             la_samples: int | None = None, model: str = "sd1") -> list[dict]:
     from diffusers_erase import shapes
 
     rows = []
-    pipe = de.enable_erasure(shapes.load_pipeline())
+    pipe = de.enable_erasure(shapes.load_pipeline(model=model))
     base = shapes.evaluate(pipe, concepts=list(shapes.SHAPES), images_per_prompt=images_per_prompt, progress=False)
     for count, la in [(c, la) for la in la_strengths for c in iterations]:
         start = time.perf_counter()
@@ -122,7 +123,8 @@ def training(iterations: list[int], images_per_prompt: int, lr: float | None, la
         pipe.unload_erasure()
         score = after.erased[0]
         others = {s: after.scores[s].direct / max(base.scores[s].direct, 1e-9) for s in shapes.SHAPES if s != concept}
-        rows.append({"concept": concept, "iterations": count, "la_strength": la, "anchor": anchor or "",
+        rows.append({"model": model, "concept": concept, "iterations": count, "la_strength": la,
+                     "anchor": anchor or "",
                      "lr": de.SPMConfig.tiny(**options).lr, "la_samples": de.SPMConfig.tiny(**options).la_samples,
                      "seconds": seconds, "efficacy": score.efficacy, "residue": score.residue,
                      "worst_other_ratio": min(others.values()), "other_ratios": others,
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--la-samples", type=int, help="anchors drawn per iteration (default: SPMConfig.tiny()'s)")
     parser.add_argument("--concept", default="star", help="the shape to erase (default: star)")
     parser.add_argument("--anchor", help='the surrogate concept (default: SPM\'s ""; the shapes recipe: "circle")')
+    parser.add_argument("--model", choices=["sd1", "flux"], default="sd1",
+                        help="the bundled shapes model the training run uses (flux: its FLUX.1-architecture twin)")
     parser.add_argument("--save", type=Path, help="write the (last) trained membrane to this .safetensors file")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
@@ -158,7 +162,7 @@ def main() -> None:
                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")})
     if not args.skip_training:
         result["training"] = training(args.iterations, args.images_per_prompt, args.lr, args.la_strength,
-                                      args.anchor, args.save, args.concept, args.la_samples)
+                                      args.anchor, args.save, args.concept, args.la_samples, args.model)
     if not args.skip_overhead:
         result[f"overhead_{args.family}"] = overhead(args.repeats, args.family, args.side)
         print(json.dumps(result[f"overhead_{args.family}"], indent=1))
