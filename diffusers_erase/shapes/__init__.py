@@ -61,7 +61,6 @@ def load_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", *, mo
                                 f"`python -m {trainer}` then `--export`")
     if model == "flux":
         pipe = FluxPipeline.from_pretrained(folder, **dtype_keyword(dtype))
-        pipe.default_sample_size = world.FLUX_IMAGE_SIZE // pipe.vae_scale_factor  # pipe(prompt) draws 64 px
     else:
         pipe = StableDiffusionPipeline.from_pretrained(folder, **dtype_keyword(dtype), safety_checker=None,
                                                        feature_extractor=None, requires_safety_checker=False)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
@@ -143,14 +142,11 @@ def generate(pipe, prompts, images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT, 
                           for _ in batch for k in range(images_per_prompt)]
             # The FLUX-architecture model has no guidance embedding: true classifier-free guidance, T5 padded to
             # the length it was trained with.
-            extra = dict(negative_prompt=[""] * len(batch), true_cfg_scale=guidance, height=world.FLUX_IMAGE_SIZE,
-                         width=world.FLUX_IMAGE_SIZE, max_sequence_length=pipe.tokenizer_2.model_max_length
-                         ) if flux else {}
+            extra = dict(negative_prompt=[""] * len(batch), true_cfg_scale=guidance, height=world.IMAGE_SIZE,
+                         width=world.IMAGE_SIZE, max_sequence_length=pipe.tokenizer_2.model_max_length) if flux else {}
             images = pipe(list(batch), num_images_per_prompt=images_per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=generators, output_type="pt", **extra).images
-            if images.shape[-1] != world.IMAGE_SIZE:  # the FLUX twin's 64 px, read back at the world's size
-                images = F.interpolate(images.float(), size=(world.IMAGE_SIZE,) * 2, mode="area")
-            images = (images.float().permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+                          guidance_scale=guidance, generator=generators, output_type="np", **extra).images
+            images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
             for j, prompt in enumerate(batch):
                 out[prompt] = images[j * images_per_prompt : (j + 1) * images_per_prompt]
     finally:

@@ -4,9 +4,9 @@
     python -m diffusers_erase.shapes.train_flux --export               # write assets/pipeline-flux
 
 Stages, each resumable from its checkpoint under --workdir:
-  1. data        render the training images (the SD model's seeded recipe), upsample them 2× to 64 px and
-                 encode them once with the shipped shapes VAE (4 latent channels, 16×16; FLUX packs 2×2 patches,
-                 so the transformer reads 8×8 tokens of 16 channels: at 32 px it had 4×4 and drew squares as circles)
+  1. data        render the training images (the SD model's seeded recipe) and encode them once with the
+                 shipped shapes VAE (4 latent channels; FLUX packs 2×2 patches, so the transformer reads 16 tokens
+                 of 16 channels)
   2. tokenizer   a T5 tokenizer (sentencepiece-style Unigram, `T5TokenizerFast`) trained on the world's captions
                  plus every character, so any text tokenizes
   3. transformer train `FluxTransformer2DModel` and the T5 encoder jointly with the rectified-flow objective
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 FLUX_PIPELINE_DIR = Path(__file__).parent / "assets" / "pipeline-flux"
 MAX_TOKENS = 32  # T5 positions: the captions are at most ~20 words
-IMAGE_SIZE = world.FLUX_IMAGE_SIZE
 T5_WIDTH = 64
 INNER_HEADS, HEAD_DIM = 6, 32  # inner width 192: 5.1 M parameters, about the SD shapes UNet's 5.8 M
 
@@ -105,8 +104,7 @@ def load_shipped():
 def encode_latents(images: np.ndarray, vae, path: Path) -> None:
     means, stds = [], []
     for start in tqdm(range(0, len(images), 256), desc="encode", mininterval=10):
-        x = F.interpolate(_to_tensor(images[start: start + 256]), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
-        dist = vae.encode(x).latent_dist
+        dist = vae.encode(_to_tensor(images[start: start + 256])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     torch.save({"mean": torch.cat(means).half(), "std": torch.cat(stds).half()}, path)
@@ -231,7 +229,6 @@ def build_pipeline(workdir: Path, ema: bool = True):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
                         text_encoder_2=t5.eval(), tokenizer_2=t5_tokenizer, transformer=transformer.eval())
-    pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor  # pipe(prompt) draws at the trained size
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -252,9 +249,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("runs/shapes-flux"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--images", type=int, default=48_000)
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=60_000)
+    parser.add_argument("--steps", type=int, default=8_000)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-minutes", type=float, default=float("inf"),
                         help="stop (with a checkpoint) after this many minutes; rerun to resume")

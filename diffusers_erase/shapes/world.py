@@ -14,9 +14,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
-# The FLUX-architecture twin draws at 64 px (the world upsampled 2×) so that FLUX's 2×2 latent packing leaves
-# 8×8 image tokens; its images are read back at IMAGE_SIZE.
-FLUX_IMAGE_SIZE = 64
 # Shapes are drawn at 4x and box-filtered down, which gives clean anti-aliased edges.
 _SUPERSAMPLE = 4
 
