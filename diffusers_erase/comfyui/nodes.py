@@ -105,28 +105,22 @@ def _weight(state, target) -> torch.Tensor:
 def comfy_layout(model) -> Layout:
     """The library's `Layout` of a ComfyUI MODEL, so the library's own readers parse files for it."""
     state = model.model.state_dict()
+    targets = {n: t for n, t in weight_targets(model).items() if n.startswith(("unet.", "transformer."))}
+    modules = {n: tuple(_weight(state, t).shape) for n, t in targets.items()}
     if (name := mmdit_family(model)) is not None:
-        family = FAMILIES[name]
-        targets = mmdit_key_map(model, name)
-        modules = {n: tuple(_weight(state, t).shape) for n, t in targets.items()}
+        family, unet_config = FAMILIES[name], {}
         readers = {f"transformer.{p}" for p in (*family.text_readers, *family.pooled_readers)}
-        return Layout(family=family, unet_config={},
-                      text_readers={n: s for n, s in modules.items() if n in readers},
-                      membrane_targets={n: s for n, s in modules.items()
-                                        if n.endswith(family.membrane_layers)},
-                      weight=lambda module: _weight(state, targets[module_of(module)]),
-                      parameters={f"{n}.weight": s for n, s in modules.items()})
-    config = model.model.model_config.unet_config
-    context = int(config.get("context_dim") or 768)
-    family = FAMILIES["sdxl" if context == 2048 else "sd2" if context == 1024 else "sd1"]
-    keys = {name: key for name, key in key_map(model).items() if name.startswith("unet.")}
-    modules = {name: tuple(state[key].shape) for name, key in keys.items()}
-    layers = _layers(model)
-    unet_config = {"block_out_channels": [0] * len(layers), "layers_per_block": layers}
-    return Layout(family=family, unet_config=unet_config,
-                  text_readers={n: s for n, s in modules.items() if n.endswith(family.text_readers)},
-                  membrane_targets={n: s for n, s in modules.items() if len(s) in (2, 4)},  # Linear/Conv2d
-                  weight=lambda name: state[keys[module_of(name)]],
+        text_readers = {n: s for n, s in modules.items() if n in readers}
+        membranes = {n: s for n, s in modules.items() if n.endswith(family.membrane_layers)}
+    else:
+        context = int(model.model.model_config.unet_config.get("context_dim") or 768)
+        family = FAMILIES["sdxl" if context == 2048 else "sd2" if context == 1024 else "sd1"]
+        layers = _layers(model)
+        unet_config = {"block_out_channels": [0] * len(layers), "layers_per_block": layers}
+        text_readers = {n: s for n, s in modules.items() if n.endswith(family.text_readers)}
+        membranes = {n: s for n, s in modules.items() if len(s) in (2, 4)}  # Linear/Conv2d
+    return Layout(family=family, unet_config=unet_config, text_readers=text_readers, membrane_targets=membranes,
+                  weight=lambda module: _weight(state, targets[module_of(module)]),
                   parameters={f"{n}.weight": s for n, s in modules.items()})
 
 
@@ -158,7 +152,8 @@ def erasure_patches(model, erasures: list[dict], strengths: list[float]) -> dict
             if name not in targets:
                 raise ValueError(f"{name} is not a weight of this model's denoiser; the file was made for another "
                                  "model family or layout.")
-            key = targets[name][0] if targets[name][1] is None else targets[name]  # a slice patch: (key, offset)
+            weight_key, offset = targets[name]
+            key = weight_key if offset is None else (weight_key, offset)  # ComfyUI's slice patch
             weight = _weight(state, targets[name]).float()
             current = (weight + patches[key] if key in patches else weight).reshape(weight.shape[0], -1)
             matrix = delta.matrix(current)
