@@ -6,7 +6,8 @@
 
 For each erasure: every attack's ASR over the concept's direct prompts (one seed each), beside the erased model's
 own rate (no attack) and the base model's, with queries, UNet evaluations and wall time. Ring-A-Bell's concept
-vector comes from the direct prompts paired with the same prompt saying "shape". Results go to
+vector comes from the direct prompts paired with the same prompt saying "shape"; Concept Arithmetics uses "shape"
+as its neutral word and the recipe's anchor. Results go to
 benchmarks/results/robustness.json and the markdown tables to stdout (docs/robustness.md quotes them). Run it
 alone: on 2 cores any other job changes the timings.
 """
@@ -72,10 +73,12 @@ def main() -> None:
         concept = erase(pipe, method)
         prompts = shapes.direct_prompts(concept)
         pairs = [(p, p.replace(concept, "shape")) for p in prompts]
+        options = {"ring_a_bell": {"pairs": pairs},  # the attacker knows the recipe's (documented) anchor
+                   "arithmetic": {"neutral": "shape", "anchor": shapes.erasure_recipe(concept)["anchor"]}}
         start = time.perf_counter()
         report = attacks.run(pipe, concept, args.attacks, detectors.shapes(concept), reference=base,
                              budget=args.budget, prompts=prompts, seeds=range(args.seeds), generation=GENERATION,
-                             options={"ring_a_bell": {"pairs": pairs}} if "ring_a_bell" in args.attacks else None)
+                             options={k: v for k, v in options.items() if k in args.attacks})
         print(f"## {method} ({concept}), {time.perf_counter() - start:.0f} s\n\n{report.table()}\n", flush=True)
         rows[method] = report.to_dict()
     args.out.parent.mkdir(parents=True, exist_ok=True)

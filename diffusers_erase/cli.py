@@ -9,6 +9,8 @@
     diffusers-erase card erase-circle/ --eval              # (re)write README.md, with the shapes evaluation
     diffusers-erase evaluate --adapter erase-circle/ --out eval/
     diffusers-erase attack erase-circle/ --model shapes --concept circle --attack ring_a_bell --out robustness/
+    diffusers-erase attack erase-circle/ --model shapes --concept circle --attack arithmetic \
+        --option arithmetic.anchor=square --option arithmetic.neutral=shape
     diffusers-erase card erase-circle/ --robustness robustness/
 """
 
@@ -200,6 +202,13 @@ def cmd_attack(args) -> int:
     for name in args.attack:
         if name not in attacks.ATTACKS:
             raise ValueError(f"Unknown attack {name!r}; valid attacks: {', '.join(attacks.ATTACKS)}.")
+    options = {}
+    for key, value in args.option or []:
+        attack, dot, name = key.partition(".")
+        if not dot or attack not in args.attack:
+            raise ValueError(f"--option {key}=...: name an attack that runs and its option, e.g. "
+                             f"--option arithmetic.anchor=square (attacks run: {', '.join(args.attack)}).")
+        options.setdefault(attack, {})[name] = value
     detector = detectors.shapes(args.concept) if args.detector == "shapes" else detectors.nudenet()
     pipe, reference = _attack_setup(args)
     generation = attacks.Generation(num_inference_steps=args.steps or 50, guidance_scale=args.guidance or 7.5)
@@ -207,7 +216,7 @@ def cmd_attack(args) -> int:
         generation = attacks.Generation(num_inference_steps=args.steps or 20, guidance_scale=args.guidance or 3.0,
                                         scheduler="DPMSolverMultistepScheduler")
     report = attacks.run(pipe, args.concept, args.attack, detector, reference=reference, budget=args.budget,
-                         prompts=args.prompt, seeds=range(args.seeds), generation=generation)
+                         prompts=args.prompt, seeds=range(args.seeds), generation=generation, options=options)
     if PartialState().is_main_process:  # under accelerate/torchrun every process holds the gathered report
         out = report.save(args.out)
         print(report.table())
@@ -283,6 +292,8 @@ def _add_attack_parser(sub) -> None:
     attack.add_argument("--model", help="the adapter's base pipeline (default: the one it names; 'shapes')")
     attack.add_argument("--reference", help="for a checkpoint: the unerased pipeline (white-box attacks need it)")
     attack.add_argument("--budget", default="quick", choices=list(attacks.BUDGETS))
+    attack.add_argument("--option", action="append", type=_option, metavar="ATTACK.KEY=VALUE",
+                        help="an attack's option over its budget, e.g. arithmetic.anchor=square (repeatable)")
     attack.add_argument("--prompt", action="append", help="a prompt to attack (repeatable; default: templates)")
     attack.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
     attack.add_argument("--steps", type=int, help="sampling steps (default 50; 20 for the shapes model)")

@@ -14,6 +14,7 @@ from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
 import diffusers_erase as de
 from diffusers_erase import attacks, detectors, shapes
 from diffusers_erase.adversarial import AdversarialPrefix, project_to_simplex
+from diffusers_erase.attacks import arithmetic
 from diffusers_erase.attacks.p4d import PEZPrompt
 from diffusers_erase.families import text_pairs
 from diffusers_erase.text import encoder_states
@@ -155,7 +156,8 @@ def test_a_bad_detector_is_refused_before_any_image_is_made(tokenizer_dir, score
 
 def test_bad_names_and_references_are_refused(tokenizer_dir):
     pipe, detector = make_sd_pipeline(tokenizer_dir), detectors.Detector("zero", lambda x: np.zeros(len(x)))
-    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, p4d, textual_inversion, relearn"):
+    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, p4d, textual_inversion, relearn, "
+                                         "arithmetic"):
         attacks.run(pipe, "cat", ["p5d"], detector)
     with pytest.raises(ValueError, match="valid budgets: quick, paper"):
         attacks.run(pipe, "cat", "ring_a_bell", detector, budget="huge")
@@ -165,6 +167,74 @@ def test_bad_names_and_references_are_refused(tokenizer_dir):
         attacks.run(pipe, "cat", "ring_a_bell", detector, reference=make_sdxl_pipeline(tokenizer_dir))
     with pytest.raises(TypeError, match="Detector"):
         attacks.run(pipe, "cat", "ring_a_bell", lambda images: np.zeros(len(images)))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"scales": (0.0,)}, "positive finite"),
+    ({"compositions": [("x", [("{concept} art", 1.0)])]}, "templates may use"),
+    ({"compositions": [("x", [("{prompt}", float("inf"))])]}, "finite"),
+    ({"compositions": [("x", "{prompt}")]}, "a term is"),
+    ({"related": "sunflowers"}, "list of phrases"),
+])
+def test_bad_arithmetic_options_are_refused_before_any_image_is_made(tokenizer_dir, options, match, monkeypatch):
+    pipe, detector = make_sd_pipeline(tokenizer_dir), detectors.Detector("zero", lambda x: np.zeros(len(x)))
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("an image was generated"))
+    with pytest.raises(ValueError, match=match):
+        attacks.run(pipe, "cat", "arithmetic", detector, options={"arithmetic": options}, progress=False)
+
+
+def test_composed_guidance_is_the_weighted_sum_of_the_prompts_guidance(tokenizer_dir):
+    """One prompt at weight 1 is the plain image; weights split over copies of a prompt give it too; a zero weight
+    adds nothing; and the hook is gone afterwards."""
+    pipe = make_sd_pipeline(tokenizer_dir)
+    call = dict(num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+
+    def latents(prompts, weights=None):
+        generators = [torch.Generator().manual_seed(0) for _ in prompts]
+        if weights is None:
+            return pipe(prompts, generator=generators, **call).images[:1]
+        with arithmetic.composed_guidance(pipe, weights):
+            return pipe(prompts, generator=generators, **call).images[:1]
+
+    plain = latents(["a photo of a cat"])  # (random tiny weights: latents of a few hundred)
+    close = dict(rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(latents(["a photo of a cat"], [1.0]), plain, **close)
+    torch.testing.assert_close(latents(["a photo of a cat"] * 2, [0.25, 0.75]), plain, **close)
+    torch.testing.assert_close(latents(["a photo of a cat", "a dog"], [1.0, 0.0]), plain, **close)
+    assert not torch.allclose(latents(["a photo of a cat", "a dog"], [1.0, -1.0]), plain, rtol=1e-2, atol=1.0)
+    assert not pipe.unet._forward_hooks
+    with pytest.raises(ValueError, match="classifier-free guidance"):
+        with arithmetic.composed_guidance(pipe, [1.0, -1.0]):
+            pipe(["a cat", "a dog"], num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    assert not pipe.unet._forward_hooks
+
+
+def test_arithmetic_terms_fill_the_templates_from_the_case():
+    composition = arithmetic.DEFAULT_COMPOSITIONS
+    anchor = arithmetic.terms(composition[1][1], "a red circle", "circle", neutral="shape", anchor="square",
+                              related=None)
+    assert anchor == [("a red circle", 1.0), ("a red square", -1.0), ("a red shape", 1.0)]
+    assert arithmetic.terms(composition[1][1], "a red circle", "circle", neutral="", anchor=None, related=None) is None
+    related = arithmetic.terms(composition[2][1], "a Circle on grass", "circle", neutral="", anchor=None,
+                               related=["ring", "disk"])
+    assert related == [("a ring on grass", 0.5), ("a disk on grass", 0.5)]
+    negation = arithmetic.terms(composition[0][1], "a nude figure", "nudity", neutral="", anchor=None, related=None)
+    assert negation == [("", 1.0), ("a nude figure", -1.0)]  # a prompt that does not name the concept
+
+
+def test_concept_arithmetic_brings_back_an_erased_circle_and_changes_nothing(erased, base):
+    """Taking the recipe's anchor out of UCE's erased prompt and putting the neutral word back draws the circle again
+    for "a red circle" (measured: benchmarks/robustness.py)."""
+    before = _state(erased)
+    report = attacks.run(erased, "circle", "arithmetic", detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS[:1], generation=SHAPES, progress=False,
+                         options={"arithmetic": {"neutral": "shape", "anchor": "square"}})
+    result = report.results["arithmetic"]
+    assert result.no_attack_rate == 0.0 and result.asr == 1.0
+    assert result.cases[0].adversarial.startswith("anchor: ") and result.cases[0].queries == 4
+    assert result.unet_evaluations > 0
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
 
 
 def test_simplex_projection_is_the_reference_projection():

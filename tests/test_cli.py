@@ -1,5 +1,7 @@
 """The command line is a thin caller of the API: it works, and errors are one line with exit code 2."""
 
+import json
+
 import pytest
 from conftest import make_sd_pipeline
 
@@ -61,7 +63,6 @@ def test_export_and_card_commands(tokenizer_dir, tmp_path, capsys):
 
 def test_demo_erases_circle_from_the_shapes_model(tmp_path, capsys):
     """The README's main command, at 1 image per prompt (the README's run uses 4)."""
-    import json
 
     code = main(["demo", "--images-per-prompt", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -76,9 +77,13 @@ def test_attack_command_writes_a_report_that_the_card_shows(tmp_path, capsys):
     assert main(["erase", "shapes", "--concept", "circle", "--anchor", "square", "--option", "token_policy='all'",
                  "--out", str(tmp_path / "erase")]) == 0
     code = main(["attack", str(tmp_path / "erase"), "--model", "shapes", "--concept", "circle", "--attack",
-                 "ring_a_bell", "--prompt", "a red circle", "--out", str(tmp_path / "robustness")])
-    assert code == 0 and "| ring_a_bell |" in capsys.readouterr().out
+                 "ring_a_bell", "--attack", "arithmetic", "--option", "arithmetic.anchor=square", "--option",
+                 "arithmetic.scales=(2.0,)", "--prompt", "a red circle", "--out", str(tmp_path / "robustness")])
+    out = capsys.readouterr().out
+    assert code == 0 and "| ring_a_bell |" in out and "| arithmetic |" in out
     assert (tmp_path / "robustness" / "report.json").is_file() and (tmp_path / "robustness" / "index.html").is_file()
+    options = json.loads((tmp_path / "robustness" / "report.json").read_text())["results"]["arithmetic"]["options"]
+    assert options["anchor"] == "square" and options["scales"] == [2.0]
     assert main(["card", str(tmp_path / "erase"), "--robustness", str(tmp_path / "robustness")]) == 0
     card = (tmp_path / "erase" / "README.md").read_text()
     assert "## Robustness" in card and "| ring_a_bell |" in card
@@ -87,3 +92,5 @@ def test_attack_command_writes_a_report_that_the_card_shows(tmp_path, capsys):
 def test_attack_command_refuses_unknown_attacks_before_loading(tmp_path, capsys):
     code = main(["attack", str(tmp_path), "--concept", "circle", "--attack", "p5d"])
     assert code == 2 and "valid attacks: ring_a_bell" in capsys.readouterr().err
+    code = main(["attack", str(tmp_path), "--concept", "circle", "--attack", "arithmetic", "--option", "anchor=x"])
+    assert code == 2 and "--option arithmetic.anchor=square" in capsys.readouterr().err

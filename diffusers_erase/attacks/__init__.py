@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from ..detectors import Detector
 from ..families import family_of
-from . import p4d, relearn, ring_a_bell, textual_inversion, unlearndiff
+from . import arithmetic, p4d, relearn, ring_a_bell, textual_inversion, unlearndiff
 from ._core import Attack, AttackResult, Case, Context, Generation, time_it
 from .intrinsic import IntrinsicResult, probe
 from .report import Report
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (ring_a_bell.ATTACK, unlearndiff.ATTACK, p4d.ATTACK,
-                                                  textual_inversion.ATTACK, relearn.ATTACK)}
+                                                  textual_inversion.ATTACK, relearn.ATTACK, arithmetic.ATTACK)}
 BUDGETS = ("quick", "paper")
 # A concept's prompts when none are given: the concept in the Ring-A-Bell templates.
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting of {}")
@@ -56,6 +56,9 @@ def _check(pipe, attacks, detector, reference, budget, options) -> list[Attack]:
     for name in options:
         if name not in attacks:
             raise ValueError(f"`options` names {name!r}, which is not among the attacks run ({', '.join(attacks)}).")
+    for attack in chosen:
+        if attack.check is not None:
+            attack.check(**{**attack.budgets[budget], **options.get(attack.name, {})})
     return chosen
 
 

@@ -166,7 +166,10 @@ class Tries:
 
     def judge(self, found: str, **inputs) -> bool:
         """Generate `inputs` (`prompts=` or `prompt_embeds=`) at the case's seed; True when the concept shows."""
-        image = self.context.images(**inputs, seeds=[self.case.seed])
+        return self.verdict(found, self.context.images(**inputs, seeds=[self.case.seed]))
+
+    def verdict(self, found: str, image: np.ndarray) -> bool:
+        """Judge one image (1, h, w, 3) an attack made its own way; True when the concept shows."""
         score = float(self.context.scores(image)[0])
         self.queries += 1
         if score > self.score:
@@ -220,6 +223,7 @@ class Attack:
     budgets: dict
     needs_reference: bool = False
     paper: str = ""
+    check: Callable | None = None  # check(**settings): bad options fail before any image is made
 
 
 def time_it():
