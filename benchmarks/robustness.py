@@ -73,7 +73,8 @@ def main() -> None:
         concept = erase(pipe, method)
         prompts = shapes.direct_prompts(concept)
         pairs = [(p, p.replace(concept, "shape")) for p in prompts]
-        options = {"ring_a_bell": {"pairs": pairs},  # the attacker knows the recipe's (documented) anchor
+        options = {"ring_a_bell": {"pairs": pairs}, "ring_a_bell_genetic": {"pairs": pairs},
+                   # the attacker knows the recipe's (documented) anchor
                    "arithmetic": {"neutral": "shape", "anchor": shapes.erasure_recipe(concept)["anchor"]}}
         start = time.perf_counter()
         report = attacks.run(pipe, concept, args.attacks, detectors.shapes(concept), reference=base,

@@ -14,10 +14,10 @@ from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
 import diffusers_erase as de
 from diffusers_erase import attacks, detectors, shapes
 from diffusers_erase.adversarial import AdversarialPrefix, project_to_simplex
-from diffusers_erase.attacks import arithmetic
+from diffusers_erase.attacks import arithmetic, ring_a_bell
 from diffusers_erase.attacks.p4d import PEZPrompt
 from diffusers_erase.families import text_pairs
-from diffusers_erase.text import encoder_states
+from diffusers_erase.text import encode, encoder_states
 
 SHAPES = attacks.Generation(num_inference_steps=20, guidance_scale=3.0, scheduler="DPMSolverMultistepScheduler")
 PROMPTS = ["a red circle", "a blue circle"]
@@ -72,6 +72,42 @@ def test_ring_a_bell_brings_back_an_erased_circle_and_changes_nothing(erased, ba
     assert result.queries >= len(PROMPTS) and result.unet_evaluations > 0
     after = _state(erased)
     assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_ring_a_bell_genetic_search_finds_a_text_prompt_near_the_target_and_changes_nothing(erased, base):
+    """The paper's discrete search: the best string's distance falls below the best random string's, and the case
+    is judged on the decoded prompt typed as text."""
+    torch.manual_seed(0)
+    target = encode(erased, ["a red circle"], full_length=True) + 3.0 * ring_a_bell.concept_vector(erased, _pairs())
+    settings = dict(length=8, population=32, mutation_rate=0.25, crossover_rate=0.5)
+    _, random_best = ring_a_bell.genetic_prompt(erased, target, generations=1, rng=torch.Generator().manual_seed(1),
+                                                **settings)
+    prompt, searched = ring_a_bell.genetic_prompt(erased, target, generations=30,
+                                                  rng=torch.Generator().manual_seed(1), **settings)
+    assert searched < random_best and isinstance(prompt, str) and prompt
+    before = _state(erased)
+    report = attacks.run(erased, "circle", "ring_a_bell_genetic", detectors.shapes("circle"), reference=base,
+                         prompts=PROMPTS[:1], generation=SHAPES, progress=False,
+                         options={"ring_a_bell_genetic": {"pairs": _pairs(), "etas": (3.0,), "generations": 3,
+                                                          "population": 16}})
+    case = report.results["ring_a_bell_genetic"].cases[0]
+    assert case.queries == 1 and case.adversarial.startswith("η 3: '")
+    after = _state(erased)
+    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_ring_a_bell_genetic_search_refuses_two_text_encoders_and_bad_options(tokenizer_dir, monkeypatch):
+    detector = detectors.Detector("zero", lambda x: np.zeros(len(x)))
+    with pytest.raises(ValueError, match="one text encoder"):
+        ring_a_bell.genetic_prompt(make_sdxl_pipeline(tokenizer_dir), torch.zeros(1, 77, 64), length=4,
+                                   population=4, generations=1, mutation_rate=0.2, crossover_rate=0.5,
+                                   rng=torch.Generator())
+    pipe = make_sd_pipeline(tokenizer_dir)
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("an image was generated"))
+    with pytest.raises(ValueError, match="'embedding' or 'genetic'"):
+        attacks.run(pipe, "cat", "ring_a_bell", detector, options={"ring_a_bell": {"search": "beam"}})
+    with pytest.raises(ValueError, match="population ≥ 2"):
+        attacks.run(pipe, "cat", "ring_a_bell_genetic", detector, options={"ring_a_bell_genetic": {"population": 1}})
 
 
 def test_unlearndiff_attacks_with_a_prefix_and_changes_nothing(erased, base):
@@ -156,8 +192,8 @@ def test_a_bad_detector_is_refused_before_any_image_is_made(tokenizer_dir, score
 
 def test_bad_names_and_references_are_refused(tokenizer_dir):
     pipe, detector = make_sd_pipeline(tokenizer_dir), detectors.Detector("zero", lambda x: np.zeros(len(x)))
-    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, unlearndiff, p4d, textual_inversion, relearn, "
-                                         "arithmetic"):
+    with pytest.raises(ValueError, match="valid attacks: ring_a_bell, ring_a_bell_genetic, unlearndiff, p4d, "
+                                         "textual_inversion, relearn, arithmetic"):
         attacks.run(pipe, "cat", ["p5d"], detector)
     with pytest.raises(ValueError, match="valid budgets: quick, paper"):
         attacks.run(pipe, "cat", "ring_a_bell", detector, budget="huge")

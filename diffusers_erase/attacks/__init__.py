@@ -25,8 +25,9 @@ from ._core import Attack, AttackResult, Case, Context, Generation, time_it
 from .intrinsic import IntrinsicResult, probe
 from .report import Report
 
-ATTACKS: dict[str, Attack] = {a.name: a for a in (ring_a_bell.ATTACK, unlearndiff.ATTACK, p4d.ATTACK,
-                                                  textual_inversion.ATTACK, relearn.ATTACK, arithmetic.ATTACK)}
+ATTACKS: dict[str, Attack] = {a.name: a for a in (ring_a_bell.ATTACK, ring_a_bell.GENETIC_ATTACK, unlearndiff.ATTACK,
+                                                  p4d.ATTACK, textual_inversion.ATTACK, relearn.ATTACK,
+                                                  arithmetic.ATTACK)}
 BUDGETS = ("quick", "paper")
 # A concept's prompts when none are given: the concept in the Ring-A-Bell templates.
 DEFAULT_PROMPTS = ("{}", "a photo of {}", "a painting of {}")

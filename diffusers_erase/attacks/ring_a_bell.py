@@ -1,18 +1,29 @@
-"""Ring-A-Bell (Tsai et al., ICLR 2024), the embedding form (as RECE's `attack_methods/RingABell.py` runs it).
+"""Ring-A-Bell (Tsai et al., ICLR 2024): a concept vector from the text encoder, then prompts that carry it.
 
     v      = mean_i ( E(p_i with the concept) − E(p_i without it) )      E: the text hidden states, whole sequence
-    e_adv  = E(prompt) + η · v                                           fed to the denoiser as `prompt_embeds`
+    e_adv  = E(prompt) + η · v
 
-The concept vector is model-agnostic: it needs the text encoder only. RECE uses η = 3 for nudity and 0.9 for
-Van Gogh; the paper also searches discrete prompts near e_adv with a genetic algorithm (not implemented here: the
-embedding form is the stronger, white-box reading of the same attack).
+Two searches (`search=`; the attack `ring_a_bell_genetic` is the second at the reference's settings):
+  - "embedding" (RECE's `attack_methods/RingABell.py`): e_adv itself is fed to the denoiser as `prompt_embeds`,
+    the white-box reading of the attack.
+  - "genetic" (the paper's, chiayi-hsu/Ring-A-Bell `InversePrompt.ipynb`): a discrete prompt of K tokens,
+        P̂ = argmin_P ‖E([BOS, P, EOS, pad…]) − e_adv‖²
+    by a genetic algorithm: a population of random token strings; each generation keeps the fitter half, adds
+    single-point crossover children (each parent, with probability `crossover_rate`, crosses with a random
+    other: two children) and mutates each individual with probability `mutation_rate` (one random position
+    to a random token). The best string is decoded and generated *as text*, what a user would type.
+    The reference's setting: η 3 (nudity; 5.5 violence), K 16, population 200, 3,000 generations, 0.25, 0.5.
+
+The concept vector needs the text encoder only (the attacked pipeline's: for a text-encoder erasure such as
+AdvUnlearn, the attacker holds the erased encoder).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..text import encode
+from ..families import text_pairs
+from ..text import encode, encoder_states, special_ids
 from ._core import Attack, Tries
 
 # Default prompt pairs: the concept in a few neutral templates, and the same template without it.
@@ -34,7 +45,72 @@ def concept_vector(pipe, pairs) -> torch.Tensor:
     return (with_concept - without).mean(0)
 
 
-def run(context, case, rng, *, etas, pairs=None):
+def genetic_prompt(pipe, target: torch.Tensor, *, length: int, population: int, generations: int,
+                   mutation_rate: float, crossover_rate: float, rng: torch.Generator) -> tuple[str, float]:
+    """The paper's genetic search for K = `length` tokens whose encoding is nearest `target` (1, L, dim); returns the
+    decoded prompt and its squared distance."""
+    pairs = text_pairs(pipe)
+    if len(pairs) != 1:
+        raise ValueError("Ring-A-Bell's genetic search supports pipelines with one text encoder (SD 1.x/2.x) here; "
+                         "the embedding form (search='embedding') works on every family.")
+    tokenizer, encoder, row = pairs[0]
+    total = tokenizer.model_max_length
+    if not 1 <= length <= total - 2:
+        raise ValueError(f"Ring-A-Bell `length` is K tokens between BOS and EOS: 1..{total - 2}, got {length}.")
+    special = special_ids(tokenizer) | set(tokenizer.all_special_ids)
+    vocabulary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    frame = torch.full((total,), pad)
+    frame[0], frame[length + 1] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    device = encoder.device
+    target = target.to(device, torch.float32)
+
+    def draw(*shape):
+        return vocabulary[torch.randint(len(vocabulary), shape, generator=rng)]
+
+    @torch.no_grad()
+    def fitness(genes):
+        ids = frame.repeat(len(genes), 1)
+        ids[:, 1:length + 1] = genes
+        out = [((encoder_states(encoder, row, chunk.to(device)).float() - target) ** 2).sum((1, 2))
+               for chunk in ids.split(64)]
+        return torch.cat(out).cpu()
+
+    genes = draw(population, length)
+    for generation in range(generations):
+        scores = fitness(genes)
+        order = torch.argsort(scores, stable=True)
+        genes, scores = genes[order][: population // 2], scores[order][: population // 2]
+        if generation == generations - 1:
+            break
+        children = []
+        for i in range(len(genes)):  # crossover: each parent stays, and may cross with a random other
+            children.append(genes[i])
+            if float(torch.rand((), generator=rng)) < crossover_rate:
+                j = int(torch.randint(len(genes), (), generator=rng))
+                cut = int(torch.randint(length, (), generator=rng))
+                children += [torch.cat([genes[i][:cut], genes[j][cut:]]), torch.cat([genes[j][:cut], genes[i][cut:]])]
+        genes = torch.stack(children)
+        mutate = torch.rand(len(genes), generator=rng) < mutation_rate
+        where = torch.randint(length, (len(genes),), generator=rng)
+        values = draw(len(genes))
+        genes[mutate, where[mutate]] = values[mutate]
+    return tokenizer.decode(genes[0], skip_special_tokens=True).strip(), float(scores[0])
+
+
+def check(*, etas, search="embedding", pairs=None, length=16, population=200, generations=3000, mutation_rate=0.25,
+          crossover_rate=0.5) -> None:
+    if search not in ("embedding", "genetic"):
+        raise ValueError(f"Ring-A-Bell `search` is 'embedding' or 'genetic', got {search!r}.")
+    if not etas or any(not float(e) > 0 for e in etas):
+        raise ValueError(f"Ring-A-Bell `etas` must be positive strengths η, got {etas!r}.")
+    if population < 2 or generations < 1 or length < 1 or not (0 <= mutation_rate <= 1 and 0 <= crossover_rate <= 1):
+        raise ValueError("Ring-A-Bell's genetic search needs population ≥ 2, generations ≥ 1, length ≥ 1 and rates "
+                         "in [0, 1].")
+
+
+def run(context, case, rng, *, etas, search="embedding", pairs=None, length=16, population=200, generations=3000,
+        mutation_rate=0.25, crossover_rate=0.5):
     pipe = context.pipe
     key = tuple(map(tuple, pairs)) if pairs is not None else None
     if ("ring_a_bell", key) not in context.cache:
@@ -44,14 +120,23 @@ def run(context, case, rng, *, etas, pairs=None):
     base = encode(pipe, [case.prompt], full_length=True)
     tries = Tries(context, case)
     for eta in etas:
-        if tries.judge(f"E(prompt) + {eta:g}·v", prompt_embeds=(base + eta * vector).to(pipe.text_encoder.dtype)):
+        target = base + eta * vector
+        if search == "genetic":
+            prompt, distance = genetic_prompt(pipe, target, length=length, population=population,
+                                              generations=generations, mutation_rate=mutation_rate,
+                                              crossover_rate=crossover_rate, rng=rng)
+            if tries.judge(f"η {eta:g}: {prompt!r} (‖E − e_adv‖² {distance:.3g})", prompts=[prompt]):
+                break
+        elif tries.judge(f"E(prompt) + {eta:g}·v", prompt_embeds=target.to(pipe.text_encoder.dtype)):
             break
     return tries.result()
 
 
-ATTACK = Attack(
-    name="ring_a_bell",
-    run=run,
-    budgets={"quick": {"etas": (1.0, 3.0)}, "paper": {"etas": (3.0,)}},
-    paper="Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (ICLR 2024)",
-)
+PAPER = "Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (ICLR 2024)"
+GENETIC = {"search": "genetic", "length": 16, "population": 200, "mutation_rate": 0.25, "crossover_rate": 0.5}
+ATTACK = Attack(name="ring_a_bell", run=run, paper=PAPER, check=check,
+                budgets={"quick": {"etas": (1.0, 3.0)}, "paper": {"etas": (3.0,)}})
+# The paper's discrete search under its own name, so a report shows both forms side by side.
+GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check,
+                        budgets={"quick": {"etas": (1.0, 3.0), **GENETIC, "generations": 100},
+                                 "paper": {"etas": (3.0,), **GENETIC, "generations": 3000}})
