@@ -32,20 +32,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from erase_speed import PeakRSS, build_pipeline, rss_bytes  # noqa: E402
 
 import diffusers_erase as de  # noqa: E402
-from diffusers_erase.methods import _training  # noqa: E402
+from diffusers_erase.methods._denoising import Condition, Denoiser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def guided_step_seconds(pipe, repeats: int = 2) -> float:
-    latent_shape, sampler = _training.sampling_setup(pipe, None)
-    sampler.set_timesteps(50)
-    rows = torch.randn(2, 77, 768)
-    latents = torch.randn(latent_shape)
-    _training.partial_denoise(pipe.unet, sampler, latents, 1, rows, 3.0)  # warm-up
+    model = Denoiser(pipe, None, 50, read_at="sampler")
+    rows = Condition(torch.randn(1, 77, 768))
+    latents = model.noise(torch.Generator().manual_seed(0))
+    model.partial(latents, 1, rows, rows, 3.0)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
-        _training.partial_denoise(pipe.unet, sampler, latents, 1, rows, 3.0)
+        model.partial(latents, 1, rows, rows, 3.0)
     return (time.perf_counter() - start) / repeats
 
 

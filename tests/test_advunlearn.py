@@ -45,13 +45,13 @@ def test_the_attack_starts_after_the_warm_up_and_the_defence_trains_on_it(tokeni
 
 def test_retain_prompts_are_the_preserve_set_or_the_built_in_objects(tokenizer_dir, monkeypatch):
     encoded = []
-    real = advunlearn.encode
+    real = advunlearn.encode_condition
 
-    def spy(pipe, prompts, **kwargs):
+    def spy(pipe, prompts):
         encoded.append(list(prompts))
-        return real(pipe, prompts, **kwargs)
+        return real(pipe, prompts)
 
-    monkeypatch.setattr(advunlearn, "encode", spy)
+    monkeypatch.setattr(advunlearn, "encode_condition", spy)  # the retain table's frozen conditions
     de.erase_concept(make_sd_pipeline(tokenizer_dir), "cat", method="advunlearn", preserve=["a dog"], **TINY)
     assert ["a dog"] in encoded
     encoded.clear()

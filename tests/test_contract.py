@@ -84,6 +84,7 @@ METHOD_CASES = [
     ("spm", TINY_SPM_MMDIT, make_flux_pipeline, ("lora",)),
     ("esd", TINY_ESD, make_sd_pipeline, ("diff",)),
     ("esd", {**TINY_ESD, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora", "peft")),
+    ("esd", {**TINY_ESD, "lora_rank": 1}, make_sdxl_pipeline, ("kohya", "lora")),
     ("advunlearn", TINY_ADV, make_sd_pipeline, ("diff",)),
     ("fewshot", {"zero_shot": True, "lr": 1e-2, "epochs": 1}, make_sd_pipeline, ("diff",)),
     ("fewshot", {"zero_shot": True, "lr": 1e-2, "epochs": 1, "lora_rank": 1}, make_sd_pipeline, ("kohya", "lora")),

@@ -6,11 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import changed, make_sd_pipeline, snapshot
+from conftest import changed, make_flux_pipeline, make_sd_pipeline, make_sdxl_pipeline, snapshot
 
 import diffusers_erase as de
 from diffusers_erase.families import TRAIN_GROUPS, train_group
 from diffusers_erase.methods import _training
+from diffusers_erase.methods._denoising import Condition, Denoiser
+from diffusers_erase.methods.esd import ESDConfig
 
 TINY = dict(iterations=2, lr=1e-2, ddim_steps=3)
 
@@ -42,28 +44,62 @@ def test_esd_edits_only_its_group_and_unload_restores(tokenizer_dir):
     assert changed(before, snapshot(pipe)) == []
 
 
-def test_the_loss_is_the_reference_target(tokenizer_dir, monkeypatch):
-    """First iteration: ε'(x_t, c) against ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) computed here from the frozen UNet
-    (the edit starts at zero, so ε' = ε then)."""
-    pipe = make_sd_pipeline(tokenizer_dir)
+def _spy_on_x_t(monkeypatch) -> list:
+    """Record each x_t the Denoiser draws, with the timestep ESD reads it at and its [∅; prompt] conditioning."""
     seen = []
-    real = _training.partial_denoise
+    real = Denoiser.partial
 
-    def spy(unet, sampler, latents, k, conditioning, guidance):
-        x_t = real(unet, sampler, latents, k, conditioning, guidance)
-        seen.append((x_t, sampler.timesteps[k], conditioning))
+    def spy(self, latents, k, uncond, prompt, guidance):
+        x_t = real(self, latents, k, uncond, prompt, guidance)
+        seen.append((x_t, self.sampler.timesteps[k], Condition.cat([uncond, prompt])))
         return x_t
 
-    monkeypatch.setattr("diffusers_erase.methods.esd.partial_denoise", spy)
+    monkeypatch.setattr(Denoiser, "partial", spy)
+    return seen
+
+
+def test_the_loss_is_the_reference_target(tokenizer_dir, monkeypatch):
+    """First iteration: ε'(x_t, c) against ε(x_t, ∅) − η(ε(x_t, c) − ε(x_t, ∅)) computed here from the frozen UNet
+    at the DDIM sampler's own k-th timestep (the edit starts at zero, so ε' = ε then)."""
+    pipe = make_sd_pipeline(tokenizer_dir)
+    seen = _spy_on_x_t(monkeypatch)
     losses = []
     de.erase_concept(pipe, "cat", method="esd", negative_guidance=1.5, iterations=1, lr=1e-9, ddim_steps=4,
                      callback=lambda i, loss: losses.append(loss))
     de.unload_erasure(pipe)
     (x_t, t, conditioning), = seen
-    uncond, concept = conditioning
     with torch.no_grad():
-        eps_u, eps_c = pipe.unet(x_t.expand(2, -1, -1, -1), t, conditioning).sample.chunk(2)
+        eps_u, eps_c = pipe.unet(x_t.expand(2, -1, -1, -1), t, conditioning.tokens).sample.chunk(2)
     assert losses[0] == pytest.approx(F.mse_loss(eps_c, eps_u - 1.5 * (eps_c - eps_u)).item(), rel=1e-4)
+
+
+def test_on_sdxl_the_loss_reads_the_pooled_text_and_time_ids(tokenizer_dir, monkeypatch):
+    """SDXL: the same target, with each prompt's pooled vector and the time ids (size, no crop, size) as
+    `added_cond_kwargs`, as the pipeline calls its UNet; the edit stays in its group and unloads."""
+    pipe = make_sdxl_pipeline(tokenizer_dir)
+    before = snapshot(pipe)
+    seen = _spy_on_x_t(monkeypatch)
+    losses = []
+    record = de.erase_concept(pipe, "cat", method="esd", iterations=1, lr=1e-9, ddim_steps=4,
+                              callback=lambda i, loss: losses.append(loss))
+    assert _modules(record) == set(train_group(pipe, "esd-x"))
+    de.unload_erasure(pipe)
+    assert changed(before, snapshot(pipe)) == []
+    (x_t, t, conditioning), = seen
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    ids = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=torch.float32)
+    added = {"text_embeds": conditioning.pooled, "time_ids": ids}
+    with torch.no_grad():
+        eps_u, eps_c = pipe.unet(x_t.expand(2, -1, -1, -1), t, conditioning.tokens,
+                                 added_cond_kwargs=added).sample.chunk(2)
+    assert losses[0] == pytest.approx(F.mse_loss(eps_c, eps_u - (eps_c - eps_u)).item(), rel=1e-4)
+
+
+def test_the_sdxl_preset_is_the_reference_script_and_mmdit_is_refused(tokenizer_dir):
+    options = ESDConfig.presets["sdxl"]["options"]
+    assert options == {"iterations": 200, "lr": 2e-4, "start_guidance": 2.0, "negative_guidance": 0.0}
+    with pytest.raises(ValueError, match="runs on sd1, sd2, sdxl pipelines.*SD3/FLUX"):
+        de.erase_concept(make_flux_pipeline(tokenizer_dir), "cat", method="esd", **TINY)
 
 
 def test_training_is_deterministic_and_the_seed_matters(tokenizer_dir):

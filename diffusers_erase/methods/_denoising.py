@@ -2,9 +2,12 @@
 
 One `Denoiser` per pipeline and training resolution gives the same three operations whatever the architecture:
 
-    noise()                          x_T, the sampler's initial latents (in the layout the model reads)
-    partial(x, k, c, guidance)       x_t: the first k steps of the sampler, with guidance toward prompt c
+    noise(generator, batch)          x_T, the sampler's initial latents (in the layout the model reads)
+    partial(x, k, ∅, c, guidance)    x_t: the first k steps of the sampler, with guidance toward prompts c
     predict(x, k, c)                 the model's output at step k for a batch of conditions c
+
+Step k is read at one of two timesteps (`read_at`): the sampler's own k-th timestep ("sampler": ESD and AdvUnlearn
+read x_t there) or step k's place on the full training schedule ("train": SPM's reference maps it so).
 
 UNets (SD 1.x/2.x, SDXL with its pooled text and time ids as added conditioning) are sampled with DDIM and their
 prediction is ε (or v), as SPM's and ESD's references train them; the MMDiT transformers (SD3, FLUX) with the
@@ -61,11 +64,16 @@ def encode_condition(pipe, prompts: list[str]) -> Condition:
 
 
 class Denoiser:
-    """`pipe`'s denoiser at `resolution` pixels (None: the pipeline's default size) with a `steps`-step sampler."""
+    """`pipe`'s denoiser at `resolution` pixels (None: the pipeline's default size) with a `steps`-step sampler;
+    `read_at` "train" or "sampler" (above)."""
 
-    def __init__(self, pipe, resolution: int | None, steps: int):
+    def __init__(self, pipe, resolution: int | None, steps: int, read_at: str = "train"):
         self.pipe, self.family, self.model = pipe, family_of(pipe), denoiser(pipe)
-        self.steps = steps
+        self.steps, self.read_at = steps, read_at
+        total = pipe.scheduler.config.get("num_train_timesteps", 1000)
+        if not 1 <= steps <= total:
+            raise ValueError(f"{steps} sampling steps (`ddim_steps`) for training: use 1 to the scheduler's "
+                             f"num_train_timesteps={total}.")
         scale = getattr(pipe, "vae_scale_factor", 8)
         config = self.model.config
         # the pipeline's default size: its `default_sample_size` (SDXL, SD3, FLUX) or the denoiser's, in latents
@@ -91,8 +99,8 @@ class Denoiser:
             full = DDIMScheduler.from_config(self.pipe.scheduler.config)
             full.set_timesteps(full.config.num_train_timesteps)
             self._reset()
-            self._train_timesteps = [full.timesteps[int(k * full.config.num_train_timesteps / self.steps)]
-                                     for k in range(self.steps)]
+            self._train_timesteps = list(self.sampler.timesteps) if self.read_at == "sampler" else [
+                full.timesteps[int(k * full.config.num_train_timesteps / self.steps)] for k in range(self.steps)]
             return
         self.sampler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         self._options = {}
@@ -114,12 +122,12 @@ class Denoiser:
         # The flow sampler counts the steps it took; each x_t is drawn from a freshly set schedule.
         self.sampler.set_timesteps(self.steps, device=self.model.device, **self._options)
 
-    def noise(self, generator: torch.Generator) -> torch.Tensor:
-        """x_T for one sample, drawn on the CPU from `generator` (the same latents on every device)."""
-        shape = (1, self.channels, self.latent_side, self.latent_side)
+    def noise(self, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+        """x_T for `batch` samples, drawn on the CPU from `generator` (the same latents on every device)."""
+        shape = (batch, self.channels, self.latent_side, self.latent_side)
         latents = torch.randn(shape, generator=generator).to(self.model.device, self.model.dtype)
         if self.flux:
-            latents = self.pipe._pack_latents(latents, 1, self.channels, self.latent_side, self.latent_side)
+            latents = self.pipe._pack_latents(latents, batch, self.channels, self.latent_side, self.latent_side)
         return latents * getattr(self.sampler, "init_noise_sigma", 1.0)
 
     # --- predictions -----------------------------------------------------------------------------------------
@@ -158,14 +166,17 @@ class Denoiser:
     @torch.no_grad()
     def partial(self, latents: torch.Tensor, k: int, uncond: Condition, prompt: Condition,
                 guidance: float) -> torch.Tensor:
-        """x_t: the first k sampler steps from `latents`, guided toward `prompt` (one row each)."""
+        """x_t: the first k sampler steps from `latents` (batch B), guided toward `prompt` (B rows; `uncond`: 1 or
+        B rows)."""
         distilled = self.flux and self.model.config.guidance_embeds
+        batch = latents.shape[0]
+        uncond = uncond if len(uncond) == batch else uncond.rows([0] * batch)
         self._reset()
         for t in self.sampler.timesteps[:k]:
             if distilled:
                 prediction = self._call(latents, t, prompt, guidance)
             else:
-                both = self._call(latents.expand(2, *latents.shape[1:]), t, Condition.cat([uncond, prompt]))
-                prediction = both[:1] + guidance * (both[1:] - both[:1])
+                both = self._call(torch.cat([latents, latents]), t, Condition.cat([uncond, prompt]))
+                prediction = both[:batch] + guidance * (both[batch:] - both[:batch])
             latents = self.sampler.step(prediction, t, latents).prev_sample
         return latents

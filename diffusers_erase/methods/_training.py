@@ -1,7 +1,8 @@
 """The training engine of the trained methods (ESD, few-shot erasing, ...), built once.
 
-Every trained method runs the same loop: draw x_t (partial DDIM denoising with guidance, or noised images),
-compare the edited model's noise prediction with a target built from frozen predictions, step. The edit is held
+Every trained method runs the same loop: draw x_t (partial denoising with guidance through `_denoising.Denoiser`,
+which knows every family's sampler and conditioning, or noised images), compare the edited model's prediction
+with a target built from frozen predictions, step. The edit is held
 *beside* the frozen weights while training, as float32 deltas that forward hooks add to each selected module's
 output (W + ΔW, so ΔW x is added): the frozen model is the same modules with the hooks switched off, no copy of
 the model is made, the pipeline's weights are never written, and an interrupted or failed run leaves nothing
@@ -25,9 +26,8 @@ from torch import nn
 
 from ..config import ErasureConfig
 from ..deltas import Dense, LowRank
-from ..families import matrix_shape
+from ..families import denoiser, family_of, matrix_shape
 from ..kinds import WeightEdit
-from ..text import encode
 
 
 @dataclass(frozen=True)
@@ -177,36 +177,6 @@ class Trainable:
         return WeightEdit(deltas)
 
 
-def prompt_table(pipe, concepts: list[str], anchors: list[str]):
-    """Each of the concepts, anchors and "" encoded once as the UNet reads them (full padded sequence, the UNet's
-    device and dtype): `({prompt: embedding}, [(concept, anchor) embedding pairs])`."""
-    unet = pipe.unet
-    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
-    with torch.no_grad():
-        table = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(unet.device, unet.dtype)))
-    return table, [(table[c], table[a]) for c, a in zip(concepts, anchors)]
-
-
-def sampling_setup(pipe, resolution: int | None):
-    """Latent shape (batch 1) and a DDIM sampler built from the pipeline's scheduler config."""
-    from diffusers import DDIMScheduler
-
-    unet = pipe.unet
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    size = resolution or unet.config.sample_size * scale
-    return (1, unet.config.in_channels, size // scale, size // scale), DDIMScheduler.from_config(pipe.scheduler.config)
-
-
-def ddim_sampler(pipe, config: ESDTargetConfig):
-    """`sampling_setup` with the sampler's `config.ddim_steps` timesteps set (checked against the scheduler)."""
-    latent_shape, sampler = sampling_setup(pipe, config.resolution)
-    if config.ddim_steps > sampler.config.num_train_timesteps:
-        raise ValueError(f"{type(config).__name__}.ddim_steps={config.ddim_steps} is above the scheduler's "
-                         f"num_train_timesteps={sampler.config.num_train_timesteps}; use at most that many.")
-    sampler.set_timesteps(config.ddim_steps, device=pipe.unet.device)
-    return latent_shape, sampler
-
-
 def denoising_loss(unet, scheduler, x0: torch.Tensor, t, condition: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
     """The diffusion loss ‖ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t, c) − target‖² (target ε, or the velocity
@@ -222,17 +192,6 @@ def denoising_loss(unet, scheduler, x0: torch.Tensor, t, condition: torch.Tensor
     return F.mse_loss(prediction, target)
 
 
-@torch.no_grad()
-def partial_denoise(unet, sampler, latents, k: int, conditioning, guidance: float):
-    """x_t: the first k steps of `sampler`'s schedule from `latents`, with classifier-free guidance (conditioning
-    rows: [∅, prompt])."""
-    for t in sampler.timesteps[:k]:
-        model_input = sampler.scale_model_input(torch.cat([latents] * 2), t)
-        eps_u, eps_c = unet(model_input, t, conditioning).sample.chunk(2)
-        latents = sampler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
-    return latents
-
-
 def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor], config: TrainedConfig,
              optimizer: torch.optim.Optimizer, what: str, total: int | None = None,
              max_grad_norm: float | None = None) -> None:
@@ -240,8 +199,8 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
     and the callback, the gradient norm clipped at `max_grad_norm` if given.
     Float16 models get dynamic loss scaling (the deltas are float32). A non-finite loss stops the run: nothing has
     been applied to the pipeline, and the error names the iteration."""
-    dtype = pipe.unet.dtype
-    scaler = torch.amp.GradScaler(pipe.unet.device.type, enabled=dtype == torch.float16)
+    model = denoiser(pipe)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
     params = trainable.parameters()
     total = config.iterations if total is None else total
     with pipe.progress_bar(total=total) as bar:
@@ -271,23 +230,25 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
 
 @contextmanager
 def training(pipe, trainable: Trainable, checkpointing: bool):
-    """While training: the models' own parameters frozen (requires_grad off) and, on request, the UNet's gradient
+    """While training: the models' own parameters frozen (requires_grad off) and, on request, the denoiser's gradient
     checkpointing on. On exit, whatever happened (an error, Ctrl-C), the flags are put back and the trainable's
     hooks removed, so the pipeline is exactly as before."""
-    models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "vae", None))
-              if isinstance(m, nn.Module)]
+    model = denoiser(pipe)
+    models = [model] + [m for m in (getattr(pipe, t.encoder, None) for t in family_of(pipe).text_encoders)
+                        if isinstance(m, nn.Module)] + [m for m in (getattr(pipe, "vae", None),)
+                                                        if isinstance(m, nn.Module)]
     flags = [[p.requires_grad for p in m.parameters()] for m in models]
-    switch = checkpointing and not pipe.unet.is_gradient_checkpointing
+    switch = checkpointing and not model.is_gradient_checkpointing
     try:
-        for model in models:
-            model.requires_grad_(False)
+        for module in models:
+            module.requires_grad_(False)
         if switch:
-            pipe.unet.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing()
         yield
     finally:
         trainable.remove()
-        for model, model_flags in zip(models, flags):
-            for param, flag in zip(model.parameters(), model_flags):
+        for module, module_flags in zip(models, flags):
+            for param, flag in zip(module.parameters(), module_flags):
                 param.requires_grad_(flag)
         if switch:
-            pipe.unet.disable_gradient_checkpointing()
+            model.disable_gradient_checkpointing()

@@ -29,7 +29,8 @@ from ..adversarial import AdversarialPrefix
 from ..families import train_group
 from ..registry import register_method
 from ..text import encode
-from ._training import ESDTargetConfig, Trainable, ddim_sampler, optimise, partial_denoise, prompt_table, training
+from ._denoising import Condition, Denoiser, encode_condition
+from ._training import ESDTargetConfig, Trainable, optimise, training
 
 # The default retain set: everyday objects in a plain template (ours; the reference filters COCO / ImageNet
 # class names). `preserve=` replaces it.
@@ -116,15 +117,14 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
     if any(anchors):
         raise ValueError("AdvUnlearn steers the concept toward the unconditional prediction (ESD's target); leave "
                          "`anchor` empty.")
-    unet = pipe.unet
     generator = torch.Generator().manual_seed(config.seed)
     retain = list(preserve) or [RETAIN_TEMPLATE.format(o) for o in RETAIN_OBJECTS]
-    table, _ = prompt_table(pipe, concepts, [])
-    latent_shape, sampler = ddim_sampler(pipe, config)
-    with torch.no_grad():
-        retain_table = encode(pipe, retain, full_length=True).to(unet.device, unet.dtype)
+    model = Denoiser(pipe, config.resolution, config.ddim_steps, read_at="sampler")
+    table = encode_condition(pipe, [*concepts, ""])
+    row = {p: table.tokens[i] for i, p in enumerate([*concepts, ""])}
+    retain_table = encode_condition(pipe, retain).tokens
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
-    state = _State(pipe, config, sampler, latent_shape, generator, trainable, table[""])
+    state = _State(model, config, generator, trainable, row[""])
     prefixes = {c: AdversarialPrefix(pipe, c, config.prefix_k, discrete=False, lr=config.attack_lr,
                                      sign_step=config.attack_method == "fast_at", generator=generator)
                 for c in concepts}
@@ -134,17 +134,17 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
         attacked = iteration >= config.warmup_iter and config.attack_step > 0
         if attacked and (iteration - config.warmup_iter) % config.attack_every == 0:
             for _ in range(config.attack_step):
-                state.attack_step(prefixes[concept], table[concept])
-        x_t, t, (eps_0, eps_c) = state.draw(table[concept][None], [table[""], table[concept]])
+                state.attack_step(prefixes[concept], row[concept])
+        x_t, k, (eps_0, eps_c) = state.draw(row[concept][None], [row[""], row[concept]])
         condition = prefixes[concept].condition(fixed=True) if attacked else \
             encode(pipe, [concept], full_length=True, grad=True)
-        live = unet(x_t, t, condition.to(unet.dtype)).sample.float()
+        live = model.predict(x_t, k, Condition(condition)).float()
         loss = F.mse_loss(live, eps_0 - config.negative_guidance * (eps_c - eps_0))
         if config.retain_loss_w > 0:
             rows = torch.randint(len(retain), (min(config.retain_batch, len(retain)),), generator=generator).tolist()
-            x_r, t_r, (eps_r,) = state.draw(retain_table[rows], [retain_table[rows]])
-            mine = unet(x_r, t_r, encode(pipe, [retain[i] for i in rows], full_length=True, grad=True)
-                        .to(unet.dtype)).sample.float()
+            x_r, k_r, (eps_r,) = state.draw(retain_table[rows], [retain_table[rows]])
+            mine = model.predict(x_r, k_r, Condition(encode(pipe, [retain[i] for i in rows], full_length=True,
+                                                            grad=True))).float()
             loss = loss + config.retain_loss_w * F.mse_loss(mine, eps_r)
         return loss
 
@@ -157,33 +157,29 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
 class _State:
     """x_t draws with the frozen model (the trainable switched off) and the inner attack's step."""
 
-    def __init__(self, pipe, config, sampler, latent_shape, generator, trainable, empty: torch.Tensor):
-        self.pipe, self.config, self.sampler = pipe, config, sampler
-        self.latent_shape, self.generator, self.trainable = latent_shape, generator, trainable
+    def __init__(self, model: Denoiser, config, generator, trainable, empty: torch.Tensor):
+        self.model, self.config, self.generator, self.trainable = model, config, generator, trainable
         self.empty = empty  # ε(∅)'s condition, from the prompt table
 
     def draw(self, conditions: torch.Tensor, frozen: list[torch.Tensor]):
-        """x_t of len(conditions) samples (k DDIM steps, guidance), t, and the frozen predictions there for each
+        """x_t of len(conditions) samples (k DDIM steps, guidance), k, and the frozen predictions there for each
         row of `frozen` (one embedding per sample, or one shared)."""
-        unet, sampler, config = self.pipe.unet, self.sampler, self.config
+        model, config = self.model, self.config
         batch = conditions.shape[0]
         k = int(torch.randint(config.ddim_steps, (), generator=self.generator))
-        shape = (batch, *self.latent_shape[1:])
-        latents = torch.randn(shape, generator=self.generator).to(unet.device, unet.dtype) * sampler.init_noise_sigma
+        latents = model.noise(self.generator, batch)
         self.trainable.enabled = False
         try:
-            rows = torch.cat([self.empty.to(conditions).expand(batch, -1, -1), conditions])  # [∅ × batch, prompts]
-            x_t = partial_denoise(unet, sampler, latents, k, rows, config.start_guidance)
-            t = sampler.timesteps[k]
+            x_t = model.partial(latents, k, Condition(self.empty[None]), Condition(conditions), config.start_guidance)
             with torch.no_grad():
-                predictions = [unet(x_t, t, f.expand(batch, -1, -1) if f.dim() == 2 else f).sample.float()
-                               for f in frozen]
+                predictions = [model.predict(x_t, k, Condition(f.expand(batch, -1, -1) if f.dim() == 2 else f))
+                               .float() for f in frozen]
         finally:
             self.trainable.enabled = True
-        return x_t, t, predictions
+        return x_t, k, predictions
 
     def attack_step(self, prefix: AdversarialPrefix, concept: torch.Tensor) -> None:
         """One inner step: a fresh x_t', and the prefix moved so TE'(adv ⊕ c) reproduces the original ε(x_t', c)."""
-        x_t, t, (eps_c,) = self.draw(concept[None], [concept])
-        prediction = self.pipe.unet(x_t, t, prefix.condition().to(self.pipe.unet.dtype)).sample.float()
+        x_t, k, (eps_c,) = self.draw(concept[None], [concept])
+        prediction = self.model.predict(x_t, k, Condition(prefix.condition())).float()
         prefix.step(F.mse_loss(prediction, eps_c))

@@ -12,6 +12,12 @@ with a the anchor: "" by default, which is the reference's ε(∅) − η(ε(c) 
 the current `esd_sd.py` writes the same target as ε(c) − η'(ε(c) − ε(∅)) with η' = η + 1 = 2). Any other anchor
 is ours: the erased concept is steered toward it instead of toward the unconditional prediction. x_t is drawn
 with the frozen model, as `esd_sd.py` does (the legacy code drew it with the model being trained).
+
+SDXL runs the same loop through `_denoising.Denoiser`, which adds SDXL's pooled text and time ids (original =
+target = the training size, no crop). `preset="sdxl"` is the reference `esd_sdxl.py`'s esd-x setting: 200
+iterations at lr 2e-4, guidance 2, and its target ε(c) − 1·(ε(c) − ε(∅)) = ε(∅), which is η = 0 here. Two
+differences from that script, both deliberate: x_t comes from DDIM, as on SD 1.x, not from SDXL's Euler scheduler,
+and the prediction is made on the scaled model input. The script feeds Euler's unscaled latents to the UNet.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 
 from ..families import train_group
 from ..registry import register_method
-from ._training import ESDTargetConfig, Trainable, ddim_sampler, optimise, partial_denoise, prompt_table, training
+from ._denoising import Condition, Denoiser, encode_condition
+from ._training import ESDTargetConfig, Trainable, optimise, training
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,17 @@ class ESDConfig(ESDTargetConfig):
     """
 
     method: ClassVar[str] = "esd"
-    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2")
-    family_note: ClassVar[str] = ("SDXL's added time/text conditioning and FLUX's flow-matching transformer "
-                                 "are not wired into the training loop yet.")
+    families: ClassVar[tuple[str, ...] | None] = ("sd1", "sd2", "sdxl")
+    family_note: ClassVar[str] = ("Its parameter groups name UNet layers (attn2); groups for the SD3/FLUX "
+                                 "transformers are not defined yet.")
     paper: ClassVar[str] = ("ESD, Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023), "
                             "[arXiv:2303.07345](https://arxiv.org/abs/2303.07345)")
     default_anchor: ClassVar[str] = ""
     edit_scope: ClassVar[str] = "trainable"
+    presets: ClassVar[dict[str, dict]] = {
+        "sdxl": {"anchor": "", "options": {"iterations": 200, "lr": 2e-4, "start_guidance": 2.0,
+                                           "negative_guidance": 0.0}},
+    }
 
     train_method: str = "esd-x"
 
@@ -76,25 +87,24 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     if preserve:
         raise ValueError("ESD has no preserve set (its objective only steers the erased concept); leave `preserve` "
                          "empty, or use a method with one (uce, rece).")
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
-    table, pairs = prompt_table(pipe, concepts, anchors)
-    latent_shape, sampler = ddim_sampler(pipe, config)  # before any hook exists: it can raise
+    model = Denoiser(pipe, config.resolution, config.ddim_steps, read_at="sampler")  # before any hook: it can raise
+    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
+    table = encode_condition(pipe, prompts)
+    row = {p: table.rows([i]) for i, p in enumerate(prompts)}
+    pairs = [(row[c], row[a]) for c, a in zip(concepts, anchors)]
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
 
     def loss_at(iteration: int) -> torch.Tensor:
         concept, anchor = pairs[int(torch.randint(len(pairs), (), generator=generator))]
         k = int(torch.randint(config.ddim_steps, (), generator=generator))
-        latents = torch.randn(latent_shape, generator=generator).to(device, dtype) * sampler.init_noise_sigma
+        latents = model.noise(generator)
         trainable.enabled = False
-        x_t = partial_denoise(unet, sampler, latents, k, torch.stack([table[""], concept]), config.start_guidance)
-        t = sampler.timesteps[k]
+        x_t = model.partial(latents, k, row[""], concept, config.start_guidance)
         with torch.no_grad():
-            frozen = unet(x_t.expand(2, -1, -1, -1), t, torch.stack([concept, anchor])).sample.float()
-        eps_c, eps_a = frozen.chunk(2)
+            eps_c, eps_a = model.predict(x_t, k, Condition.cat([concept, anchor])).float().chunk(2)
         trainable.enabled = True
-        live = unet(x_t, t, concept[None]).sample.float()
+        live = model.predict(x_t, k, concept).float()
         return F.mse_loss(live, eps_a - config.negative_guidance * (eps_c - eps_a))
 
     with training(pipe, trainable, config.gradient_checkpointing):
