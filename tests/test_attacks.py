@@ -321,18 +321,29 @@ def test_textual_inversion_learns_a_word_through_the_erased_model_and_changes_no
     assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
 
 
-def test_relearn_reports_a_recovery_curve_and_changes_nothing(erased, base):
-    before = _state(erased)
+def test_relearn_reports_a_recovery_curve_and_its_baseline_and_changes_nothing(erased, base, monkeypatch):
+    before, reference = _state(erased), _state(base)
     flags = [p.requires_grad for p in erased.unet.parameters()]
+    made = []
+    real = attacks.Context.images
+    monkeypatch.setattr(attacks.Context, "images", lambda self, pipe=None, **kw: (
+        made.append((pipe is base, list(kw.get("prompts") or []))), real(self, pipe, **kw))[1])
     report = attacks.run(erased, "circle", "relearn", detectors.shapes("circle"), reference=base,
                          prompts=PROMPTS, generation=SHAPES, progress=False,
                          options={"relearn": {"images_per_prompt": 1, "steps": 4, "checkpoints": (2, 4)}})
     result = report.results["relearn"]
     assert list(result.curve()) == [2, 4] and result.asr == result.curve()[4]
-    assert all(c.queries == 2 and set(c.curve) == {2, 4} for c in result.cases)
-    assert "recovery curve" in report.table()
-    after = _state(erased)
-    assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+    assert all(c.queries == 2 and set(c.curve) == {2, 4} and set(c.baseline_curve) == {2, 4}
+               for c in result.cases)
+    assert list(result.baseline_curve()) == [2, 4]
+    # the baseline: the unerased model, judged on the prompts with the made-up word in place of the concept
+    assert (True, ["a red vrelk", "a blue vrelk"]) in made
+    assert "recovery curve" in report.table() and "learning the new word 'vrelk'" in report.table()
+    loaded = attacks.Report.from_dict(json.loads(report.to_json())).results["relearn"]
+    assert loaded.baseline_curve() == result.baseline_curve()
+    for pipe, state in ((erased, before), (base, reference)):
+        after = _state(pipe)
+        assert changed(state[0], after[0]) == [] and state[1:] == after[1:]
     assert flags == [p.requires_grad for p in erased.unet.parameters()]
 
 

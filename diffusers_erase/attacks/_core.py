@@ -50,6 +50,7 @@ class Case:
     queries: int = 0  # generations the attack made for this case
     success: bool = False
     curve: dict | None = None  # attacks with a budget axis (relearn): score after each checkpoint
+    baseline_curve: dict | None = None  # relearn's baseline: the unerased model learning a new word, per checkpoint
 
 
 @dataclass
@@ -88,6 +89,13 @@ class AttackResult:
         return {k: float(np.mean([c.success if c.curve is None else c.curve[k] >= self.threshold
                                   for c in self.cases])) for k in points}
 
+    def baseline_curve(self) -> dict | None:
+        """Checkpoint -> the baseline's rate there, over the cases the attack ran on (relearn's new word)."""
+        curves = [c.baseline_curve for c in self.cases if c.baseline_curve]
+        if not curves:
+            return None
+        return {k: float(np.mean([curve[k] >= self.threshold for curve in curves])) for k in curves[0]}
+
     @property
     def queries(self) -> int:
         return sum(c.queries for c in self.cases)
@@ -96,6 +104,7 @@ class AttackResult:
         return {"attack": self.attack, "budget": self.budget, "options": self.options, "asr": self.asr,
                 "no_attack_rate": self.no_attack_rate, "base_rate": self.base_rate, "queries": self.queries,
                 "unet_evaluations": self.unet_evaluations, "seconds": round(self.seconds, 3), "curve": self.curve(),
+                "baseline_curve": self.baseline_curve(),
                 "cases": [asdict(c) for c in self.cases]}
 
 

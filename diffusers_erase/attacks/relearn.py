@@ -9,9 +9,18 @@ concept prompts with the plain denoising loss
 
 and every attacked case is generated after each checkpoint's number of steps: the recovery curve (concept rate vs
 steps). ASR is the rate after the last checkpoint. The hooks go when the attack ends.
+
+The baseline (`baseline=True`): the unerased model fitted with the same images, budget and random draws, but with
+the concept's name replaced by a made-up word (`fresh_word`), and judged on the cases with the word in place of
+the name. That is how fast a model binds a word it never had to images it can draw. An erased model that relearns
+at that pace has lost the word and kept the concept (dormant); one that relearns more slowly lost more. A model
+that never knew the concept at all is not available here (nothing retrains the base model without it), so this is
+the word-level reading of "Erased or Dormant?"'s fresh-concept comparison, not that comparison itself.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -20,19 +29,19 @@ from ..methods._training import Trainable, denoising_loss, training
 from ..text import encode
 from ._core import Attack
 
+FRESH_WORD = "vrelk"  # made up: no meaning in any vocabulary, so the unerased model has to learn it
 
-def _relearn_all(context, rng, *, images_per_prompt, steps, lr, lora_rank, checkpoints):
-    """Train once; generate every attacked case at every checkpoint. {(prompt, seed): (scores, images)}."""
-    pipe = context.pipe
+
+def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
+    """Fit a rank-r LoRA on `pipe`'s cross-attention to `data` [(x_0, prompt)] with the denoising loss; at each
+    checkpoint generate `cases` [(prompt, seed)] on `pipe`. [(scores, images)] per case."""
     unet = pipe.unet
-    prompts = context.concept_prompts
+    prompts = list(dict.fromkeys(p for _, p in data))
     with torch.no_grad():
         conditions = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(unet.device, unet.dtype)))
-    data = [(context.reference_latents(p, s), p) for p in prompts for s in range(images_per_prompt)]
     trainable = Trainable(train_group(pipe, "esd-x"), lora_rank, rng)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=lr)
-    cases = [c for c in context.cases if c.no_attack < context.detector.threshold]
-    out = {(c.prompt, c.seed): ([], []) for c in cases}
+    out = [([], []) for _ in cases]
     with training(pipe, trainable, False):
         for step in range(1, steps + 1):
             x0, prompt = data[int(torch.randint(len(data), (), generator=rng))]
@@ -45,32 +54,61 @@ def _relearn_all(context, rng, *, images_per_prompt, steps, lr, lora_rank, check
                 parameter.grad = grad
             optimizer.step()
             if step in checkpoints:
-                images = context.images(prompts=[c.prompt for c in cases], seeds=[c.seed for c in cases])
-                for case, image, score in zip(cases, images, context.scores(images)):
-                    out[(case.prompt, case.seed)][0].append(float(score))
-                    out[(case.prompt, case.seed)][1].append(image)
+                images = context.images(pipe, prompts=[p for p, _ in cases], seeds=[s for _, s in cases])
+                for slot, image, score in zip(out, images, context.scores(images)):
+                    slot[0].append(float(score))
+                    slot[1].append(image)
     return out
 
 
-def run(context, case, rng, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, checkpoints=None):
+def fresh(prompt: str, concept: str, word: str) -> str:
+    """`prompt` with the concept's name replaced by the made-up `word` (the baseline's prompts)."""
+    pattern = re.compile(rf"\b{re.escape(concept)}\b", re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise ValueError(f"relearn's baseline teaches the unerased model a new word in place of {concept!r}, but "
+                         f"the prompt {prompt!r} does not name it; pass prompts that do, or baseline=False.")
+    return pattern.sub(word, prompt)
+
+
+def _relearn_all(context, seed, *, images_per_prompt, steps, lr, lora_rank, checkpoints, baseline, fresh_word):
+    """Train once on the erased model (and once on the unerased one for the baseline); generate every attacked
+    case at every checkpoint. {(prompt, seed): (scores, images, baseline scores or None)}."""
+    prompts = context.concept_prompts
+    data = [(context.reference_latents(p, s), p) for p in prompts for s in range(images_per_prompt)]
+    cases = [(c.prompt, c.seed) for c in context.cases if c.no_attack < context.detector.threshold]
+    budget = dict(steps=steps, lr=lr, lora_rank=lora_rank, checkpoints=checkpoints)
+    attacked = _fit(context, context.pipe, torch.Generator().manual_seed(seed), data, cases, **budget)
+    learned = [None] * len(cases)
+    if baseline:  # the same images, budget and draws; the concept's name replaced by a word nobody knows
+        word = {p: fresh(p, context.concept, fresh_word) for p in prompts}
+        learned = [scores for scores, _ in _fit(
+            context, context.reference, torch.Generator().manual_seed(seed), [(x0, word[p]) for x0, p in data],
+            [(fresh(p, context.concept, fresh_word), s) for p, s in cases], **budget)]
+    return {case: (*result, base) for case, result, base in zip(cases, attacked, learned)}
+
+
+def run(context, case, rng, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, checkpoints=None, baseline=True,
+        fresh_word=FRESH_WORD):
     checkpoints = tuple(sorted(set(checkpoints or (steps // 4, steps // 2, steps)) - {0}))
     if not checkpoints or checkpoints[-1] != steps:
         raise ValueError(f"relearn checkpoints must be step counts ≤ steps and include steps={steps}.")
-    key = ("relearn", images_per_prompt, steps, lr, lora_rank, checkpoints)
+    key = ("relearn", images_per_prompt, steps, lr, lora_rank, checkpoints, baseline, fresh_word)
     if key not in context.cache:
         context.cache[key] = _relearn_all(  # trained from the run's seed: the same LoRA on every shard
-            context, torch.Generator().manual_seed(context.seed), images_per_prompt=images_per_prompt, steps=steps,
-            lr=lr, lora_rank=lora_rank, checkpoints=checkpoints)
-    scores, images = context.cache[key][(case.prompt, case.seed)]
+            context, context.seed, images_per_prompt=images_per_prompt, steps=steps, lr=lr, lora_rank=lora_rank,
+            checkpoints=checkpoints, baseline=baseline, fresh_word=fresh_word)
+    scores, images, learned = context.cache[key][(case.prompt, case.seed)]
     case.curve = dict(zip(checkpoints, scores))
+    case.baseline_curve = None if learned is None else dict(zip(checkpoints, learned))
     return scores[-1], images[-1], f"rank-{lora_rank} LoRA, {steps} steps", len(checkpoints)
 
 
 ATTACK = Attack(
     name="relearn",
     run=run,
-    budgets={"quick": {"images_per_prompt": 2, "steps": 200, "lr": 1e-3},
-             "paper": {"images_per_prompt": 4, "steps": 1000, "lr": 1e-4}},
+    budgets={"quick": {"images_per_prompt": 2, "steps": 200, "lr": 1e-3, "baseline": True, "fresh_word": FRESH_WORD},
+             "paper": {"images_per_prompt": 4, "steps": 1000, "lr": 1e-4, "baseline": True,
+                       "fresh_word": FRESH_WORD}},
     needs_reference=True,
     paper="Erased or Dormant? Rethinking Concept Erasure Through Reversibility (arXiv 2505.16174)",
 )

@@ -41,6 +41,11 @@ class Report:
             if curve:
                 points = ", ".join(f"{_percent(v)} after {k}" for k, v in curve.items())
                 lines += ["", f"{r.attack} recovery curve (ASR after each number of steps): {points}."]
+            baseline = r.baseline_curve()
+            if baseline:
+                points = ", ".join(f"{_percent(v)} after {k}" for k, v in baseline.items())
+                lines += ["", f"{r.attack} baseline (the unerased model learning the new word "
+                              f"{r.options.get('fresh_word')!r} for the same images): {points}."]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -55,7 +60,8 @@ class Report:
     def from_dict(cls, data: dict) -> Report:
         results = {}
         for name, r in data["results"].items():
-            cases = [Case(**c) for c in r["cases"]]
+            cases = [Case(**{**c, **{k: {int(step): v for step, v in c[k].items()}  # JSON keys are strings
+                                     for k in ("curve", "baseline_curve") if c.get(k)}}) for c in r["cases"]]
             results[name] = AttackResult(r["attack"], r["budget"], r["options"], cases, data["threshold"],
                                          seconds=r["seconds"], unet_evaluations=r["unet_evaluations"])
         return cls(data["concept"], data["detector"], data["threshold"], data["budget"],
