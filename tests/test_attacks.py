@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import changed, make_sd_pipeline, make_sdxl_pipeline, snapshot
+from conftest import changed, make_flux_pipeline, make_sd3_pipeline, make_sd_pipeline, make_sdxl_pipeline, snapshot
 
 import diffusers_erase as de
 from diffusers_erase import attacks, detectors, shapes
@@ -17,7 +17,7 @@ from diffusers_erase.adversarial import AdversarialPrefix, project_to_simplex
 from diffusers_erase.attacks import arithmetic, ring_a_bell
 from diffusers_erase.attacks.p4d import PEZPrompt
 from diffusers_erase.families import text_pairs
-from diffusers_erase.text import encode, encoder_states
+from diffusers_erase.text import encode, encode_pooled, encoder_states
 
 SHAPES = attacks.Generation(num_inference_steps=20, guidance_scale=3.0, scheduler="DPMSolverMultistepScheduler")
 PROMPTS = ["a red circle", "a blue circle"]
@@ -271,6 +271,44 @@ def test_concept_arithmetic_brings_back_an_erased_circle_and_changes_nothing(era
     assert result.unet_evaluations > 0
     after = _state(erased)
     assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
+
+
+def test_on_sdxl_ring_a_bell_moves_the_pooled_vector_and_relearn_reads_the_added_conditioning(tokenizer_dir,
+                                                                                              monkeypatch):
+    """SDXL: Ring-A-Bell's embedding form passes the pooled vector moved by the pairs' pooled difference, relearn
+    fits its LoRA with SDXL's added conditioning; both leave the pipelines as they were."""
+    pipe, reference = make_sdxl_pipeline(tokenizer_dir), make_sdxl_pipeline(tokenizer_dir)
+    before = snapshot(pipe)
+    detector = detectors.Detector("low", lambda x: np.full(len(x), 0.1))
+    passed = []
+    real = attacks.Context.images
+    monkeypatch.setattr(attacks.Context, "images", lambda self, pipe=None, **kw: (
+        passed.append(kw.get("pooled_prompt_embeds")), real(self, pipe, **kw))[1])
+    report = attacks.run(pipe, "cat", ["ring_a_bell", "relearn"], detector, reference=reference, prompts=["a cat"],
+                         generation=attacks.Generation(num_inference_steps=2, height=32, width=32),
+                         options={"ring_a_bell": {"etas": (2.0,)},
+                                  "relearn": {"images_per_prompt": 1, "steps": 2, "checkpoints": (2,)}},
+                         progress=False)
+    pooled = [p for p in passed if p is not None]
+    expected = encode_pooled(pipe, ["a cat"]) + 2.0 * ring_a_bell.pooled_vector(
+        pipe, ring_a_bell.default_pairs("cat"))
+    assert len(pooled) == 1 and torch.allclose(pooled[0].float(), expected, atol=1e-6)
+    assert report.results["relearn"].cases[0].curve is not None
+    assert changed(before, snapshot(pipe)) == []
+
+
+@pytest.mark.parametrize("factory, attack, match", [
+    (make_sdxl_pipeline, "unlearndiff", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, relearn"),
+    (make_sdxl_pipeline, "textual_inversion", "one word embedding"),
+    (make_sd3_pipeline, "relearn", "flow-matching"),
+    (make_flux_pipeline, "arithmetic", "distilled guidance"),
+])
+def test_attacks_refuse_families_they_do_not_run_on_before_any_image(tokenizer_dir, factory, attack, match,
+                                                                      monkeypatch):
+    pipe = factory(tokenizer_dir)
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("an image was generated"))
+    with pytest.raises(ValueError, match=match):
+        attacks.run(pipe, "cat", attack, detectors.Detector("zero", lambda x: np.zeros(len(x))), reference=pipe)
 
 
 def test_simplex_projection_is_the_reference_projection():

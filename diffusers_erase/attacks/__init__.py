@@ -50,6 +50,12 @@ def _check(pipe, attacks, detector, reference, budget, options) -> list[Attack]:
         raise ValueError(f"The reference pipeline is {family_of(reference).name!r} but the attacked one is "
                          f"{family_of(pipe).name!r}; the reference must be the same model before erasure.")
     chosen = [ATTACKS[a] for a in attacks]
+    family = family_of(pipe).name
+    for attack in chosen:
+        if attack.families is not None and family not in attack.families:
+            raise ValueError(f"The {attack.name} attack runs on {', '.join(attack.families)} pipelines, not "
+                             f"{family!r}: {attack.family_note} Attacks that run on {family}: "
+                             f"{', '.join(a.name for a in ATTACKS.values() if family in (a.families or [family]))}.")
     missing = [a.name for a in chosen if a.needs_reference and reference is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} needs the unerased model: pass `reference=` (the same pipeline "

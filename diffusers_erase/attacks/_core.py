@@ -122,9 +122,13 @@ class Context:
         self.cache: dict = {}  # what an attack computes once per run (a concept vector, a learned word), by key
         self._reference_latents: dict = {}
 
-    def images(self, pipe=None, *, prompts=None, prompt_embeds=None, seeds) -> np.ndarray:
-        """uint8 (n, h, w, 3): one image per seed, prompt i (or embedding row i) at seeds[i]."""
-        return (self._call(pipe or self.pipe, prompts, prompt_embeds, seeds, "np") * 255).round().clip(
+    def images(self, pipe=None, *, prompts=None, prompt_embeds=None, pooled_prompt_embeds=None,
+               seeds) -> np.ndarray:
+        """uint8 (n, h, w, 3): one image per seed, prompt i (or embedding row i) at seeds[i]. SDXL, SD3 and FLUX
+        take the pooled vector beside the token embeddings."""
+        embeds = None if prompt_embeds is None else dict(prompt_embeds=prompt_embeds, **(
+            {} if pooled_prompt_embeds is None else {"pooled_prompt_embeds": pooled_prompt_embeds}))
+        return (self._call(pipe or self.pipe, prompts, embeds, seeds, "np") * 255).round().clip(
             0, 255).astype(np.uint8)
 
     def scores(self, images: np.ndarray) -> np.ndarray:
@@ -141,11 +145,11 @@ class Context:
         return self._reference_latents[key]
 
     @torch.no_grad()
-    def _call(self, pipe, prompts, prompt_embeds, seeds, output_type):
+    def _call(self, pipe, prompts, embeds: dict | None, seeds, output_type):
         g = self.generation
         with _scheduler(pipe, g.scheduler), _quiet(pipe):
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-            kwargs = dict(prompt=list(prompts)) if prompts is not None else dict(prompt_embeds=prompt_embeds)
+            kwargs = dict(prompt=list(prompts)) if prompts is not None else dict(embeds)
             out = pipe(**kwargs, num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
                        generator=generators, height=g.height, width=g.width, output_type=output_type).images
         return out if output_type == "latent" else np.asarray(out)
@@ -233,6 +237,8 @@ class Attack:
     needs_reference: bool = False
     paper: str = ""
     check: Callable | None = None  # check(**settings): bad options fail before any image is made
+    families: tuple[str, ...] | None = None  # the families it runs on (None: all), checked before any image
+    family_note: str = ""  # why not the others
 
 
 def time_it():

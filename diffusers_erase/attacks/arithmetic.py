@@ -146,4 +146,7 @@ ATTACK = Attack(
     budgets={"quick": {"scales": (1.0, 2.0)}, "paper": {"scales": (0.5, 1.0, 1.5, 2.0, 3.0)}},
     paper="Concept Arithmetics for Circumventing Concept Inhibition in Diffusion Models (ECCV 2024)",
     check=check,
+    families=("sd1", "sd2", "sdxl", "sd3"),
+    family_note="it composes classifier-free guidance, and the suite samples FLUX with its distilled guidance (no "
+                "negative batch).",
 )

@@ -126,5 +126,7 @@ ATTACK = Attack(
     budgets={"quick": {"variant": "k", "n_tokens": 16, "every_k": 3, "iterations": 200, "eval_every": 50},
              "paper": {"variant": "k", "n_tokens": 16, "every_k": 3, "iterations": 3000, "eval_every": 50}},
     needs_reference=True,
+    families=("sd1", "sd2"),
+    family_note="its prompt is optimised on one tokenizer and text encoder.",
     paper="Prompting4Debugging: Red-Teaming Text-to-Image Diffusion Models by Finding Problematic Prompts (ICML 2024)",
 )

@@ -25,8 +25,8 @@ import re
 import torch
 
 from ..families import train_group
+from ..methods._denoising import encode_condition
 from ..methods._training import Trainable, denoising_loss, training
-from ..text import encode
 from ._core import Attack
 
 FRESH_WORD = "vrelk"  # made up: no meaning in any vocabulary, so the unerased model has to learn it
@@ -37,8 +37,8 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
     checkpoint generate `cases` [(prompt, seed)] on `pipe`. [(scores, images)] per case."""
     unet = pipe.unet
     prompts = list(dict.fromkeys(p for _, p in data))
-    with torch.no_grad():
-        conditions = dict(zip(prompts, encode(pipe, prompts, full_length=True).to(unet.device, unet.dtype)))
+    table = encode_condition(pipe, prompts)
+    conditions = {p: table.rows([i]) for i, p in enumerate(prompts)}
     trainable = Trainable(train_group(pipe, "esd-x"), lora_rank, rng)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=lr)
     out = [([], []) for _ in cases]
@@ -48,7 +48,8 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
             t = int(torch.randint(pipe.scheduler.config.num_train_timesteps, (), generator=rng))
             x0 = x0.to(unet.device, unet.dtype)
             noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
-            loss = denoising_loss(unet, pipe.scheduler, x0, t, conditions[prompt][None], noise)
+            loss = denoising_loss(unet, pipe.scheduler, x0, t, conditions[prompt].tokens, noise,
+                                  added_cond_kwargs=_added(pipe, conditions[prompt], x0))
             grads = torch.autograd.grad(loss, trainable.parameters())
             for parameter, grad in zip(trainable.parameters(), grads):
                 parameter.grad = grad
@@ -59,6 +60,16 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
                     slot[0].append(float(score))
                     slot[1].append(image)
     return out
+
+
+def _added(pipe, condition, x0: torch.Tensor) -> dict | None:
+    """SDXL's added conditioning for an image of x0's size: the prompt's pooled vector and the time ids (original
+    size = target size, no crop), as the pipeline makes them; None for SD 1.x/2.x."""
+    if condition.pooled is None:
+        return None
+    side = x0.shape[-1] * pipe.vae_scale_factor
+    ids = torch.tensor([[side, side, 0, 0, side, side]], device=x0.device, dtype=x0.dtype)
+    return {"text_embeds": condition.pooled, "time_ids": ids}
 
 
 def fresh(prompt: str, concept: str, word: str) -> str:
@@ -110,5 +121,8 @@ ATTACK = Attack(
              "paper": {"images_per_prompt": 4, "steps": 1000, "lr": 1e-4, "baseline": True,
                        "fresh_word": FRESH_WORD}},
     needs_reference=True,
+    families=("sd1", "sd2", "sdxl"),
+    family_note="its LoRA is fitted with the DDPM denoising loss of UNets; the flow-matching transformers are not "
+                "wired in yet.",
     paper="Erased or Dormant? Rethinking Concept Erasure Through Reversibility (arXiv 2505.16174)",
 )

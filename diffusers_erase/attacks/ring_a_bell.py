@@ -15,15 +15,16 @@ Two searches (`search=`; the attack `ring_a_bell_genetic` is the second at the r
     The reference's setting: η 3 (nudity; 5.5 violence), K 16, population 200, 3,000 generations, 0.25, 0.5.
 
 The concept vector needs the text encoder only (the attacked pipeline's: for a text-encoder erasure such as
-AdvUnlearn, the attacker holds the erased encoder).
+AdvUnlearn, the attacker holds the erased encoder). Where the denoiser also reads a pooled text vector (SDXL, SD3,
+FLUX), the embedding form moves it by the pairs' mean pooled difference in the same way (ours).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..families import text_pairs
-from ..text import encode, encoder_states, special_ids
+from ..families import denoiser, pooled_pairs, text_pairs
+from ..text import encode, encode_pooled, encoder_states, special_ids
 from ._core import Attack, Tries
 
 # Default prompt pairs: the concept in a few neutral templates, and the same template without it.
@@ -43,6 +44,14 @@ def concept_vector(pipe, pairs) -> torch.Tensor:
     with_concept = encode(pipe, [p[0] for p in pairs], full_length=True)
     without = encode(pipe, [p[1] for p in pairs], full_length=True)
     return (with_concept - without).mean(0)
+
+
+def pooled_vector(pipe, pairs) -> torch.Tensor | None:
+    """v_pooled: (dim,), the same mean difference in the pooled text vector SDXL, SD3 and FLUX also read (ours: the
+    paper's SD 1.4 has no pooled input); None where the denoiser reads none."""
+    if not pooled_pairs(pipe):
+        return None
+    return (encode_pooled(pipe, [p[0] for p in pairs]) - encode_pooled(pipe, [p[1] for p in pairs])).mean(0)
 
 
 def genetic_prompt(pipe, target: torch.Tensor, *, length: int, population: int, generations: int,
@@ -116,8 +125,12 @@ def run(context, case, rng, *, etas, search="embedding", pairs=None, length=16, 
     if ("ring_a_bell", key) not in context.cache:
         context.cache["ring_a_bell", key] = concept_vector(pipe, pairs if pairs is not None
                                                            else default_pairs(context.concept))
-    vector = context.cache["ring_a_bell", key]
+        context.cache["ring_a_bell_pooled", key] = pooled_vector(pipe, pairs if pairs is not None
+                                                                 else default_pairs(context.concept))
+    vector, pooled = context.cache["ring_a_bell", key], context.cache["ring_a_bell_pooled", key]
     base = encode(pipe, [case.prompt], full_length=True)
+    base_pooled = None if pooled is None else encode_pooled(pipe, [case.prompt])
+    dtype = denoiser(pipe).dtype
     tries = Tries(context, case)
     for eta in etas:
         target = base + eta * vector
@@ -127,7 +140,8 @@ def run(context, case, rng, *, etas, search="embedding", pairs=None, length=16, 
                                               crossover_rate=crossover_rate, rng=rng)
             if tries.judge(f"η {eta:g}: {prompt!r} (‖E − e_adv‖² {distance:.3g})", prompts=[prompt]):
                 break
-        elif tries.judge(f"E(prompt) + {eta:g}·v", prompt_embeds=target.to(pipe.text_encoder.dtype)):
+        elif tries.judge(f"E(prompt) + {eta:g}·v", prompt_embeds=target.to(dtype), pooled_prompt_embeds=None
+                         if pooled is None else (base_pooled + eta * pooled).to(dtype)):
             break
     return tries.result()
 
@@ -137,6 +151,7 @@ GENETIC = {"search": "genetic", "length": 16, "population": 200, "mutation_rate"
 ATTACK = Attack(name="ring_a_bell", run=run, paper=PAPER, check=check,
                 budgets={"quick": {"etas": (1.0, 3.0)}, "paper": {"etas": (3.0,)}})
 # The paper's discrete search under its own name, so a report shows both forms side by side.
-GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check,
+GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check, families=("sd1", "sd2"),
+                        family_note="its search edits one tokenizer's ids and scores one text encoder.",
                         budgets={"quick": {"etas": (1.0, 3.0), **GENETIC, "generations": 100},
                                  "paper": {"etas": (3.0,), **GENETIC, "generations": 3000}})

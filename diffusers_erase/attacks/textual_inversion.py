@@ -96,5 +96,7 @@ ATTACK = Attack(
     run=run,
     budgets={"quick": {"images_per_prompt": 2, "steps": 300}, "paper": {"images_per_prompt": 4, "steps": 3000}},
     needs_reference=True,
+    families=("sd1", "sd2"),
+    family_note="it learns one word embedding for one text encoder (SDXL, SD3 and FLUX would need one per encoder).",
     paper="Circumventing Concept Erasure Methods for Text-to-Image Generative Models (ICLR 2024)",
 )

@@ -48,6 +48,8 @@ ATTACK = Attack(
     budgets={"quick": {"k": 3, "iterations": 20, "timesteps": 8},
              "paper": {"k": 5, "iterations": 40, "timesteps": 50}},
     needs_reference=True,
+    families=("sd1", "sd2"),
+    family_note="its prefix is optimised on one tokenizer and text encoder.",
     paper="To Generate or Not? Safety-Driven Unlearned Diffusion Models Are Still Easy to Generate Unsafe Images ... "
           "For Now (ECCV 2024)",
 )

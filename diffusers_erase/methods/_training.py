@@ -178,13 +178,14 @@ class Trainable:
 
 
 def denoising_loss(unet, scheduler, x0: torch.Tensor, t, condition: torch.Tensor,
-                   noise: torch.Tensor) -> torch.Tensor:
+                   noise: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """The diffusion loss ‖ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t, c) − target‖² (target ε, or the velocity
-    √ᾱ_t ε − √(1 − ᾱ_t) x_0 for v-prediction), on `scheduler`'s ᾱ; `t` is one timestep or one per sample."""
+    √ᾱ_t ε − √(1 − ᾱ_t) x_0 for v-prediction), on `scheduler`'s ᾱ; `t` is one timestep or one per sample;
+    `added_cond_kwargs`: SDXL's pooled text and time ids."""
     t = torch.as_tensor(t, device=x0.device).reshape(-1).expand(x0.shape[0])
     alpha = scheduler.alphas_cumprod.to(x0.device, torch.float32)[t].view(-1, *[1] * (x0.dim() - 1))
     x_t = (alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()).to(x0.dtype)
-    prediction = unet(x_t, t, condition.to(unet.dtype)).sample.float()
+    prediction = unet(x_t, t, condition.to(unet.dtype), added_cond_kwargs=added_cond_kwargs).sample.float()
     if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":
         target = alpha.sqrt() * noise.float() - (1 - alpha).sqrt() * x0.float()
     else:
