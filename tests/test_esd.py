@@ -254,3 +254,48 @@ def test_a_trained_adapter_loads_only_onto_its_own_group(tokenizer_dir, tmp_path
     no_text.text_encoder = None
     de.load_erasure_adapter(no_text, path)
     assert [e.method for e in de.get_erasures(no_text)] == ["esd"]
+
+
+DATA_PARALLEL_SCRIPT = '''
+import json
+import sys
+
+import torch
+from accelerate import PartialState
+
+import diffusers_erase as de
+from diffusers_erase import shapes
+
+pipe = shapes.load_pipeline()
+losses = []
+record = de.erase_concept(pipe, "circle", method="esd", iterations=3, lr=1e-3, ddim_steps=3,
+                          callback=lambda i, loss: losses.append(loss))
+rank = PartialState().process_index
+torch.save({n: d.delta for n, d in record.edit.deltas.items()}, f"{sys.argv[1]}.{rank}.pt")
+open(f"{sys.argv[1]}.{rank}.json", "w").write(json.dumps({"processes": PartialState().num_processes,
+                                                           "losses": losses}))
+'''
+
+
+def test_two_processes_train_data_parallel_to_one_edit(tmp_path):
+    """`torchrun --nproc_per_node 2` on the shapes model: each process draws its own x_t, the gradients are averaged
+    every step, so both end with the same edit and loss curve, which is not the one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "esd.py"
+    script.write_text(DATA_PARALLEL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, out in ((["-m", "torch.distributed.run", "--nproc_per_node", "2"], "parallel"), ([], "single")):
+        subprocess.run([sys.executable, *launcher, str(script), str(tmp_path / out)], check=True, env=env,
+                       capture_output=True, timeout=600, cwd=tmp_path)
+    import json
+
+    runs = {name: (torch.load(tmp_path / f"{name}.pt"), json.loads((tmp_path / f"{name}.json").read_text()))
+            for name in ("parallel.0", "parallel.1", "single.0")}
+    (first, log0), (second, log1), (single, log) = runs.values()
+    assert (log0["processes"], log1["processes"], log["processes"]) == (2, 2, 1)
+    assert first.keys() == second.keys() == single.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first) and log0["losses"] == log1["losses"]
+    assert any(not torch.equal(first[n], single[n]) for n in first) and log0["losses"] != log["losses"]

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 
 from ..config import ErasureConfig
@@ -204,15 +205,20 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
     scaler = torch.amp.GradScaler(model.device.type, enabled=model.dtype == torch.float16)
     params = trainable.parameters()
     total = config.iterations if total is None else total
+    _, world = processes(pipe)
     with pipe.progress_bar(total=total) as bar:
         for iteration in range(total):
             loss = loss_at(iteration)
-            if not torch.isfinite(loss):
+            value = _averaged(loss.detach().float(), world)  # every process stops together on a bad loss
+            if not torch.isfinite(value):
                 raise FloatingPointError(
-                    f"{what}: the loss is {loss.item()} at iteration {iteration}; training stopped and nothing was "
+                    f"{what}: the loss is {value.item()} at iteration {iteration}; training stopped and nothing was "
                     f"applied (every weight is as before). Try a lower `lr` (it was {config.lr:g}).")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if world > 1:  # data parallel: each process's draws, one averaged step everywhere
+                for p in params:
+                    p.grad = _averaged(torch.zeros_like(p) if p.grad is None else p.grad, world)
             if max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -222,11 +228,34 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
                 raise FloatingPointError(
                     f"{what}: the edit diverged to NaN/inf at iteration {iteration}; nothing was applied. Try a lower "
                     f"`lr` (it was {config.lr:g}).")
-            value = loss.item()
+            value = value.item()
             if config.callback is not None:
                 config.callback(iteration, value)
             bar.set_postfix(loss=f"{value:.2e}", refresh=False)
             bar.update()
+
+
+def processes(pipe) -> tuple[int, int]:
+    """(this process's index, the number of processes): several under `accelerate launch` or `torchrun`, where
+    `optimise` trains data-parallel; (0, 1) otherwise."""
+    state = PartialState(cpu=denoiser(pipe).device.type == "cpu")
+    return state.process_index, state.num_processes
+
+
+def per_process(pipe, generator: torch.Generator, seed: int) -> None:
+    """On several processes, reseed `generator` so each draws its own data (x_t, images, noise); call it after the
+    trainable's initial weights were drawn, which must be the same everywhere. One process: unchanged."""
+    rank, world = processes(pipe)
+    if world > 1:
+        generator.manual_seed(seed * 1_000_003 + rank + 1)
+
+
+def _averaged(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    torch.distributed.all_reduce(tensor)
+    return tensor / world
 
 
 @contextmanager

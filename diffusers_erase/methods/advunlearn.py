@@ -30,7 +30,7 @@ from ..families import train_group
 from ..registry import register_method
 from ..text import encode
 from ._denoising import Condition, Denoiser, encode_condition
-from ._training import ESDTargetConfig, Trainable, optimise, training
+from ._training import ESDTargetConfig, Trainable, optimise, per_process, training
 
 # The default retain set: everyday objects in a plain template (ours; the reference filters COCO / ImageNet
 # class names). `preserve=` replaces it.
@@ -124,6 +124,7 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
     row = {p: table.tokens[i] for i, p in enumerate([*concepts, ""])}
     retain_table = encode_condition(pipe, retain).tokens
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
+    per_process(pipe, generator, config.seed)  # several processes: each draws its own data
     state = _State(model, config, generator, trainable, row[""])
     prefixes = {c: AdversarialPrefix(pipe, c, config.prefix_k, discrete=False, lr=config.attack_lr,
                                      sign_step=config.attack_method == "fast_at", generator=generator)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..families import train_group
 from ..registry import register_method
 from ._denoising import Condition, Denoiser, encode_condition
-from ._training import ESDTargetConfig, Trainable, optimise, training
+from ._training import ESDTargetConfig, Trainable, optimise, per_process, training
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
     row = {p: table.rows([i]) for i, p in enumerate(prompts)}
     pairs = [(row[c], row[a]) for c, a in zip(concepts, anchors)]
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
+    per_process(pipe, generator, config.seed)  # several processes: each draws its own data
 
     def loss_at(iteration: int) -> torch.Tensor:
         concept, anchor = pairs[int(torch.randint(len(pairs), (), generator=generator))]

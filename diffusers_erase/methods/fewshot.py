@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from ..families import train_group
 from ..registry import register_method
 from ..text import encode
-from ._training import Trainable, TrainedConfig, denoising_loss, optimise, training
+from ._training import Trainable, TrainedConfig, denoising_loss, optimise, per_process, training
 
 # Textual inversion's templates (the reference fills them with the concept's name).
 OBJECT_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -170,6 +170,7 @@ def fewshot_edit(pipe, config: FewShotConfig, concepts, anchors, preserve):
     total = config.iterations or config.epochs * batches
     templates = STYLE_TEMPLATES if config.concept_type == "style" else OBJECT_TEMPLATES
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
+    per_process(pipe, generator, config.seed)  # several processes: each draws its own data
     order: list[int] = []
 
     def loss_at(iteration: int) -> torch.Tensor:
