@@ -68,10 +68,15 @@ class _SampleTokens(torch.autograd.Function):
 
 
 class AdversarialPrefix:
-    """k optimised tokens before `prompt` on the pipeline's (single) text encoder.
+    """k optimised tokens before `prompt` on the pipeline's text encoders.
+
+    SDXL's two CLIP encoders share one vocabulary, so a discrete prefix is one distribution per slot and each drawn
+    token enters both encoders, through each one's own embedding table; `conditions()` gives their concatenated
+    hidden states and the pooled vector, as `encode_prompt` makes them. A soft prefix lives in one encoder's
+    embedding space, so it needs one text encoder (SD 1.x/2.x).
 
     Args:
-        pipe: an SD 1.x/2.x pipeline (one text encoder).
+        pipe: an SD 1.x/2.x or SDXL pipeline.
         prompt: the prompt the prefix is put in front of.
         k: the number of adversarial tokens.
         discrete: a distribution per slot (UnlearnDiffAtk) or free embeddings (AdvUnlearn).
@@ -81,16 +86,19 @@ class AdversarialPrefix:
 
     def __init__(self, pipe, prompt: str, k: int, *, discrete: bool = True, lr: float = 0.01,
                  weight_decay: float = 0.1, sign_step: bool = False, generator: torch.Generator | None = None):
-        pairs = text_pairs(pipe)
-        if len(pairs) != 1:
-            raise ValueError("Adversarial prefixes support pipelines with one text encoder (SD 1.x/2.x) here.")
+        self.pairs = pairs = text_pairs(pipe)
+        if len(pairs) > 1 and (not discrete or any(p[2].segment != pairs[0][2].segment for p in pairs)
+                               or any(p[0].get_vocab() != pairs[0][0].get_vocab() for p in pairs[1:])):
+            raise ValueError("Adversarial prefixes run on one text encoder (SD 1.x/2.x), or discrete on encoders "
+                             "that share a vocabulary and concatenate their features (SDXL).")
         if k < 1:
             raise ValueError(f"The adversarial prefix needs k ≥ 1 tokens, got {k!r}.")
         self.tokenizer, self.encoder, self.row = pairs[0]
         self.k, self.discrete, self.lr, self.sign_step = k, discrete, lr, sign_step
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.slots = slice(1, 1 + k)
-        self.prompt_ids = self._prompt_ids(prompt)
+        self.all_ids = [self._prompt_ids(prompt, tokenizer) for tokenizer, _, _ in pairs]  # each pads its own way
+        self.prompt_ids = self.all_ids[0]
         table = self.encoder.get_input_embeddings().weight
         if discrete:
             start = torch.full((k, table.shape[0]), 1.0 / table.shape[0], device=table.device)
@@ -100,9 +108,8 @@ class AdversarialPrefix:
         self.variable = nn.Parameter(start)
         self.optimizer = torch.optim.Adam([self.variable], lr=lr, weight_decay=weight_decay if discrete else 0.0)
 
-    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+    def _prompt_ids(self, prompt: str, tokenizer) -> torch.Tensor:
         """[SOT, k placeholders, prompt, EOS, pad …]: the placeholders' embeddings are replaced, never read."""
-        tokenizer = self.tokenizer
         length = tokenizer.model_max_length
         ids = tokenizer(prompt, padding="max_length", max_length=length - self.k, truncation=True,
                         return_tensors="pt").input_ids[0]
@@ -111,24 +118,43 @@ class AdversarialPrefix:
         placeholder = tokenizer("x", add_special_tokens=False).input_ids[:1] or [0]
         return torch.cat([ids[:1], torch.tensor(placeholder * self.k), ids[1:]])
 
-    def slot_embeddings(self, sample: bool = True) -> torch.Tensor:
-        """(k, dim) embeddings of the slots: drawn tokens (discrete, `sample`), argmax tokens, or the free ones."""
+    def _one_hot(self, sample: bool) -> torch.Tensor:
+        if sample:
+            return _SampleTokens.apply(self.variable, self.generator)
+        return F.one_hot(self.variable.argmax(-1), self.variable.shape[-1]).to(self.variable)
+
+    def slot_embeddings(self, sample: bool = True, encoder: nn.Module | None = None,
+                        one_hot: torch.Tensor | None = None) -> torch.Tensor:
+        """(k, dim) embeddings of the slots in `encoder` (default the first): drawn tokens (discrete, `sample`),
+        argmax tokens, or the free ones."""
         if not self.discrete:
             return self.variable
-        table = self.encoder.get_input_embeddings().weight
-        if sample:
-            one_hot = _SampleTokens.apply(self.variable, self.generator)
-        else:
-            one_hot = F.one_hot(self.variable.argmax(-1), table.shape[0]).to(self.variable)
+        one_hot = self._one_hot(sample) if one_hot is None else one_hot
+        table = (encoder or self.encoder).get_input_embeddings().weight
         return one_hot @ table.to(one_hot.dtype)
 
     def condition(self, sample: bool = True, fixed: bool = False) -> torch.Tensor:
         """(1, tokens, dim): the hidden states the denoiser reads for [prefix ⊕ prompt], differentiable in the
         prefix (and in whatever the encoder trains); `fixed=True` holds the prefix constant (a defence step)."""
-        ids = self.prompt_ids[None].to(self.encoder.device)
-        slots = self.slot_embeddings(sample)
-        with token_embeddings_replaced(self.encoder, self.slots, slots.detach() if fixed else slots):
-            return encoder_states(self.encoder, self.row, ids, torch.ones_like(ids))
+        return self.conditions(sample, fixed)[0]
+
+    def conditions(self, sample: bool = True, fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled vector or None): every encoder reads the same drawn tokens; the states are
+        concatenated along the features and the pooled vector is the pooled encoder's, as SDXL's `encode_prompt`."""
+        one_hot = self._one_hot(sample) if self.discrete else None
+        states, pooled = [], None
+        for (_, encoder, row), ids in zip(self.pairs, self.all_ids):
+            ids = ids[None].to(encoder.device)
+            slots = self.slot_embeddings(sample, encoder, one_hot)
+            with token_embeddings_replaced(encoder, self.slots, slots.detach() if fixed else slots):
+                if len(self.pairs) == 1:
+                    states.append(encoder_states(encoder, row, ids, torch.ones_like(ids)))
+                    continue
+                out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2] if row.hidden == "penultimate" else out[0])
+            if row.role in ("pooled", "both"):
+                pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return torch.cat(states, dim=-1), pooled
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimiser step on the prefix only (no gradient reaches a model parameter's `.grad`)."""

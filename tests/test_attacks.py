@@ -273,10 +273,10 @@ def test_concept_arithmetic_brings_back_an_erased_circle_and_changes_nothing(era
     assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
 
 
-def test_on_sdxl_ring_a_bell_moves_the_pooled_vector_and_relearn_reads_the_added_conditioning(tokenizer_dir,
+def test_on_sdxl_ring_a_bell_relearn_and_unlearndiff_run_with_the_pooled_vector(tokenizer_dir,
                                                                                               monkeypatch):
-    """SDXL: Ring-A-Bell's embedding form passes the pooled vector moved by the pairs' pooled difference, relearn
-    fits its LoRA with SDXL's added conditioning; both leave the pipelines as they were."""
+    """SDXL: Ring-A-Bell's embedding form passes the pooled vector moved by the pairs' pooled difference; relearn
+    and UnlearnDiffAtk train with SDXL's added conditioning; the pipeline is left as it was."""
     pipe, reference = make_sdxl_pipeline(tokenizer_dir), make_sdxl_pipeline(tokenizer_dir)
     before = snapshot(pipe)
     detector = detectors.Detector("low", lambda x: np.full(len(x), 0.1))
@@ -284,11 +284,12 @@ def test_on_sdxl_ring_a_bell_moves_the_pooled_vector_and_relearn_reads_the_added
     real = attacks.Context.images
     monkeypatch.setattr(attacks.Context, "images", lambda self, pipe=None, **kw: (
         passed.append(kw.get("pooled_prompt_embeds")), real(self, pipe, **kw))[1])
-    report = attacks.run(pipe, "cat", ["ring_a_bell", "relearn"], detector, reference=reference, prompts=["a cat"],
-                         generation=attacks.Generation(num_inference_steps=2, height=32, width=32),
-                         options={"ring_a_bell": {"etas": (2.0,)},
+    report = attacks.run(pipe, "cat", ["ring_a_bell", "relearn", "unlearndiff"], detector, reference=reference,
+                         prompts=["a cat"], generation=attacks.Generation(num_inference_steps=2, height=32, width=32),
+                         options={"ring_a_bell": {"etas": (2.0,)}, "unlearndiff": TINY_UNLEARNDIFF,
                                   "relearn": {"images_per_prompt": 1, "steps": 2, "checkpoints": (2,)}},
                          progress=False)
+    assert report.results["unlearndiff"].cases[0].queries == TINY_UNLEARNDIFF["timesteps"]
     pooled = [p for p in passed if p is not None]
     expected = encode_pooled(pipe, ["a cat"]) + 2.0 * ring_a_bell.pooled_vector(
         pipe, ring_a_bell.default_pairs("cat"))
@@ -298,7 +299,8 @@ def test_on_sdxl_ring_a_bell_moves_the_pooled_vector_and_relearn_reads_the_added
 
 
 @pytest.mark.parametrize("factory, attack, match", [
-    (make_sdxl_pipeline, "unlearndiff", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, relearn"),
+    (make_sdxl_pipeline, "p4d", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, unlearndiff, "
+                                "relearn, arithmetic"),
     (make_sdxl_pipeline, "textual_inversion", "one word embedding"),
     (make_sd3_pipeline, "relearn", "flow-matching"),
     (make_flux_pipeline, "arithmetic", "distilled guidance"),
@@ -333,6 +335,28 @@ def test_a_prefix_condition_is_the_encoder_on_its_tokens(tokenizer_dir):
     ids[1:3] = torch.tensor([70, 71])
     assert torch.allclose(condition, encoder_states(encoder, row, ids[None]), atol=1e-6)
     assert prefix.tokens() == [70, 71] and prefix.text().endswith("a cat")
+
+
+def test_an_sdxl_prefix_puts_the_same_tokens_in_both_encoders(tokenizer_dir):
+    """SDXL: one distribution per slot; the drawn tokens enter both CLIP encoders (each with its own padding), the
+    states are concatenated along the features and the pooled vector is the second encoder's, as encode_prompt."""
+    pipe = make_sdxl_pipeline(tokenizer_dir)
+    prefix = AdversarialPrefix(pipe, "a cat", 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        prefix.variable.zero_()
+        prefix.variable[0, 70] = prefix.variable[1, 71] = 1.0
+        states, pooled = prefix.conditions(sample=False)
+    expected = []
+    for (_, encoder, _), ids in zip(text_pairs(pipe), prefix.all_ids):
+        ids = ids.clone()
+        ids[1:3] = torch.tensor([70, 71])
+        out = encoder(ids[None], output_hidden_states=True)
+        expected.append(out.hidden_states[-2])
+    assert prefix.all_ids[0][-1] != prefix.all_ids[1][-1]  # CLIP-L pads with EOS, OpenCLIP with "!"
+    assert torch.allclose(states, torch.cat(expected, dim=-1), atol=1e-6)
+    assert torch.allclose(pooled, out.text_embeds, atol=1e-6) and pooled.shape[-1] == out.text_embeds.shape[-1]
+    with pytest.raises(ValueError, match="share a vocabulary"):
+        AdversarialPrefix(pipe, "a cat", 2, discrete=False)
 
 
 def test_a_soft_prefix_descends_its_loss(tokenizer_dir):

@@ -26,7 +26,7 @@ import torch
 
 from ..families import train_group
 from ..methods._denoising import encode_condition
-from ..methods._training import Trainable, denoising_loss, training
+from ..methods._training import Trainable, added_conditioning, denoising_loss, training
 from ._core import Attack
 
 FRESH_WORD = "vrelk"  # made up: no meaning in any vocabulary, so the unerased model has to learn it
@@ -49,7 +49,7 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
             x0 = x0.to(unet.device, unet.dtype)
             noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
             loss = denoising_loss(unet, pipe.scheduler, x0, t, conditions[prompt].tokens, noise,
-                                  added_cond_kwargs=_added(pipe, conditions[prompt], x0))
+                                  added_cond_kwargs=added_conditioning(pipe, conditions[prompt].pooled, x0))
             grads = torch.autograd.grad(loss, trainable.parameters())
             for parameter, grad in zip(trainable.parameters(), grads):
                 parameter.grad = grad
@@ -60,16 +60,6 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
                     slot[0].append(float(score))
                     slot[1].append(image)
     return out
-
-
-def _added(pipe, condition, x0: torch.Tensor) -> dict | None:
-    """SDXL's added conditioning for an image of x0's size: the prompt's pooled vector and the time ids (original
-    size = target size, no crop), as the pipeline makes them; None for SD 1.x/2.x."""
-    if condition.pooled is None:
-        return None
-    side = x0.shape[-1] * pipe.vae_scale_factor
-    ids = torch.tensor([[side, side, 0, 0, side, side]], device=x0.device, dtype=x0.dtype)
-    return {"text_embeds": condition.pooled, "time_ids": ids}
 
 
 def fresh(prompt: str, concept: str, word: str) -> str:
