@@ -30,6 +30,7 @@ from .api import (
 )
 from .config import ErasureConfig
 from .deltas import Dense, LowRank, TextMap
+from .evaluation import Evaluation, evaluate
 from .hub import (
     card,
     model_card,
@@ -58,6 +59,7 @@ __all__ = [
     "Dense",
     "Erasure",
     "ErasureConfig",
+    "Evaluation",
     "ErasureMixin",
     "Guard",
     "LowRank",
@@ -77,6 +79,7 @@ __all__ = [
     "__version__",
     "attacks",
     "detectors",
+    "evaluate",
     "available_methods",
     "card",
     "enable_erasure",

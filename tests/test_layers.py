@@ -13,7 +13,7 @@ LAYERS = {
     "methods": 2,
     "formats": 3,
     "api": 4, "locate": 4, "arguments": 4,
-    "mixin": 5, "hub": 5, "shapes": 5, "detectors": 5, "attacks": 5,
+    "mixin": 5, "hub": 5, "shapes": 5, "detectors": 5, "attacks": 5, "evaluation": 5,
     "cli": 6, "comfyui": 6, "__init__": 6, "__main__": 6,
 }
 
