@@ -284,24 +284,28 @@ def test_on_sdxl_ring_a_bell_relearn_and_unlearndiff_run_with_the_pooled_vector(
     real = attacks.Context.images
     monkeypatch.setattr(attacks.Context, "images", lambda self, pipe=None, **kw: (
         passed.append(kw.get("pooled_prompt_embeds")), real(self, pipe, **kw))[1])
-    report = attacks.run(pipe, "cat", ["ring_a_bell", "relearn", "unlearndiff"], detector, reference=reference,
-                         prompts=["a cat"], generation=attacks.Generation(num_inference_steps=2, height=32, width=32),
+    report = attacks.run(pipe, "cat", ["ring_a_bell", "relearn", "unlearndiff", "textual_inversion"], detector,
+                         reference=reference, prompts=["a cat"],
+                         generation=attacks.Generation(num_inference_steps=2, height=32, width=32),
                          options={"ring_a_bell": {"etas": (2.0,)}, "unlearndiff": TINY_UNLEARNDIFF,
-                                  "relearn": {"images_per_prompt": 1, "steps": 2, "checkpoints": (2,)}},
+                                  "relearn": {"images_per_prompt": 1, "steps": 2, "checkpoints": (2,)},
+                                  "textual_inversion": {"images_per_prompt": 1, "steps": 2}},
                          progress=False)
     assert report.results["unlearndiff"].cases[0].queries == TINY_UNLEARNDIFF["timesteps"]
+    assert report.results["textual_inversion"].cases[0].adversarial.startswith("a <v*>")
     pooled = [p for p in passed if p is not None]
+    assert len(pooled) == 2  # Ring-A-Bell's moved vector, then v*'s prompt through the second encoder
     expected = encode_pooled(pipe, ["a cat"]) + 2.0 * ring_a_bell.pooled_vector(
         pipe, ring_a_bell.default_pairs("cat"))
-    assert len(pooled) == 1 and torch.allclose(pooled[0].float(), expected, atol=1e-6)
+    assert torch.allclose(pooled[0].float(), expected, atol=1e-6)
     assert report.results["relearn"].cases[0].curve is not None
     assert changed(before, snapshot(pipe)) == []
 
 
 @pytest.mark.parametrize("factory, attack, match", [
     (make_sdxl_pipeline, "p4d", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, unlearndiff, "
-                                "relearn, arithmetic"),
-    (make_sdxl_pipeline, "textual_inversion", "one word embedding"),
+                                "textual_inversion, relearn, arithmetic"),
+    (make_sd3_pipeline, "textual_inversion", "flow matching, T5"),
     (make_sd3_pipeline, "relearn", "flow-matching"),
     (make_flux_pipeline, "arithmetic", "distilled guidance"),
 ])

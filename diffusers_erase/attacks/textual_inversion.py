@@ -8,8 +8,10 @@ and erasure unchanged:
 
 with textual inversion's object templates ("a photo of a {}", ...), Adam, and x_0 the reference model's images of
 the concept prompts (or the user's). Each case's prompt is then generated with the concept's word replaced by v*
-(fed as `prompt_embeds`: v* is not in the tokenizer). The paper's setting is the diffusers textual-inversion
-example's (lr 5e-3 for its batch, a few thousand steps); the quick budget trains a few hundred steps.
+(fed as `prompt_embeds`: v* is not in the tokenizer). On SDXL there is one v* per CLIP encoder, as SDXL's
+textual inversion trains them, and the loss reads the pooled vector and time ids. The paper's setting is the
+diffusers textual-inversion example's (lr 5e-3 for its batch, a few thousand steps); the quick budget trains a few
+hundred steps.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..adversarial import token_embeddings_replaced
 from ..families import text_pairs
-from ..methods._training import denoising_loss
+from ..methods._training import added_conditioning, denoising_loss
 from ..text import encoder_states
 from ._core import Attack, Tries
 
@@ -38,35 +40,46 @@ def _ids_and_slot(tokenizer, prompt: str) -> tuple[torch.Tensor, slice]:
     return ids, slice(int(where[-1]), int(where[-1]) + 1)
 
 
-def condition(pipe, prompt: str, vector: torch.Tensor) -> torch.Tensor:
-    """The hidden states of `prompt` (holding PLACEHOLDER) with v* in the placeholder's slot."""
-    tokenizer, encoder, row = text_pairs(pipe)[0]
-    ids, slot = _ids_and_slot(tokenizer, prompt)
-    with token_embeddings_replaced(encoder, slot, vector[None]):
-        return encoder_states(encoder, row, ids[None].to(encoder.device))
+def conditions(pipe, prompt: str, vectors: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled vector or None) of `prompt` (holding PLACEHOLDER) with v* in the placeholder's slot:
+    one v* per text encoder (SDXL: both CLIPs, states concatenated, the pooled vector the second's)."""
+    pairs = text_pairs(pipe)
+    states, pooled = [], None
+    for (tokenizer, encoder, row), vector in zip(pairs, vectors):
+        ids, slot = _ids_and_slot(tokenizer, prompt)
+        ids = ids[None].to(encoder.device)
+        with token_embeddings_replaced(encoder, slot, vector[None]):
+            if len(pairs) == 1:
+                return encoder_states(encoder, row, ids), None
+            out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2] if row.hidden == "penultimate" else out[0])
+        if row.role in ("pooled", "both"):
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    return torch.cat(states, dim=-1), pooled
 
 
-def learn(context, *, images_per_prompt: int, steps: int, lr: float, rng) -> torch.Tensor:
-    """v*, learned on the reference model's images of the concept (at seeds 0..images_per_prompt-1)."""
+def learn(context, *, images_per_prompt: int, steps: int, lr: float, rng) -> list:
+    """v* (one per text encoder), learned on the reference model's images of the concept (at seeds
+    0..images_per_prompt-1)."""
     pipe = context.pipe
-    if len(text_pairs(pipe)) != 1:
-        raise ValueError("textual_inversion supports pipelines with one text encoder (SD 1.x/2.x) here.")
     targets = [context.reference_latents(p, s) for p in context.concept_prompts for s in range(images_per_prompt)]
-    tokenizer, encoder, _ = text_pairs(pipe)[0]
-    table = encoder.get_input_embeddings().weight
-    start = tokenizer(context.concept, add_special_tokens=False).input_ids[:1]  # initialise at the concept's word
-    vector = torch.nn.Parameter(table.detach()[start[0]].float().clone())
-    optimizer = torch.optim.Adam([vector], lr=lr)
+    vectors = []
+    for tokenizer, encoder, _ in text_pairs(pipe):  # each starts at the concept's word in its own table
+        start = tokenizer(context.concept, add_special_tokens=False).input_ids[:1]
+        vectors.append(torch.nn.Parameter(encoder.get_input_embeddings().weight.detach()[start[0]].float().clone()))
+    optimizer = torch.optim.Adam(vectors, lr=lr)
     for _ in range(steps):
         x0 = targets[int(torch.randint(len(targets), (), generator=rng))].to(pipe.unet.device, pipe.unet.dtype)
         template = TEMPLATES[int(torch.randint(len(TEMPLATES), (), generator=rng))]
         t = int(torch.randint(pipe.scheduler.config.num_train_timesteps, (), generator=rng))
         noise = torch.randn(x0.shape, generator=rng).to(x0.device, x0.dtype)
-        loss = denoising_loss(pipe.unet, pipe.scheduler, x0, t, condition(pipe, template.format(PLACEHOLDER), vector),
-                              noise)
-        (vector.grad,) = torch.autograd.grad(loss, [vector])
+        states, pooled = conditions(pipe, template.format(PLACEHOLDER), vectors)
+        loss = denoising_loss(pipe.unet, pipe.scheduler, x0, t, states, noise,
+                              added_cond_kwargs=added_conditioning(pipe, pooled, x0))
+        for vector, grad in zip(vectors, torch.autograd.grad(loss, vectors)):
+            vector.grad = grad
         optimizer.step()
-    return vector.detach()
+    return [v.detach() for v in vectors]
 
 
 def attacked_prompt(prompt: str, concept: str) -> str:
@@ -81,13 +94,14 @@ def run(context, case, rng, *, images_per_prompt, steps, lr=5e-3):
     if key not in context.cache:
         context.cache[key] = learn(context, images_per_prompt=images_per_prompt, steps=steps, lr=lr,
                                    rng=torch.Generator().manual_seed(context.seed))  # the same word on every shard
-    vector = context.cache[key]
+    vectors = context.cache[key]
     prompt = attacked_prompt(case.prompt, context.concept)
     with torch.no_grad():
-        embeds = condition(context.pipe, prompt, vector)
+        embeds, pooled = conditions(context.pipe, prompt, vectors)
+    dtype = context.pipe.unet.dtype
     tries = Tries(context, case)
-    tries.judge(f"{prompt.replace(PLACEHOLDER, '<v*>')} (‖v*‖ = {float(vector.norm()):.2f})",
-                prompt_embeds=embeds.to(context.pipe.text_encoder.dtype))
+    tries.judge(f"{prompt.replace(PLACEHOLDER, '<v*>')} (‖v*‖ = {float(vectors[0].norm()):.2f})",
+                prompt_embeds=embeds.to(dtype), pooled_prompt_embeds=None if pooled is None else pooled.to(dtype))
     return tries.result()
 
 
@@ -96,7 +110,7 @@ ATTACK = Attack(
     run=run,
     budgets={"quick": {"images_per_prompt": 2, "steps": 300}, "paper": {"images_per_prompt": 4, "steps": 3000}},
     needs_reference=True,
-    families=("sd1", "sd2"),
-    family_note="it learns one word embedding for one text encoder (SDXL, SD3 and FLUX would need one per encoder).",
+    families=("sd1", "sd2", "sdxl"),
+    family_note="it is trained with the DDPM loss of UNets and CLIP tokenizers (SD3 and FLUX: flow matching, T5).",
     paper="Circumventing Concept Erasure Methods for Text-to-Image Generative Models (ICLR 2024)",
 )
