@@ -96,10 +96,22 @@ def test_ring_a_bell_genetic_search_finds_a_text_prompt_near_the_target_and_chan
     assert changed(before[0], after[0]) == [] and before[1:] == after[1:]
 
 
-def test_ring_a_bell_genetic_search_refuses_two_text_encoders_and_bad_options(tokenizer_dir, monkeypatch):
+def test_ring_a_bell_genetic_search_on_sdxl_scores_both_encoders_and_refuses_bad_options(tokenizer_dir,
+                                                                                         monkeypatch):
+    """SDXL: a string's states are both CLIP encoders' on the same ids, each with its own padding, exactly what
+    encode_prompt gives for its text; the search runs on them."""
+    sdxl = make_sdxl_pipeline(tokenizer_dir)
+    genes = torch.tensor([sdxl.tokenizer("a cat", add_special_tokens=False).input_ids])
+    assert torch.allclose(ring_a_bell.token_states(sdxl, genes), encode(sdxl, ["a cat"], full_length=True),
+                          atol=1e-6)
+    target = encode(sdxl, ["a dog"], full_length=True)
+    prompt, distance = ring_a_bell.genetic_prompt(sdxl, target, length=5, population=8, generations=2,
+                                                  mutation_rate=0.25, crossover_rate=0.5,
+                                                  rng=torch.Generator().manual_seed(0))
+    assert isinstance(prompt, str) and distance > 0
     detector = detectors.Detector("zero", lambda x: np.zeros(len(x)))
-    with pytest.raises(ValueError, match="one text encoder"):
-        ring_a_bell.genetic_prompt(make_sdxl_pipeline(tokenizer_dir), torch.zeros(1, 77, 64), length=4,
+    with pytest.raises(ValueError, match="one vocabulary"):
+        ring_a_bell.genetic_prompt(make_sd3_pipeline(tokenizer_dir), torch.zeros(1, 77, 64), length=4,
                                    population=4, generations=1, mutation_rate=0.2, crossover_rate=0.5,
                                    rng=torch.Generator())
     pipe = make_sd_pipeline(tokenizer_dir)
@@ -303,8 +315,8 @@ def test_on_sdxl_ring_a_bell_relearn_and_unlearndiff_run_with_the_pooled_vector(
 
 
 @pytest.mark.parametrize("factory, attack, match", [
-    (make_sdxl_pipeline, "p4d", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, unlearndiff, "
-                                "textual_inversion, relearn, arithmetic"),
+    (make_sdxl_pipeline, "p4d", "runs on sd1, sd2 pipelines, not 'sdxl'.*run on sdxl: ring_a_bell, "
+                                "ring_a_bell_genetic, unlearndiff, textual_inversion, relearn, arithmetic"),
     (make_sd3_pipeline, "textual_inversion", "flow matching, T5"),
     (make_sd3_pipeline, "relearn", "flow-matching"),
     (make_flux_pipeline, "arithmetic", "distilled guidance"),

@@ -54,36 +54,48 @@ def pooled_vector(pipe, pairs) -> torch.Tensor | None:
     return (encode_pooled(pipe, [p[0] for p in pairs]) - encode_pooled(pipe, [p[1] for p in pairs])).mean(0)
 
 
+def _one_vocabulary(pipe) -> list:
+    pairs = text_pairs(pipe)
+    if len(pairs) > 1 and (any(p[2].segment != pairs[0][2].segment for p in pairs)
+                           or any(p[0].get_vocab() != pairs[0][0].get_vocab() for p in pairs[1:])):
+        raise ValueError("Ring-A-Bell's genetic search needs one vocabulary for every text encoder (SD 1.x/2.x, "
+                         "SDXL); the embedding form (search='embedding') works on every family.")
+    return pairs
+
+
+@torch.no_grad()
+def token_states(pipe, genes: torch.Tensor) -> torch.Tensor:
+    """(n, L, dim) float32: the text states of [BOS, genes_i, EOS, pad…] as the denoiser reads them; on SDXL the
+    same ids through both CLIP encoders, each with its own padding, concatenated along the features."""
+    out = []
+    for tokenizer, encoder, row in _one_vocabulary(pipe):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.full((len(genes), tokenizer.model_max_length), pad)
+        ids[:, 0], ids[:, 1:genes.shape[1] + 1] = tokenizer.bos_token_id, genes
+        ids[:, genes.shape[1] + 1] = tokenizer.eos_token_id
+        out.append(encoder_states(encoder, row, ids.to(encoder.device)).float())
+    return torch.cat(out, dim=-1)
+
+
 def genetic_prompt(pipe, target: torch.Tensor, *, length: int, population: int, generations: int,
                    mutation_rate: float, crossover_rate: float, rng: torch.Generator) -> tuple[str, float]:
-    """The paper's genetic search for K = `length` tokens whose encoding is nearest `target` (1, L, dim); returns the
-    decoded prompt and its squared distance."""
-    pairs = text_pairs(pipe)
-    if len(pairs) != 1:
-        raise ValueError("Ring-A-Bell's genetic search supports pipelines with one text encoder (SD 1.x/2.x) here; "
-                         "the embedding form (search='embedding') works on every family.")
-    tokenizer, encoder, row = pairs[0]
+    """The paper's genetic search for K = `length` tokens whose encoding (`token_states`) is nearest `target`
+    (1, L, dim); returns the decoded prompt and its squared distance."""
+    pairs = _one_vocabulary(pipe)
+    tokenizer = pairs[0][0]
     total = tokenizer.model_max_length
     if not 1 <= length <= total - 2:
         raise ValueError(f"Ring-A-Bell `length` is K tokens between BOS and EOS: 1..{total - 2}, got {length}.")
-    special = special_ids(tokenizer) | set(tokenizer.all_special_ids)
+    special = set().union(*(special_ids(t) | set(t.all_special_ids) for t, _, _ in pairs))
     vocabulary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    frame = torch.full((total,), pad)
-    frame[0], frame[length + 1] = tokenizer.bos_token_id, tokenizer.eos_token_id
-    device = encoder.device
-    target = target.to(device, torch.float32)
+    target = target.to(pairs[0][1].device, torch.float32)
 
     def draw(*shape):
         return vocabulary[torch.randint(len(vocabulary), shape, generator=rng)]
 
-    @torch.no_grad()
     def fitness(genes):
-        ids = frame.repeat(len(genes), 1)
-        ids[:, 1:length + 1] = genes
-        out = [((encoder_states(encoder, row, chunk.to(device)).float() - target) ** 2).sum((1, 2))
-               for chunk in ids.split(64)]
-        return torch.cat(out).cpu()
+        return torch.cat([((token_states(pipe, chunk) - target) ** 2).sum((1, 2)).cpu()
+                          for chunk in genes.split(64)])
 
     genes = draw(population, length)
     for generation in range(generations):
@@ -151,7 +163,8 @@ GENETIC = {"search": "genetic", "length": 16, "population": 200, "mutation_rate"
 ATTACK = Attack(name="ring_a_bell", run=run, paper=PAPER, check=check,
                 budgets={"quick": {"etas": (1.0, 3.0)}, "paper": {"etas": (3.0,)}})
 # The paper's discrete search under its own name, so a report shows both forms side by side.
-GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check, families=("sd1", "sd2"),
-                        family_note="its search edits one tokenizer's ids and scores one text encoder.",
+GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check,
+                        families=("sd1", "sd2", "sdxl"),
+                        family_note="its search edits ids of one vocabulary (SD3 and FLUX also read T5's).",
                         budgets={"quick": {"etas": (1.0, 3.0), **GENETIC, "generations": 100},
                                  "paper": {"etas": (3.0,), **GENETIC, "generations": 3000}})
