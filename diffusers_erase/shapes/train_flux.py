@@ -101,12 +101,13 @@ def load_shipped():
 
 
 @torch.no_grad()
-def encode_latents(images: np.ndarray, vae, path: Path) -> None:
+def encode_latents(images: np.ndarray, vae, path: Path, device: str = "cpu") -> None:
     means, stds = [], []
+    vae = vae.to(device)
     for start in tqdm(range(0, len(images), 256), desc="encode", mininterval=10):
-        dist = vae.encode(_to_tensor(images[start: start + 256])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        dist = vae.encode(_to_tensor(images[start: start + 256]).to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
     torch.save({"mean": torch.cat(means).half(), "std": torch.cat(stds).half()}, path)
 
 
@@ -127,22 +128,26 @@ def image_ids(h: int, w: int) -> torch.Tensor:
 # --- training -----------------------------------------------------------------------------------
 
 def train(data: dict, latents: dict, workdir: Path, steps: int, seed: int, deadline: float, batch_size: int,
-          lr: float) -> bool:
+          lr: float, device: str = "cpu") -> bool:
+    """Every draw is made on the CPU from (seed, step), so a run is the same on any device up to its arithmetic."""
     from transformers import T5TokenizerFast
 
     path = workdir / "transformer.pt"
     vae, clip_tokenizer, clip = load_shipped()
+    clip = clip.to(device)
     t5_tokenizer = T5TokenizerFast.from_pretrained(workdir / "tokenizer_2")
     torch.manual_seed(seed)
     t5, transformer = build_t5(t5_tokenizer), build_transformer(clip.config.hidden_size)
     ema_t5, ema_transformer = build_t5(t5_tokenizer), build_transformer(clip.config.hidden_size)
     ema_t5.load_state_dict(t5.state_dict())
     ema_transformer.load_state_dict(transformer.state_dict())
+    for module in (t5, transformer, ema_t5, ema_transformer):
+        module.to(device)
     params = list(transformer.parameters()) + list(t5.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)
         for module, key in ((transformer, "transformer"), (t5, "t5"), (ema_transformer, "ema_transformer"),
                             (ema_t5, "ema_t5")):
             module.load_state_dict(state[key])
@@ -153,7 +158,7 @@ def train(data: dict, latents: dict, workdir: Path, steps: int, seed: int, deadl
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     mean, std = latents["mean"].float(), latents["std"].float()
     h, w = mean.shape[-2:]
-    img_ids, txt_ids = image_ids(h, w), torch.zeros(MAX_TOKENS, 3)
+    img_ids, txt_ids = image_ids(h, w).to(device), torch.zeros(MAX_TOKENS, 3, device=device)
     labels = data["labels"]
 
     def checkpoint():
@@ -174,13 +179,14 @@ def train(data: dict, latents: dict, workdir: Path, steps: int, seed: int, deadl
         x0 = ((mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) - shift) * scale
         noise = torch.randn(x0.shape, generator=generator)
         sigma = torch.sigmoid(torch.randn(batch_size, generator=generator))  # logit-normal(0, 1)
+        x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         with torch.no_grad():
             ids = clip_tokenizer(captions, padding="max_length", max_length=clip_tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
-            pooled = clip(ids).pooler_output
+            pooled = clip(ids.to(device)).pooler_output
         t5_ids = t5_tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                              return_tensors="pt").input_ids
+                              return_tensors="pt").input_ids.to(device)
         tokens = t5(t5_ids)[0]
         warmup = min(1.0, (step + 1) / 200)
         cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -222,7 +228,7 @@ def build_pipeline(workdir: Path, ema: bool = True):
     vae, clip_tokenizer, clip = load_shipped()
     vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes with (z / scale) + shift
     t5_tokenizer = T5TokenizerFast.from_pretrained(workdir / "tokenizer_2")
-    state = torch.load(workdir / "transformer.pt", weights_only=False)
+    state = torch.load(workdir / "transformer.pt", map_location="cpu", weights_only=True)
     t5, transformer = build_t5(t5_tokenizer), build_transformer(clip.config.hidden_size)
     transformer.load_state_dict(state["ema_transformer" if ema else "transformer"])
     t5.load_state_dict(state["ema_t5" if ema else "t5"])
@@ -258,6 +264,7 @@ def main(argv=None) -> None:
     parser.add_argument("--export", action="store_true", help="write the EMA weights to the package assets")
     parser.add_argument("--out", type=Path, default=FLUX_PIPELINE_DIR)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...: where the models train (draws stay on CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -272,11 +279,12 @@ def main(argv=None) -> None:
     data = dict(np.load(data_path))
     latents_path = args.workdir / "latents.pt"
     if not latents_path.exists():
-        encode_latents(data["images"], load_shipped()[0], latents_path)
+        encode_latents(data["images"], load_shipped()[0], latents_path, args.device)
     if not (args.workdir / "tokenizer_2" / "tokenizer_config.json").exists():
         train_tokenizer(args.workdir / "tokenizer_2", args.seed)
-    latents = torch.load(latents_path, weights_only=False)
-    done = train(data, latents, args.workdir, args.steps, args.seed, deadline, args.batch_size, args.lr)
+    latents = torch.load(latents_path, weights_only=True)
+    done = train(data, latents, args.workdir, args.steps, args.seed, deadline, args.batch_size, args.lr,
+                 args.device)
     logger.info("training %s", "finished" if done else "paused; rerun to resume")
 
 
