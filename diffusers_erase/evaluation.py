@@ -32,6 +32,7 @@ from . import detectors
 from .attacks import DEFAULT_PROMPTS
 from .attacks._core import Context, Generation
 from .detectors import Detector
+from .families import family_of
 from .shapes import world
 from .shapes.evaluate import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -110,6 +111,11 @@ def evaluate(pipe, concept: str, detector: Detector, *, prompts=None, synonyms=(
         generation: sampling settings (`attacks.Generation`).
         batch_size: images per pipeline call (the grouping is fixed, so a rerun gives the same images).
     """
+    if isinstance(prompts, str) or isinstance(synonyms, str):
+        raise ValueError("`prompts` and `synonyms` are lists of prompts, not one string; wrap it: [\"...\"].")
+    if reference is not None and family_of(reference).name != family_of(pipe).name:
+        raise ValueError(f"The reference pipeline is {family_of(reference).name!r} but the evaluated one is "
+                         f"{family_of(pipe).name!r}; the reference must be the same model before erasure.")
     prompts = list(prompts) if prompts else [t.format(concept) for t in DEFAULT_PROMPTS]
     groups = {"efficacy": (prompts, detector)}
     if synonyms:

@@ -231,6 +231,21 @@ def test_bad_arithmetic_options_are_refused_before_any_image_is_made(tokenizer_d
         attacks.run(pipe, "cat", "arithmetic", detector, options={"arithmetic": options}, progress=False)
 
 
+@pytest.mark.parametrize("factory, attack, kwargs, match", [
+    (make_sd_pipeline, "relearn", {"prompts": ["a nude figure"]}, "does not name it.*baseline=False"),
+    (make_sd_pipeline, "unlearndiff", {"options": {"unlearndiff": {"kk": 3}}}, "has no option 'kk'"),
+    (make_sd_pipeline, "arithmetic", {"generation": attacks.Generation(guidance_scale=1.0)}, "guidance_scale > 1"),
+    (make_flux_pipeline, "ring_a_bell", {"options": {"ring_a_bell": {"search": "genetic"}}}, "search='embedding'"),
+])
+def test_bad_options_prompts_and_settings_fail_before_any_image(tokenizer_dir, factory, attack, kwargs, match,
+                                                                monkeypatch):
+    pipe = factory(tokenizer_dir)
+    monkeypatch.setattr(type(pipe), "__call__", lambda *a, **k: pytest.fail("an image was generated"))
+    with pytest.raises(ValueError, match=match):
+        attacks.run(pipe, "nudity" if attack == "relearn" else "cat", attack,
+                    detectors.Detector("zero", lambda x: np.zeros(len(x))), reference=pipe, progress=False, **kwargs)
+
+
 def test_composed_guidance_is_the_weighted_sum_of_the_prompts_guidance(tokenizer_dir):
     """One prompt at weight 1 is the plain image; weights split over copies of a prompt give it too; a zero weight
     adds nothing; and the hook is gone afterwards."""

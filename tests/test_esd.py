@@ -272,8 +272,14 @@ record = de.erase_concept(pipe, "circle", method="esd", iterations=3, lr=1e-3, d
                           callback=lambda i, loss: losses.append(loss))
 rank = PartialState().process_index
 torch.save({n: d.delta for n, d in record.edit.deltas.items()}, f"{sys.argv[1]}.{rank}.pt")
+refused = None
+if PartialState().num_processes > 1:  # a sweep giving each process its own concept is refused on every process
+    try:
+        de.erase_concept(pipe, ["circle", "square"][rank], method="esd", iterations=1, lr=1e-3, ddim_steps=3)
+    except ValueError as error:
+        refused = str(error)
 open(f"{sys.argv[1]}.{rank}.json", "w").write(json.dumps({"processes": PartialState().num_processes,
-                                                           "losses": losses}))
+                                                           "losses": losses, "refused": refused}))
 '''
 
 
@@ -299,3 +305,4 @@ def test_two_processes_train_data_parallel_to_one_edit(tmp_path):
     assert first.keys() == second.keys() == single.keys()
     assert all(torch.equal(first[n], second[n]) for n in first) and log0["losses"] == log1["losses"]
     assert any(not torch.equal(first[n], single[n]) for n in first) and log0["losses"] != log["losses"]
+    assert all("different runs" in (entry["refused"] or "") for entry in (log0, log1))

@@ -40,6 +40,7 @@ def test_any_pipeline_and_detector(tokenizer_dir):
     ({"others": {"dog": ["a dog"]}}, "must be \\(a list of prompts, a Detector\\)"),
     ({"others": {"dog": ("a dog", CONSTANT[0.0])}}, "must be \\(a list of prompts"),
     ({"seeds": ()}, "at least one seed"),
+    ({"prompts": "a cat"}, "not one string"),
     ({"detector": detectors.Detector("bad", lambda images: np.full(len(images), np.nan))}, "not finite"),
 ])
 def test_bad_input_fails_before_any_image(tokenizer_dir, kwargs, match, monkeypatch):

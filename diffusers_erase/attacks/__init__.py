@@ -12,6 +12,8 @@ pipeline: it reads weights and adds only hooks it removes (docs/robustness.md).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from accelerate import PartialState
@@ -36,7 +38,7 @@ __all__ = ["ATTACKS", "Attack", "AttackResult", "BUDGETS", "Case", "Generation",
            "run"]
 
 
-def _check(pipe, attacks, detector, reference, budget, options) -> list[Attack]:
+def _check(pipe, attacks, detector, reference, budget, options, setup: dict) -> list[Attack]:
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
         raise ValueError(f"Unknown attack(s) {unknown or attacks}; valid attacks: {', '.join(ATTACKS)}.")
@@ -64,8 +66,14 @@ def _check(pipe, attacks, detector, reference, budget, options) -> list[Attack]:
         if name not in attacks:
             raise ValueError(f"`options` names {name!r}, which is not among the attacks run ({', '.join(attacks)}).")
     for attack in chosen:
+        settings = {**attack.budgets[budget], **options.get(attack.name, {})}
+        accepted = [p for p in inspect.signature(attack.run).parameters if p not in ("context", "case", "rng")]
+        unknown = sorted(set(settings) - set(accepted))
+        if unknown:
+            raise ValueError(f"{attack.name} has no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(accepted)}.")
         if attack.check is not None:
-            attack.check(**{**attack.budgets[budget], **options.get(attack.name, {})})
+            attack.check(setup, **settings)
     return chosen
 
 
@@ -88,11 +96,13 @@ def run(pipe, concept: str, attacks, detector: Detector, *, reference=None, budg
     """
     attacks = [attacks] if isinstance(attacks, str) else list(attacks)
     options = dict(options or {})
-    chosen = _check(pipe, attacks, detector, reference, budget, options)
     prompts = list(prompts) if prompts else [t.format(concept) for t in DEFAULT_PROMPTS]
+    generation = generation or Generation()
+    chosen = _check(pipe, attacks, detector, reference, budget, options,
+                    {"family": family_of(pipe).name, "generation": generation, "concept": concept, "prompts": prompts})
     # One process, or this process's share under `accelerate launch` (GPUs) or `torchrun` (CPU processes).
     shard = PartialState(cpu=getattr(pipe, family_of(pipe).denoiser).device.type == "cpu")
-    context = Context(pipe, reference, detector, concept, generation or Generation(),
+    context = Context(pipe, reference, detector, concept, generation,
                       progress and shard.is_main_process)
     context.concept_prompts, context.seed = prompts, seed
     cases = [Case(p, int(s)) for p in prompts for s in seeds]

@@ -236,7 +236,8 @@ class Attack:
     budgets: dict
     needs_reference: bool = False
     paper: str = ""
-    check: Callable | None = None  # check(**settings): bad options fail before any image is made
+    # check(setup, **settings), setup = {family, generation, concept, prompts}: bad input fails before any image
+    check: Callable | None = None
     families: tuple[str, ...] | None = None  # the families it runs on (None: all), checked before any image
     family_note: str = ""  # why not the others
 

@@ -66,8 +66,11 @@ def terms(composition, prompt: str, concept: str, *, neutral: str, anchor: str |
     return out
 
 
-def check(*, scales, compositions=None, neutral="", anchor=None, related=None) -> None:
+def check(setup: dict, *, scales, compositions=None, neutral="", anchor=None, related=None) -> None:
     """Bad options fail before any image is made."""
+    if setup["generation"].guidance_scale <= 1:
+        raise ValueError("Concept Arithmetics composes classifier-free guidance: sample with guidance_scale > 1 "
+                         f"(`Generation.guidance_scale` is {setup['generation'].guidance_scale:g}).")
     compositions = DEFAULT_COMPOSITIONS if compositions is None else compositions
     if not isinstance(neutral, str) or anchor is not None and not isinstance(anchor, str):
         raise ValueError("Concept Arithmetics `neutral` and `anchor` are words or phrases (str).")
@@ -112,7 +115,7 @@ def composed_guidance(pipe, weights):
         if prediction.shape[0] != 2 * n:
             raise ValueError(f"Concept Arithmetics composes guidance over the [negative; prompt] batch of {2 * n} "
                              f"rows, but the denoiser ran on {prediction.shape[0]}: use a pipeline that runs "
-                             "classifier-free guidance (guidance_scale > 1; FLUX: true CFG with a negative prompt).")
+                             "classifier-free guidance with a [negative; prompt] batch (guidance_scale > 1).")
         prediction = compose(prediction, weights)
         return (prediction, *output[1:]) if isinstance(output, tuple) else type(output)(sample=prediction)
 

@@ -104,8 +104,16 @@ def run(context, case, rng, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, c
     return scores[-1], images[-1], f"rank-{lora_rank} LoRA, {steps} steps", len(checkpoints)
 
 
+def check(setup: dict, *, images_per_prompt, steps, lr=1e-4, lora_rank=4, checkpoints=None, baseline=True,
+          fresh_word=FRESH_WORD) -> None:
+    if baseline:  # the baseline needs the concept's name in every prompt; say so before any image
+        for prompt in setup["prompts"]:
+            fresh(prompt, setup["concept"], fresh_word)
+
+
 ATTACK = Attack(
     name="relearn",
+    check=check,
     run=run,
     budgets={"quick": {"images_per_prompt": 2, "steps": 200, "lr": 1e-3, "baseline": True, "fresh_word": FRESH_WORD},
              "paper": {"images_per_prompt": 4, "steps": 1000, "lr": 1e-4, "baseline": True,

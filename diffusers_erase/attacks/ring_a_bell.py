@@ -64,11 +64,11 @@ def _one_vocabulary(pipe) -> list:
 
 
 @torch.no_grad()
-def token_states(pipe, genes: torch.Tensor) -> torch.Tensor:
+def token_states(pipe, genes: torch.Tensor, pairs: list | None = None) -> torch.Tensor:
     """(n, L, dim) float32: the text states of [BOS, genes_i, EOS, pad…] as the denoiser reads them; on SDXL the
     same ids through both CLIP encoders, each with its own padding, concatenated along the features."""
     out = []
-    for tokenizer, encoder, row in _one_vocabulary(pipe):
+    for tokenizer, encoder, row in pairs or _one_vocabulary(pipe):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.full((len(genes), tokenizer.model_max_length), pad)
         ids[:, 0], ids[:, 1:genes.shape[1] + 1] = tokenizer.bos_token_id, genes
@@ -94,7 +94,7 @@ def genetic_prompt(pipe, target: torch.Tensor, *, length: int, population: int, 
         return vocabulary[torch.randint(len(vocabulary), shape, generator=rng)]
 
     def fitness(genes):
-        return torch.cat([((token_states(pipe, chunk) - target) ** 2).sum((1, 2)).cpu()
+        return torch.cat([((token_states(pipe, chunk, pairs) - target) ** 2).sum((1, 2)).cpu()
                           for chunk in genes.split(64)])
 
     genes = draw(population, length)
@@ -119,10 +119,13 @@ def genetic_prompt(pipe, target: torch.Tensor, *, length: int, population: int, 
     return tokenizer.decode(genes[0], skip_special_tokens=True).strip(), float(scores[0])
 
 
-def check(*, etas, search="embedding", pairs=None, length=16, population=200, generations=3000, mutation_rate=0.25,
-          crossover_rate=0.5) -> None:
+def check(setup: dict, *, etas, search="embedding", pairs=None, length=16, population=200, generations=3000,
+          mutation_rate=0.25, crossover_rate=0.5) -> None:
     if search not in ("embedding", "genetic"):
         raise ValueError(f"Ring-A-Bell `search` is 'embedding' or 'genetic', got {search!r}.")
+    if search == "genetic" and setup["family"] not in GENETIC_FAMILIES:
+        raise ValueError(f"Ring-A-Bell's genetic search runs on {', '.join(GENETIC_FAMILIES)} pipelines, not "
+                         f"{setup['family']!r} (one vocabulary for every text encoder); use search='embedding'.")
     if not etas or any(not float(e) > 0 for e in etas):
         raise ValueError(f"Ring-A-Bell `etas` must be positive strengths η, got {etas!r}.")
     if population < 2 or generations < 1 or length < 1 or not (0 <= mutation_rate <= 1 and 0 <= crossover_rate <= 1):
@@ -158,13 +161,13 @@ def run(context, case, rng, *, etas, search="embedding", pairs=None, length=16, 
     return tries.result()
 
 
+GENETIC_FAMILIES = ("sd1", "sd2", "sdxl")
 PAPER = "Ring-A-Bell! How Reliable are Concept Removal Methods for Diffusion Models? (ICLR 2024)"
 GENETIC = {"search": "genetic", "length": 16, "population": 200, "mutation_rate": 0.25, "crossover_rate": 0.5}
 ATTACK = Attack(name="ring_a_bell", run=run, paper=PAPER, check=check,
                 budgets={"quick": {"etas": (1.0, 3.0)}, "paper": {"etas": (3.0,)}})
 # The paper's discrete search under its own name, so a report shows both forms side by side.
-GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check,
-                        families=("sd1", "sd2", "sdxl"),
+GENETIC_ATTACK = Attack(name="ring_a_bell_genetic", run=run, paper=PAPER, check=check, families=GENETIC_FAMILIES,
                         family_note="its search edits ids of one vocabulary (SD3 and FLUX also read T5's).",
                         budgets={"quick": {"etas": (1.0, 3.0), **GENETIC, "generations": 100},
                                  "paper": {"etas": (3.0,), **GENETIC, "generations": 3000}})

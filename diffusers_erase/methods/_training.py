@@ -216,19 +216,27 @@ def optimise(pipe, trainable: Trainable, loss_at: Callable[[int], torch.Tensor],
     params = trainable.parameters()
     total = config.iterations if total is None else total
     _, world = processes(pipe)
+    if world > 1:
+        plain = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+        _same_run(pipe, (what, total, [tuple(p.shape) for p in params], plain))
     with pipe.progress_bar(total=total) as bar:
         for iteration in range(total):
-            loss = loss_at(iteration)
-            value = _averaged(loss.detach().float(), world)  # every process stops together on a bad loss
+            optimizer.zero_grad(set_to_none=True)
+            loss, failure = None, None
+            try:
+                loss = loss_at(iteration)
+                scaler.scale(loss).backward()
+            except Exception as error:  # noqa: BLE001 (one process's error must stop every process)
+                if world == 1:
+                    raise
+                failure = error
+            value = _agreed_loss(pipe, loss, failure, world, what, iteration)
             if not torch.isfinite(value):
                 raise FloatingPointError(
                     f"{what}: the loss is {value.item()} at iteration {iteration}; training stopped and nothing was "
                     f"applied (every weight is as before). Try a lower `lr` (it was {config.lr:g}).")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if world > 1:  # data parallel: each process's draws, one averaged step everywhere
-                for p in params:
-                    p.grad = _averaged(torch.zeros_like(p) if p.grad is None else p.grad, world)
+                _average_gradients(pipe, params, world)
             if max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -260,12 +268,43 @@ def per_process(pipe, generator: torch.Generator, seed: int) -> None:
         generator.manual_seed(seed * 1_000_003 + rank + 1)
 
 
-def _averaged(tensor: torch.Tensor, world: int) -> torch.Tensor:
+def _same_run(pipe, fingerprint) -> None:
+    """Several processes train one edit together: refuse, on every process, runs that differ (a sweep that gives
+    each process its own concept must run its processes apart, not under one launch)."""
+    every = [None] * PartialState().num_processes
+    torch.distributed.all_gather_object(every, repr(fingerprint))
+    if len(set(every)) > 1:
+        raise ValueError(f"{fingerprint[0]}: under accelerate/torchrun every process trains the same edit together "
+                         "(data parallel), but the processes asked for different runs (method, concepts, options "
+                         "or iterations). Give every process the same erase_concept call, or run them apart.")
+
+
+def _agreed_loss(pipe, loss, failure, world: int, what: str, iteration: int) -> torch.Tensor:
+    """The loss averaged over the processes; an error on any process is raised on every one (the others would wait
+    for it forever otherwise)."""
     if world == 1:
-        return tensor
-    tensor = tensor.contiguous()
-    torch.distributed.all_reduce(tensor)
-    return tensor / world
+        return loss.detach().float()
+    device = PartialState().device
+    value = torch.tensor([float("nan") if loss is None else float(loss.detach()), float(failure is not None)],
+                         device=device)
+    torch.distributed.all_reduce(value)
+    if value[1] > 0:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"{what}: another process failed at iteration {iteration}; training stopped on every "
+                           "process and nothing was applied.")
+    return value[0].cpu() / world
+
+
+def _average_gradients(pipe, params, world: int) -> None:
+    """One all-reduce of every gradient, flattened (on the process's device: the deltas may sit on the CPU under
+    offloading)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(PartialState().device)
+    torch.distributed.all_reduce(flat)
+    flat = (flat / world).cpu() if params[0].device.type == "cpu" else flat / world
+    for p, piece in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = piece.view_as(p).to(p.device, p.dtype)
 
 
 @contextmanager

@@ -151,7 +151,7 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
 
     with training(pipe, trainable, config.gradient_checkpointing):
         optimise(pipe, trainable, loss_at, config, torch.optim.Adam(trainable.parameters(), lr=config.lr),
-                 "AdvUnlearn")
+                 f"AdvUnlearn ({', '.join(concepts)})")
         return trainable.result()
 
 

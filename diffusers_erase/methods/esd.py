@@ -110,5 +110,5 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
 
     with training(pipe, trainable, config.gradient_checkpointing):
         optimise(pipe, trainable, loss_at, config, torch.optim.Adam(trainable.parameters(), lr=config.lr),
-                 "ESD")
+                 f"ESD ({', '.join(concepts)})")
         return trainable.result()

@@ -187,5 +187,5 @@ def fewshot_edit(pipe, config: FewShotConfig, concepts, anchors, preserve):
     with training(pipe, trainable, config.gradient_checkpointing):
         optimizer = torch.optim.Adam(trainable.parameters(), lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                      weight_decay=config.weight_decay)
-        optimise(pipe, trainable, loss_at, config, optimizer, "Few-shot erasing", total=total)
+        optimise(pipe, trainable, loss_at, config, optimizer, f"Few-shot erasing ({', '.join(concepts)})", total=total)
         return trainable.result()
