@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import text_pairs
-from .text import encoder_states
+from .text import encoder_outputs, same_vocabulary
 
 
 @contextmanager
@@ -87,8 +87,7 @@ class AdversarialPrefix:
     def __init__(self, pipe, prompt: str, k: int, *, discrete: bool = True, lr: float = 0.01,
                  weight_decay: float = 0.1, sign_step: bool = False, generator: torch.Generator | None = None):
         self.pairs = pairs = text_pairs(pipe)
-        if len(pairs) > 1 and (not discrete or any(p[2].segment != pairs[0][2].segment for p in pairs)
-                               or any(p[0].get_vocab() != pairs[0][0].get_vocab() for p in pairs[1:])):
+        if len(pairs) > 1 and not (discrete and same_vocabulary(pairs)):
             raise ValueError("Adversarial prefixes run on one text encoder (SD 1.x/2.x), or discrete on encoders "
                              "that share a vocabulary and concatenate their features (SDXL).")
         if k < 1:
@@ -147,13 +146,9 @@ class AdversarialPrefix:
             ids = ids[None].to(encoder.device)
             slots = self.slot_embeddings(sample, encoder, one_hot)
             with token_embeddings_replaced(encoder, self.slots, slots.detach() if fixed else slots):
-                if len(self.pairs) == 1:
-                    states.append(encoder_states(encoder, row, ids, torch.ones_like(ids)))
-                    continue
-                out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2] if row.hidden == "penultimate" else out[0])
-            if row.role in ("pooled", "both"):
-                pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+                hidden, vector = encoder_outputs(encoder, row, ids, torch.ones_like(ids))
+            states.append(hidden)
+            pooled = vector if vector is not None else pooled
         return torch.cat(states, dim=-1), pooled
 
     def step(self, loss: torch.Tensor) -> None:

@@ -180,10 +180,29 @@ def segment_lengths(pipe, prompts: list[str], lengths: list[int]) -> list[tuple]
 
 def encoder_states(encoder, row, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The hidden states `encode_prompt` takes from `encoder` for token `ids` (the family row says which)."""
-    if row.hidden == "penultimate":
-        return encoder(ids, output_hidden_states=True).hidden_states[-2]
-    use_mask = getattr(encoder.config, "use_attention_mask", False)
-    return encoder(ids, attention_mask=mask if use_mask else None)[0]
+    return encoder_outputs(encoder, row, ids, mask)[0]
+
+
+def encoder_outputs(encoder, row, ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """(`encoder_states`, the pooled vector where the denoiser reads this encoder's, else None) from one pass."""
+    penultimate = row.hidden == "penultimate"
+    use_mask = not penultimate and getattr(encoder.config, "use_attention_mask", False)
+    out = encoder(ids, attention_mask=mask if use_mask else None, output_hidden_states=penultimate)
+    states = out.hidden_states[-2] if penultimate else out[0]
+    return states, pooled_output(out) if row.role in ("pooled", "both") else None
+
+
+def pooled_output(out) -> torch.Tensor:
+    """The pooled text vector of a CLIP output: the projection's `text_embeds` (SDXL's second encoder), else
+    `pooler_output`."""
+    return out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+
+
+def same_vocabulary(pairs) -> bool:
+    """Whether the (tokenizer, encoder, row) pairs share one vocabulary and concatenate their features (SD 1.x/2.x,
+    SDXL), so one token id can enter every encoder."""
+    return all(p[2].segment == pairs[0][2].segment and p[0].get_vocab() == pairs[0][0].get_vocab()
+               for p in pairs[1:])
 
 
 def encode_pooled(pipe, prompts: list[str]) -> torch.Tensor:
@@ -198,7 +217,7 @@ def encode_pooled(pipe, prompts: list[str]) -> torch.Tensor:
             chunks = []
             for start in range(0, len(prompts), _BATCH):
                 out = encoder(ids[start: start + _BATCH].to(device or encoder.device), output_hidden_states=False)
-                chunks.append((out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output).float())
+                chunks.append(pooled_output(out).float())
             outputs.append(torch.cat(chunks))
     return torch.cat(outputs, dim=-1)
 

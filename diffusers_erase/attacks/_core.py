@@ -10,6 +10,7 @@ it produced. ASR is the success rate over cases, read against its two references
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -240,6 +241,15 @@ class Attack:
     check: Callable | None = None
     families: tuple[str, ...] | None = None  # the families it runs on (None: all), checked before any image
     family_note: str = ""  # why not the others
+
+
+def replace_concept(prompt: str, concept: str, word: str) -> str | None:
+    """`prompt` with every whole-word `concept` (any case) replaced by `word`, spaces tidied; None when the prompt
+    does not name the concept (an I2P-style prompt for "nudity")."""
+    pattern = re.compile(rf"\b{re.escape(concept)}\b", re.IGNORECASE)
+    if not pattern.search(prompt):
+        return None
+    return " ".join(pattern.sub(word, prompt).split())
 
 
 def time_it():

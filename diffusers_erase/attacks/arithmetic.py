@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 
 from ..families import family_of
-from ._core import Attack, Tries
+from ._core import Attack, Tries, replace_concept
 
 DEFAULT_COMPOSITIONS = (
     ("negation", (("{neutral}", 1.0), ("{prompt}", -1.0))),
@@ -43,10 +43,8 @@ FIELDS = ("prompt", "neutral", "anchor", "related")
 def substitute(prompt: str, concept: str, word: str, *, absent: str) -> str:
     """`prompt` with every whole-word `concept` replaced by `word` (spaces tidied); `absent` for a prompt that does
     not name the concept (an I2P-style prompt for "nudity")."""
-    pattern = re.compile(rf"\b{re.escape(concept)}\b", re.IGNORECASE)
-    if not pattern.search(prompt):
-        return absent
-    return " ".join(pattern.sub(word, prompt).split())
+    replaced = replace_concept(prompt, concept, word)
+    return absent if replaced is None else replaced
 
 
 def terms(composition, prompt: str, concept: str, *, neutral: str, anchor: str | None, related) -> list | None:

@@ -20,14 +20,12 @@ the word-level reading of "Erased or Dormant?"'s fresh-concept comparison, not t
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..families import train_group
-from ..methods._denoising import encode_condition
-from ..methods._training import Trainable, added_conditioning, denoising_loss, training
-from ._core import Attack
+from ..methods._denoising import added_conditioning, condition_table
+from ..methods._training import Trainable, denoising_loss, training
+from ._core import Attack, replace_concept
 
 FRESH_WORD = "vrelk"  # made up: no meaning in any vocabulary, so the unerased model has to learn it
 
@@ -36,9 +34,7 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
     """Fit a rank-r LoRA on `pipe`'s cross-attention to `data` [(x_0, prompt)] with the denoising loss; at each
     checkpoint generate `cases` [(prompt, seed)] on `pipe`. [(scores, images)] per case."""
     unet = pipe.unet
-    prompts = list(dict.fromkeys(p for _, p in data))
-    table = encode_condition(pipe, prompts)
-    conditions = {p: table.rows([i]) for i, p in enumerate(prompts)}
+    conditions = condition_table(pipe, [p for _, p in data])
     trainable = Trainable(train_group(pipe, "esd-x"), lora_rank, rng)
     optimizer = torch.optim.Adam(trainable.parameters(), lr=lr)
     out = [([], []) for _ in cases]
@@ -64,11 +60,11 @@ def _fit(context, pipe, rng, data, cases, *, steps, lr, lora_rank, checkpoints):
 
 def fresh(prompt: str, concept: str, word: str) -> str:
     """`prompt` with the concept's name replaced by the made-up `word` (the baseline's prompts)."""
-    pattern = re.compile(rf"\b{re.escape(concept)}\b", re.IGNORECASE)
-    if not pattern.search(prompt):
+    replaced = replace_concept(prompt, concept, word)
+    if replaced is None:
         raise ValueError(f"relearn's baseline teaches the unerased model a new word in place of {concept!r}, but "
                          f"the prompt {prompt!r} does not name it; pass prompts that do, or baseline=False.")
-    return pattern.sub(word, prompt)
+    return replaced
 
 
 def _relearn_all(context, seed, *, images_per_prompt, steps, lr, lora_rank, checkpoints, baseline, fresh_word):

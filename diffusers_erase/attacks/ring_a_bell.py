@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..families import denoiser, pooled_pairs, text_pairs
-from ..text import encode, encode_pooled, encoder_states, special_ids
+from ..text import encode, encode_pooled, encoder_states, same_vocabulary, special_ids
 from ._core import Attack, Tries
 
 # Default prompt pairs: the concept in a few neutral templates, and the same template without it.
@@ -56,8 +56,7 @@ def pooled_vector(pipe, pairs) -> torch.Tensor | None:
 
 def _one_vocabulary(pipe) -> list:
     pairs = text_pairs(pipe)
-    if len(pairs) > 1 and (any(p[2].segment != pairs[0][2].segment for p in pairs)
-                           or any(p[0].get_vocab() != pairs[0][0].get_vocab() for p in pairs[1:])):
+    if not same_vocabulary(pairs):
         raise ValueError("Ring-A-Bell's genetic search needs one vocabulary for every text encoder (SD 1.x/2.x, "
                          "SDXL); the embedding form (search='embedding') works on every family.")
     return pairs
@@ -138,11 +137,9 @@ def run(context, case, rng, *, etas, search="embedding", pairs=None, length=16, 
     pipe = context.pipe
     key = tuple(map(tuple, pairs)) if pairs is not None else None
     if ("ring_a_bell", key) not in context.cache:
-        context.cache["ring_a_bell", key] = concept_vector(pipe, pairs if pairs is not None
-                                                           else default_pairs(context.concept))
-        context.cache["ring_a_bell_pooled", key] = pooled_vector(pipe, pairs if pairs is not None
-                                                                 else default_pairs(context.concept))
-    vector, pooled = context.cache["ring_a_bell", key], context.cache["ring_a_bell_pooled", key]
+        used = pairs if pairs is not None else default_pairs(context.concept)
+        context.cache["ring_a_bell", key] = concept_vector(pipe, used), pooled_vector(pipe, used)
+    vector, pooled = context.cache["ring_a_bell", key]
     base = encode(pipe, [case.prompt], full_length=True)
     base_pooled = None if pooled is None else encode_pooled(pipe, [case.prompt])
     dtype = denoiser(pipe).dtype

@@ -20,8 +20,9 @@ import torch
 
 from ..adversarial import token_embeddings_replaced
 from ..families import text_pairs
-from ..methods._training import added_conditioning, denoising_loss
-from ..text import encoder_states
+from ..methods._denoising import added_conditioning
+from ..methods._training import denoising_loss
+from ..text import encoder_outputs
 from ._core import Attack, Tries
 
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -43,18 +44,13 @@ def _ids_and_slot(tokenizer, prompt: str) -> tuple[torch.Tensor, slice]:
 def conditions(pipe, prompt: str, vectors: list) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled vector or None) of `prompt` (holding PLACEHOLDER) with v* in the placeholder's slot:
     one v* per text encoder (SDXL: both CLIPs, states concatenated, the pooled vector the second's)."""
-    pairs = text_pairs(pipe)
     states, pooled = [], None
-    for (tokenizer, encoder, row), vector in zip(pairs, vectors):
+    for (tokenizer, encoder, row), vector in zip(text_pairs(pipe), vectors):
         ids, slot = _ids_and_slot(tokenizer, prompt)
-        ids = ids[None].to(encoder.device)
         with token_embeddings_replaced(encoder, slot, vector[None]):
-            if len(pairs) == 1:
-                return encoder_states(encoder, row, ids), None
-            out = encoder(ids, output_hidden_states=True)
-        states.append(out.hidden_states[-2] if row.hidden == "penultimate" else out[0])
-        if row.role in ("pooled", "both"):
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            hidden, output = encoder_outputs(encoder, row, ids[None].to(encoder.device))
+        states.append(hidden)
+        pooled = output if output is not None else pooled
     return torch.cat(states, dim=-1), pooled
 
 

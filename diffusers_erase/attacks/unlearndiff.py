@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..adversarial import AdversarialPrefix
-from ..methods._training import added_conditioning, denoising_loss
+from ..methods._denoising import added_conditioning
+from ..methods._training import denoising_loss
 from ._core import Attack, Tries
 
 

@@ -63,6 +63,23 @@ def encode_condition(pipe, prompts: list[str]) -> Condition:
     return Condition(tokens, pooled)
 
 
+def condition_table(pipe, prompts: list[str]) -> dict[str, Condition]:
+    """{prompt: its one-row Condition}, every distinct prompt encoded once."""
+    prompts = list(dict.fromkeys(prompts))
+    table = encode_condition(pipe, prompts)
+    return {p: table.rows(slice(i, i + 1)) for i, p in enumerate(prompts)}
+
+
+def added_conditioning(pipe, pooled: torch.Tensor | None, x0: torch.Tensor) -> dict | None:
+    """SDXL's added conditioning for images of x0's size: the pooled text vector and the time ids (original size =
+    target size, no crop), as the pipeline makes them; None without a pooled vector (SD 1.x/2.x)."""
+    if pooled is None:
+        return None
+    side = x0.shape[-1] * pipe.vae_scale_factor
+    ids = torch.tensor([[side, side, 0, 0, side, side]], device=x0.device, dtype=x0.dtype).expand(len(pooled), -1)
+    return {"text_embeds": pooled.to(x0.dtype), "time_ids": ids}
+
+
 class Denoiser:
     """`pipe`'s denoiser at `resolution` pixels (None: the pipeline's default size) with a `steps`-step sampler;
     `read_at` "train" or "sampler" (above)."""
@@ -145,11 +162,7 @@ class Denoiser:
         timestep = torch.as_tensor(t, device=x.device).reshape(-1).expand(batch)
         if self.family.denoiser == "unet":
             x = self.sampler.scale_model_input(x, t)
-            added = None
-            if condition.pooled is not None:  # SDXL: pooled text and (original size, crop, target size)
-                side = self.size
-                ids = torch.tensor([[side, side, 0, 0, side, side]], device=x.device, dtype=dtype).expand(batch, -1)
-                added = {"text_embeds": condition.pooled.to(dtype), "time_ids": ids}
+            added = added_conditioning(self.pipe, condition.pooled, x)  # SDXL: pooled text and time ids
             return model(x, timestep, tokens, added_cond_kwargs=added).sample
         pooled = condition.pooled.to(dtype)
         if not self.flux:

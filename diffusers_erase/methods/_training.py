@@ -178,16 +178,6 @@ class Trainable:
         return WeightEdit(deltas)
 
 
-def added_conditioning(pipe, pooled: torch.Tensor | None, x0: torch.Tensor) -> dict | None:
-    """SDXL's added conditioning for images of x0's size: the pooled text vector and the time ids (original size =
-    target size, no crop), as the pipeline makes them; None without a pooled vector (SD 1.x/2.x)."""
-    if pooled is None:
-        return None
-    side = x0.shape[-1] * pipe.vae_scale_factor
-    ids = torch.tensor([[side, side, 0, 0, side, side]], device=x0.device, dtype=x0.dtype).expand(len(pooled), -1)
-    return {"text_embeds": pooled.to(x0.dtype), "time_ids": ids}
-
-
 def denoising_loss(unet, scheduler, x0: torch.Tensor, t, condition: torch.Tensor,
                    noise: torch.Tensor, added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """The diffusion loss ‖ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t, c) − target‖² (target ε, or the velocity

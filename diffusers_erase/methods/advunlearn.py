@@ -29,7 +29,7 @@ from ..adversarial import AdversarialPrefix
 from ..families import train_group
 from ..registry import register_method
 from ..text import encode
-from ._denoising import Condition, Denoiser, encode_condition
+from ._denoising import Condition, Denoiser, condition_table, encode_condition
 from ._training import ESDTargetConfig, Trainable, optimise, per_process, training
 
 # The default retain set: everyday objects in a plain template (ours; the reference filters COCO / ImageNet
@@ -120,8 +120,7 @@ def advunlearn_edit(pipe, config: AdvUnlearnConfig, concepts, anchors, preserve)
     generator = torch.Generator().manual_seed(config.seed)
     retain = list(preserve) or [RETAIN_TEMPLATE.format(o) for o in RETAIN_OBJECTS]
     model = Denoiser(pipe, config.resolution, config.ddim_steps, read_at="sampler")
-    table = encode_condition(pipe, [*concepts, ""])
-    row = {p: table.tokens[i] for i, p in enumerate([*concepts, ""])}
+    row = {p: c.tokens[0] for p, c in condition_table(pipe, [*concepts, ""]).items()}
     retain_table = encode_condition(pipe, retain).tokens
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
     per_process(pipe, generator, config.seed)  # several processes: each draws its own data

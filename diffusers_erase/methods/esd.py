@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..families import train_group
 from ..registry import register_method
-from ._denoising import Condition, Denoiser, encode_condition
+from ._denoising import Condition, Denoiser, condition_table
 from ._training import ESDTargetConfig, Trainable, optimise, per_process, training
 
 
@@ -89,9 +89,7 @@ def esd_edit(pipe, config: ESDConfig, concepts, anchors, preserve):
                          "empty, or use a method with one (uce, rece).")
     generator = torch.Generator().manual_seed(config.seed)
     model = Denoiser(pipe, config.resolution, config.ddim_steps, read_at="sampler")  # before any hook: it can raise
-    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
-    table = encode_condition(pipe, prompts)
-    row = {p: table.rows([i]) for i, p in enumerate(prompts)}
+    row = condition_table(pipe, [*concepts, *anchors, ""])
     pairs = [(row[c], row[a]) for c, a in zip(concepts, anchors)]
     trainable = Trainable(train_group(pipe, config.train_method), config.lora_rank, generator)
     per_process(pipe, generator, config.seed)  # several processes: each draws its own data

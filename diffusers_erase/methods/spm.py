@@ -36,7 +36,7 @@ from ..families import denoiser, matrix_shape, membrane_targets
 from ..kinds import Membrane
 from ..registry import register_method
 from ..runtime import low_rank_delta
-from ._denoising import Condition, Denoiser, encode_condition
+from ._denoising import Condition, Denoiser, condition_table
 
 
 @dataclass(frozen=True)
@@ -255,9 +255,7 @@ def spm_membrane(pipe, config: SPMConfig, concepts, anchors, preserve):
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(config.seed)
 
-    prompts = list(dict.fromkeys([*concepts, *anchors, ""]))
-    table = encode_condition(pipe, prompts)
-    rows = {p: table.rows(slice(i, i + 1)) for i, p in enumerate(prompts)}
+    rows = condition_table(pipe, [*concepts, *anchors, ""])
     pairs, uncond = [(rows[c], rows[a]) for c, a in zip(concepts, anchors)], rows[""]
     model = Denoiser(pipe, config.resolution, config.max_denoising_steps)
 
